@@ -1,0 +1,272 @@
+"""Draft heads: EAGLE-3 (our baseline) and ConFu (EAGLE-3 body + soft prompt + contemplate / future MoEs).
+
+The EAGLE-3 head is one decoder layer. Its input at row t is the pair (embedding of token t+1, hidden h_t),
+where h_t = fc(concat of the target's low / mid / high features of token t) for tokens the target has seen,
+and the head's own previous output for tokens it drafted itself. Both halves are RMS-normed and concatenated
+(2H) before q / k / v. Logits cover a reduced draft vocabulary; `d2t` maps draft ids back to target ids.
+
+Every function takes a leading batch dimension so training (batched, train-time test) and drafting
+(batch 1, tree attention) share one code path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+METHODS = ("eagle3", "confu")
+
+
+@dataclass
+class DraftConfig:
+    method: str
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int  # the target's vocabulary
+    draft_vocab_size: int
+    feature_layers: list[int]
+    target: dict  # identity of the target it was built for: name, hidden_size, num_hidden_layers, vocab_size
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # ConFu only
+    soft_prompt_len: int = 16
+    n_expert: int = 8  # 1 = a static [con] / [f] embedding (the paper's -MoE ablation)
+    top_k_expert: int = 2
+    target_num_kv_heads: int = 0
+    target_head_dim: int = 0
+    extra: dict = field(default_factory=dict)  # training provenance, free-form
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown draft method {self.method!r}; expected one of {METHODS}")
+        self.top_k_expert = min(self.top_k_expert, self.n_expert)
+
+    @classmethod
+    def for_target(cls, target, method: str, draft_vocab_size: int, **overrides) -> DraftConfig:
+        """A draft shaped like the target's own decoder layers (EAGLE-3 does the same)."""
+        cfg = target.model.config
+        theta = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get(
+            "rope_theta", 10000.0
+        )
+        return cls(
+            method=method,
+            hidden_size=target.hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=target.num_kv_heads,
+            head_dim=target.head_dim,
+            intermediate_size=cfg.intermediate_size,
+            vocab_size=target.vocab_size,
+            draft_vocab_size=min(draft_vocab_size, target.vocab_size),
+            feature_layers=list(target.feature_layers),
+            target={
+                "name": target.name,
+                "model_type": cfg.model_type,
+                "hidden_size": target.hidden_size,
+                "num_hidden_layers": target.num_layers,
+                "vocab_size": target.vocab_size,
+            },
+            rms_norm_eps=getattr(cfg, "rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            target_num_kv_heads=target.num_kv_heads,
+            target_head_dim=target.head_dim,
+            **overrides,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotary embedding, half-split convention. x: (B, heads, n, d); positions: (B, n)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, n, d/2)
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None].to(x.dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None].to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class DraftLayer(nn.Module):
+    """One decoder layer whose q / k / v read the 2H input [norm(embedding), norm(hidden)]."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        h, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.cfg = cfg
+        self.embed_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(2 * h, nh * hd, bias=False)
+        self.k_proj = nn.Linear(2 * h, nkv * hd, bias=False)
+        self.v_proj = nn.Linear(2 * h, nkv * hd, bias=False)
+        self.o_proj = nn.Linear(nh * hd, h, bias=False)
+        self.post_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def _heads(self, x: Tensor, n_heads: int) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, n_heads, self.cfg.head_dim).transpose(1, 2)
+
+    def qkv(self, emb: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, nh, n, d), k and v (B, nkv, n, d); q and k rotated."""
+        x = torch.cat([self.embed_norm(emb), self.hidden_norm(hidden)], dim=-1)
+        cfg = self.cfg
+        q = apply_rope(self._heads(self.q_proj(x), cfg.num_attention_heads), positions, cfg.rope_theta)
+        k = apply_rope(self._heads(self.k_proj(x), cfg.num_key_value_heads), positions, cfg.rope_theta)
+        v = self._heads(self.v_proj(x), cfg.num_key_value_heads)
+        return q, k, v
+
+    def attend(self, hidden: Tensor, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """Attention over given keys (mask (B or 1, 1, n, K), True = attend), then the MLP block."""
+        groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        b, _, n, _ = attn.shape
+        h = hidden + self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
+        x = self.post_norm(h)
+        return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EmbeddingMoE(nn.Module):
+    """A token embedding chosen by a router: the top-k of `n_expert` learned embeddings, weighted.
+
+    With one expert it is a static learned embedding (the router's output is then irrelevant).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, n_expert: int, top_k: int, init: Tensor | None = None):
+        super().__init__()
+        self.router = nn.Linear(in_dim, n_expert, bias=False)
+        nn.init.normal_(self.router.weight, std=0.02)
+        experts = torch.randn(n_expert, out_dim) * 0.02
+        if init is not None:
+            experts = experts + init  # start every expert near a sensible token embedding
+        self.experts = nn.Parameter(experts)
+        self.top_k = top_k
+
+    def forward(self, x: Tensor) -> Tensor:
+        gates = torch.softmax(self.router(x).float(), dim=-1)
+        weights, idx = gates.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(self.experts.dtype)
+        return (weights[..., None] * self.experts[idx]).sum(-2)
+
+
+class Eagle3Head(nn.Module):
+    """The EAGLE-3 draft head. `embed` is the target's frozen token embedding (never saved)."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, h)
+        self.embed.weight.requires_grad_(False)
+        self.fc = nn.Linear(3 * h, h, bias=False)
+        self.layer = DraftLayer(cfg)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
+
+    @property
+    def is_confu(self) -> bool:
+        return False
+
+    def set_vocab(self, d2t: Tensor, t2d: Tensor) -> None:
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def logits(self, out_hidden: Tensor) -> Tensor:
+        """Draft-vocabulary logits of the layer's output hidden states."""
+        return self.lm_head(self.norm(out_hidden))
+
+    def project_features(self, features: Tensor) -> Tensor:
+        return self.fc(features)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint stores: everything but the target's frozen embedding."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("embed.")}
+
+
+class ConFuHead(Eagle3Head):
+    """EAGLE-3 head + the ConFu parts that live on the target side (soft prompt, [con] MoE)
+    and on the draft side ([f] MoE)."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__(cfg)
+        h = cfg.hidden_size
+        layers = cfg.target["num_hidden_layers"]
+        # Prefix-tuning style: learned keys and values per target layer, stored without RoPE.
+        self.soft_prompt = nn.Parameter(
+            torch.randn(layers, 2, cfg.target_num_kv_heads, cfg.soft_prompt_len, cfg.target_head_dim)
+        )
+        self.con_moe = EmbeddingMoE(3 * h, h, cfg.n_expert, cfg.top_k_expert)
+        self.future_moe = EmbeddingMoE(h, h, cfg.n_expert, cfg.top_k_expert)
+
+    @property
+    def is_confu(self) -> bool:
+        return True
+
+    def init_from_target(self, target) -> None:
+        """Start the soft prompt and the expert embeddings at the scale of the target's own.
+
+        Soft prompt: the target's keys / values of a short neutral text (RoPE is then part of the learned
+        value, which is fine: the entries are free parameters). Experts: near the mean token embedding.
+        """
+        s = self.cfg.soft_prompt_len
+        seed_ids = target.tokenizer("Think ahead: where is this answer going next?").input_ids or [0]
+        ids = torch.tensor((seed_ids * s)[:s], dtype=torch.long)
+        cache = target.new_cache()
+        target.forward(cache, torch.arange(s), torch.ones(s, s, dtype=torch.bool).tril(), input_ids=ids)
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.kv.layers])
+        mean_emb = target.model.get_input_embeddings().weight.mean(0)
+        with torch.no_grad():
+            self.soft_prompt.copy_(kv)
+            self.con_moe.experts.add_(mean_emb)
+            self.future_moe.experts.add_(mean_emb)
+
+    def soft_prompt_kv(self, batch: int = 1) -> list[tuple[Tensor, Tensor]]:
+        """Per target layer (keys, values) shaped (B, kv_heads, s, head_dim) for `TargetCache`."""
+        sp = self.soft_prompt
+        return [(sp[i, 0].expand(batch, -1, -1, -1), sp[i, 1].expand(batch, -1, -1, -1)) for i in range(len(sp))]
+
+    def contemplate_embedding(self, features: Tensor) -> Tensor:
+        """[con] for the target, routed on the 3-layer features of the most recent token the target saw."""
+        return self.con_moe(features)
+
+    def future_embedding(self, draft_hidden: Tensor) -> Tensor:
+        """[f], the token half of the draft's future token, routed on the draft hidden of the latest token."""
+        return self.future_moe(draft_hidden)
+
+
+def build_head(cfg: DraftConfig) -> Eagle3Head:
+    return ConFuHead(cfg) if cfg.method == "confu" else Eagle3Head(cfg)
+
+
+def init_weights_like_eagle(head: Eagle3Head) -> None:
+    """Small-normal init for the new linear layers (the target's own init scale)."""
+    for name, module in head.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith("router"):
+            nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_features))

@@ -1,0 +1,178 @@
+"""The frozen target model: forwards against a KV cache with explicit positions and a 4D mask.
+
+The wrapper never patches the HF model. It only uses what every HF causal LM accepts: `inputs_embeds`,
+`position_ids`, a boolean 4D `attention_mask` over (cache + new tokens), a `DynamicCache`,
+`output_hidden_states` (for the EAGLE-3 features and the contemplate state `f`) and `logits_to_keep`
+(so contemplate slots cost no lm_head work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from confu.errors import InputError
+
+
+def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low / mid / high feature layers: the inputs of layers 2, L//2 and L-3."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+@dataclass
+class TargetOutput:
+    """What one forward returns for its new positions."""
+
+    logits: Tensor | None  # (n_logits, V) for the rows asked for, in order
+    features: Tensor  # (n, 3H) EAGLE-3 features of every new row
+    last_hidden: Tensor  # (n, H) final-norm hidden state: `f` on contemplate rows
+
+
+class TargetCache:
+    """A DynamicCache plus the number of committed entries.
+
+    Layout of every layer: `[soft prompt (s) | committed tokens | entries of the last forward]`.
+    `commit` keeps a chosen subset of the last forward's entries and drops the rest, so draft nodes
+    that were rejected and every contemplate slot vanish after each verification pass.
+    """
+
+    def __init__(self, model: PreTrainedModel, soft_prompt: list[tuple[Tensor, Tensor]] | None = None):
+        self.kv = DynamicCache(config=model.config)
+        self.prefix = 0
+        if soft_prompt is not None:
+            for layer_idx, (k, v) in enumerate(soft_prompt):
+                self.kv.update(k, v, layer_idx)
+            self.prefix = soft_prompt[0][0].shape[-2]
+        self.committed = self.prefix
+
+    @property
+    def num_tokens(self) -> int:
+        """Committed real tokens (soft prompt excluded): the next real token's position."""
+        return self.committed - self.prefix
+
+    def commit(self, keep: Tensor | None) -> None:
+        """Keep the last forward's entries at local indices `keep` (None keeps all of them)."""
+        total = self.kv.get_seq_length()
+        new = total - self.committed
+        if keep is None or (len(keep) == new and torch.equal(keep, torch.arange(new))):
+            self.committed = total
+            return
+        index = torch.cat([torch.arange(self.committed), self.committed + keep.to(torch.long)])
+        for layer in self.kv.layers:
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+        self.committed = len(index)
+
+
+def mask_with_cache(cache: TargetCache, new_mask: Tensor, soft_prompt_rows: Tensor | None) -> Tensor:
+    """Extend a mask over the new rows to (soft prompt | committed tokens | new rows).
+
+    Every new row sees all committed real tokens; only `soft_prompt_rows` see the soft prompt. That is
+    the one rule that keeps ordinary tokens' outputs exactly the target's.
+    """
+    n = new_mask.shape[0]
+    prefix = torch.zeros(n, cache.prefix, dtype=torch.bool)
+    if soft_prompt_rows is not None and cache.prefix:
+        prefix[soft_prompt_rows] = True
+    committed = torch.ones(n, cache.committed - cache.prefix, dtype=torch.bool)
+    return torch.cat([prefix, committed, new_mask], dim=1)
+
+
+class Target:
+    """A frozen HF causal LM seen the way a speculative decoder needs it."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        feature_layers: tuple[int, ...] | None = None,
+        name: str = "",
+    ):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        cfg = model.config
+        self.num_layers: int = cfg.num_hidden_layers
+        self.hidden_size: int = cfg.hidden_size
+        self.vocab_size: int = model.get_input_embeddings().weight.shape[0]
+        self.num_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_context: int = cfg.max_position_embeddings
+        self.feature_layers = tuple(feature_layers or default_feature_layers(self.num_layers))
+        if len(self.feature_layers) != 3 or not all(0 <= i <= self.num_layers for i in self.feature_layers):
+            raise InputError(
+                f"feature layers {self.feature_layers} must be 3 layer ids in 0..{self.num_layers}"
+            )
+        self.eos_ids = self._eos_ids()
+
+    @classmethod
+    def load(cls, spec: str, feature_layers: tuple[int, ...] | None = None) -> Target:
+        from confu.hub import load_target_model
+
+        model, tokenizer = load_target_model(spec)
+        return cls(model, tokenizer, feature_layers, name=spec)
+
+    def _eos_ids(self) -> set[int]:
+        """EOS ids: the generation config's, the tokenizer's, and the chat template's turn end."""
+        ids: set[int] = set()
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if gen_eos is not None:
+            ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return ids
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def new_cache(self, soft_prompt: list[tuple[Tensor, Tensor]] | None = None) -> TargetCache:
+        return TargetCache(self.model, soft_prompt)
+
+    def forward(
+        self,
+        cache: TargetCache,
+        positions: Tensor,
+        new_mask: Tensor,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        logits_rows: Tensor | None = None,
+        soft_prompt_rows: Tensor | None = None,
+    ) -> TargetOutput:
+        """Forward `n` new rows after the cache's committed entries.
+
+        positions: (n,) RoPE positions of the new rows.
+        new_mask: (n, n) bool, which new rows each new row may see (True = attend).
+        logits_rows: which new rows need logits (default: all); contemplate rows need none.
+        soft_prompt_rows: which new rows see the soft prompt (contemplate rows only).
+        """
+        if cache.kv.get_seq_length() != cache.committed:
+            raise RuntimeError("the previous forward was not committed")
+        out = self.model(
+            input_ids=None if input_ids is None else input_ids[None],
+            inputs_embeds=None if inputs_embeds is None else inputs_embeds[None],
+            position_ids=positions[None],
+            attention_mask=mask_with_cache(cache, new_mask, soft_prompt_rows)[None, None],
+            past_key_values=cache.kv,
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=0 if logits_rows is None else logits_rows,
+        )
+        hidden = out.hidden_states
+        features = torch.cat([hidden[i][0] for i in self.feature_layers], dim=-1)
+        return TargetOutput(logits=out.logits[0], features=features, last_hidden=hidden[-1][0])
+

@@ -1,0 +1,116 @@
+"""Tree verification: which draft nodes the target accepts and which token it emits after them.
+
+Both functions are pure (no model, no cache). Target rows follow DESIGN.md: row 0 is the distribution of the
+token after the last accepted token (the root), row ``i + 1`` the distribution after node ``i``. Each returns
+``(accepted, next_token)``: the accepted node indices in depth order and the token sampled from the target at
+the last accepted position (the bonus token when a leaf was reached, the correction otherwise). A decoder
+emits ``[tree.tokens[i] for i in accepted] + [next_token]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from confu.errors import InputError
+from confu.sampling import sample_token
+from confu.tree import DraftTree
+
+__all__ = ["verify_greedy", "verify_sampling"]
+
+
+def _check_rows(tree: DraftTree, target: Tensor, name: str) -> None:
+    if target.dim() != 2 or target.shape[0] != len(tree) + 1:
+        raise InputError(
+            f"{name} must have shape (T + 1, V) = ({len(tree) + 1}, V) for a tree of {len(tree)} nodes, "
+            f"got {tuple(target.shape)}"
+        )
+
+
+def verify_greedy(tree: DraftTree, target_logits: Tensor) -> tuple[list[int], int]:
+    """Accept the longest root path whose every token is the target's argmax at its parent's row.
+
+    The output equals greedy autoregressive decoding by construction: a node is accepted only if its token is
+    what the target would have chosen after its (already accepted) path. When duplicate siblings both match,
+    the one whose subtree accepts more tokens wins (still exact; ties go to the higher-scored sibling).
+    """
+    _check_rows(tree, target_logits, "target_logits")
+    best: list[int] = target_logits.argmax(dim=-1).tolist()
+    tokens: list[int] = tree.tokens.tolist()
+
+    def longest_from(node: int) -> list[int]:
+        row = node + 1
+        longest: list[int] = []
+        for child in tree.children[row]:
+            if tokens[child] == best[row]:
+                path = [child, *longest_from(child)]
+                if len(path) > len(longest):
+                    longest = path
+        return longest
+
+    accepted = longest_from(-1)
+    last_row = accepted[-1] + 1 if accepted else 0
+    return accepted, best[last_row]
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    # float64 keeps the residual masses exact enough for long sibling lists; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def verify_sampling(
+    tree: DraftTree, target_probs: Tensor, generator: torch.Generator | None = None
+) -> tuple[list[int], int]:
+    """Multi-candidate rejection sampling for a deterministic draft tree (SpecInfer / EAGLE style).
+
+    Notation: at the current row the target distribution is ``p``; the children of the current node are the
+    candidates ``x_1, ..., x_m`` in descending draft score. Because the candidates are a deterministic set
+    given the draft, each one is a point-mass proposal ``q_j = e_{x_j}`` and the usual rule
+    ``accept with prob min(1, p(x_j) / q_j(x_j))`` becomes ``accept x_j iff u < p(x_j)`` with ``u ~ U[0, 1)``.
+    On rejection the residual is ``p <- norm(max(0, p - q_j)) = norm(p with p(x_j) = 0)``. An accepted ``x_j``
+    moves verification to its node's row (with that row's fresh ``p``); if every candidate is rejected, or the
+    node is a leaf, the next token is sampled from what is left of ``p``.
+
+    Why it is lossless: let ``P_j(y)`` be the output law when candidates ``x_j..x_m`` remain and the residual
+    is ``p_j``. With no candidate left, ``P_{m+1} = p_{m+1}`` (a direct sample). Inductively
+    ``P_j(y) = p_j(x_j) [y = x_j] + (1 - p_j(x_j)) P_{j+1}(y)``, and since ``p_{j+1}(y) = p_j(y) [y != x_j] /
+    (1 - p_j(x_j))`` this is ``p_j(x_j) [y = x_j] + p_j(y) [y != x_j] = p_j(y)``. So the token emitted at
+    each position has exactly the target's law given the accepted prefix, whichever subtree is then followed.
+
+    Duplicate siblings are harmless: once ``x`` was rejected ``p(x) = 0``, so a later copy is rejected with
+    probability 1 and leaves ``p`` unchanged. ``p`` is kept unnormalised (``u * mass < p(x)`` instead of
+    dividing), so no division by zero can occur.
+    """
+    _check_rows(tree, target_probs, "target_probs")
+    device = generator.device if generator is not None else target_probs.device
+    dtype = _work_dtype(device)
+    tokens: list[int] = tree.tokens.tolist()
+
+    accepted: list[int] = []
+    node = -1
+    while True:
+        # A private copy: rejected candidates are zeroed in place.
+        p = target_probs[node + 1].to(device=device, dtype=dtype, copy=True)
+        mass = float(p.sum())
+        if not mass > 0:
+            raise InputError(f"target distribution at row {node + 1} has no mass")
+        chosen = -1
+        for child in tree.children[node + 1]:
+            x = tokens[child]
+            p_x = float(p[x])
+            u = float(torch.rand((), generator=generator, device=device, dtype=dtype))
+            if u * mass < p_x:
+                chosen = child
+                break
+            p[x] = 0.0
+            mass -= p_x
+            if not mass > 0:
+                # Only reachable through rounding when p_x was (numerically) all of the mass, in which case the
+                # rejection itself had probability 0: accept x instead of sampling from an empty residual.
+                chosen = child
+                break
+        if chosen < 0:
+            # Every candidate failed, or the node is a leaf (no candidates): the bonus / correction token.
+            return accepted, sample_token(p, generator)
+        accepted.append(chosen)
+        node = chosen
