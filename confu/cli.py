@@ -139,14 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_init_draft)
 
-    for module in ("confu.data", "confu.train", "confu.bench"):
-        try:
-            mod = __import__(module, fromlist=["add_parser"])
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
-        mod.add_parser(sub)
+    from confu import bench, data, train  # each registers its own sub-commands
+
+    for module in (data, train, bench):
+        module.add_parser(sub)
     return parser
 
 

@@ -357,13 +357,13 @@ def regenerate(model: Any, tokenizer: Any, input_path: str | os.PathLike[str],
     if batch_size <= 0 or max_new_tokens <= 0:
         raise InputError("batch size and max new tokens must be positive")
     records = [(raw, conv) for _, raw, conv in iter_records(input_path)]
-    if limit is not None:
-        records = records[:limit]
     ids = [_record_id(raw, i) for i, (raw, _) in enumerate(records)]
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Resume checks against every input record: an earlier run may have gone further than this --limit.
     done = _done_indices(out, ids) if resume and out.exists() else set()
-    todo = [i for i in range(len(records)) if i not in done]
+    stop = len(records) if limit is None else min(limit, len(records))
+    todo = [i for i in range(stop) if i not in done]
     context = getattr(model.config, "max_position_embeddings", None)
     max_prompt = context - max_new_tokens if isinstance(context, int) else None
     # Batch records of similar first-prompt length together; padding costs compute on every step.

@@ -16,6 +16,7 @@ import importlib
 import inspect
 import random
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -216,30 +217,39 @@ def stdlib_passages() -> tuple[Passage, ...]:
     """Docstrings of stdlib modules, their public classes / functions and class methods, 300-2000 chars."""
     out: list[Passage] = []
     seen: set[str] = set()
-    for mod_name in _STDLIB_MODULES:
-        try:
-            module = importlib.import_module(mod_name)
-        except Exception:  # an optional extension missing on this build is not an error
-            continue
-        objects: list[tuple[str, Any]] = [(mod_name, module)]
-        for name in sorted(dir(module)):
-            obj = getattr(module, name, None)
-            # Only objects defined in this module: re-exports would duplicate passages under other names.
-            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            if inspect.isclass(obj):
-                objects.append((f"{mod_name}.{name}", obj))
-                for meth_name, meth in sorted(vars(obj).items()):
-                    if not meth_name.startswith("_") and inspect.isfunction(meth):
-                        objects.append((f"{mod_name}.{name}.{meth_name}", meth))
-            elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
-                objects.append((f"{mod_name}.{name}", obj))
-        for title, obj in objects:
-            doc = inspect.getdoc(obj)
-            if doc and _fits(doc.strip()) and doc not in seen:
-                seen.add(doc)
-                out.append(Passage(title=title, source="python", text=doc.strip()))
+    with warnings.catch_warnings():
+        # Touching deprecated attributes (typing.io, typing.re, ...) warns; reading their docs is harmless.
+        warnings.simplefilter("ignore")
+        for mod_name in _STDLIB_MODULES:
+            out.extend(_module_passages(mod_name, seen))
     return tuple(out)
+
+
+def _module_passages(mod_name: str, seen: set[str]) -> list[Passage]:
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception:  # an optional extension missing on this build is not an error
+        return []
+    objects: list[tuple[str, Any]] = [(mod_name, module)]
+    for name in sorted(dir(module)):
+        obj = getattr(module, name, None)
+        # Only objects defined in this module: re-exports would duplicate passages under other names.
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isclass(obj):
+            objects.append((f"{mod_name}.{name}", obj))
+            for meth_name, meth in sorted(vars(obj).items()):
+                if not meth_name.startswith("_") and inspect.isfunction(meth):
+                    objects.append((f"{mod_name}.{name}.{meth_name}", meth))
+        elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
+            objects.append((f"{mod_name}.{name}", obj))
+    out: list[Passage] = []
+    for title, obj in objects:
+        doc = (inspect.getdoc(obj) or "").strip()
+        if _fits(doc) and doc not in seen:
+            seen.add(doc)
+            out.append(Passage(title=title, source="python", text=doc))
+    return out
 
 
 _ROFF_ESCAPES = [
@@ -458,7 +468,7 @@ def _math(rng: random.Random, ctx: _Ctx) -> list[str]:
         f"A train travels {c} km at an average speed of {b * 5} km/h. How long does the trip take in hours "
         f"and minutes?",
         f"{name} is {a} years old and {other} is {a + b} years old. In how many years will the sum of "
-        f"their ages be {2 * a + b + 2 * c // 10}?",
+        f"their ages be {2 * a + b + 2 * (c // 10)}?",
         f"Solve for x: {a}x + {b} = {a * rng.randint(2, 9) + b}.",
         f"A shop raises a ${c} price by {b}% and then gives a {a % 30 + 5}% discount. What is the final "
         f"price, and is it higher or lower than ${c}?",

@@ -2,9 +2,9 @@
 
 Speculative sampling is lossless with respect to *whatever* distribution the verifier is given, so the
 processed distribution (temperature, then top-k, then top-p) is computed once here and used both by plain
-autoregressive decoding and by tree verification. The warpers follow transformers' ``TemperatureLogitsWarper``,
-``TopKLogitsWarper`` and ``TopPLogitsWarper`` (in the order ``generate`` applies them) so a ConFu run samples
-from the same distribution as ``model.generate(do_sample=True, ...)``.
+autoregressive decoding and by tree verification. The warpers follow transformers'
+``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and ``TopPLogitsWarper`` (in the order ``generate`` applies
+them) so a ConFu run samples from the same distribution as ``model.generate(do_sample=True, ...)``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def logits_to_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
     greedy verification.
     """
     if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise InputError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+        raise InputError(f"logits need a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
     scores = logits.float()
     if cfg.greedy:
         return _one_hot_argmax(scores)

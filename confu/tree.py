@@ -1,8 +1,8 @@
 """EAGLE-2 dynamic draft tree bookkeeping (no model code).
 
-The drafter grows candidates level by level: each expanded node proposes its top-k draft tokens, every proposal
-becomes a candidate with a cumulative score (sum of draft log-probs along its path, an estimate of the log of
-its acceptance probability), and only the ``topk`` best new candidates are expanded at the next level.
+The drafter grows candidates level by level: each expanded node proposes its top-k draft tokens, every
+proposal becomes a candidate with a cumulative score (sum of draft log-probs along its path, an estimate of
+the log of its acceptance probability), and only the ``topk`` best new candidates are expanded next.
 After ``depth`` levels the ``total_nodes`` best candidates overall form the tree the target verifies.
 
 Indices: a ``TreeBuilder`` numbers candidates in creation order; a ``DraftTree`` numbers its kept nodes
@@ -30,7 +30,7 @@ _LOGPROB_SLACK = 1e-4
 
 @dataclass(frozen=True)
 class TreeConfig:
-    """Tree shape: ``total_nodes`` kept after the rerank, ``depth`` levels, ``topk`` children per expansion."""
+    """Tree shape: ``total_nodes`` kept by the rerank, ``depth`` levels, ``topk`` children per expansion."""
 
     total_nodes: int = 60
     depth: int = 5

@@ -53,9 +53,11 @@ def verify_greedy(tree: DraftTree, target_logits: Tensor) -> tuple[list[int], in
     return accepted, best[last_row]
 
 
-def _work_dtype(device: torch.device) -> torch.dtype:
-    # float64 keeps the residual masses exact enough for long sibling lists; MPS has no float64.
-    return torch.float32 if device.type == "mps" else torch.float64
+def _work_dtype(probs: Tensor) -> torch.dtype:
+    # p arrives in float32 from logits_to_probs, so float32 residuals lose nothing that matters, and on CPU
+    # multinomial over a large vocabulary is several times slower in float64. float64 input stays float64
+    # (exact checks in tests); half precision is widened so u * mass < p(x) is not decided by 8-bit mantissas.
+    return torch.float64 if probs.dtype == torch.float64 else torch.float32
 
 
 def verify_sampling(
@@ -82,8 +84,9 @@ def verify_sampling(
     dividing), so no division by zero can occur.
     """
     _check_rows(tree, target_probs, "target_probs")
+    # Uniform draws must come from the generator's device; the rows visited are moved there one at a time.
     device = generator.device if generator is not None else target_probs.device
-    dtype = _work_dtype(device)
+    dtype = _work_dtype(target_probs)
     tokens: list[int] = tree.tokens.tolist()
 
     accepted: list[int] = []
@@ -105,8 +108,8 @@ def verify_sampling(
             p[x] = 0.0
             mass -= p_x
             if not mass > 0:
-                # Only reachable through rounding when p_x was (numerically) all of the mass, in which case the
-                # rejection itself had probability 0: accept x instead of sampling from an empty residual.
+                # Only reachable through rounding when p_x was (numerically) all of the mass, so the
+                # rejection itself had probability 0: accept x instead of sampling an empty residual.
                 chosen = child
                 break
         if chosen < 0:

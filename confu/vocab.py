@@ -49,6 +49,22 @@ class DraftVocab:
         return torch.where(self.t2d[target_ids], index[target_ids], torch.full_like(target_ids, -1))
 
 
+def check_vocab(d2t: Tensor, t2d: Tensor) -> None:
+    """Raise :class:`InputError` unless ``d2t`` / ``t2d`` describe the same ascending id set.
+
+    A checkpoint's buffers can be edited or mixed up by hand; a mismatch would make the draft propose
+    target ids it never scored, which shows up only as a silently low acceptance rate.
+    """
+    if d2t.dim() != 1 or t2d.dim() != 1 or d2t.dtype != torch.long or t2d.dtype != torch.bool:
+        raise InputError("d2t must be a 1-D long tensor and t2d a 1-D bool tensor")
+    if d2t.numel() > t2d.numel() or int(t2d.sum()) != d2t.numel():
+        raise InputError(f"d2t has {d2t.numel()} entries but t2d marks {int(t2d.sum())} of {t2d.numel()} ids")
+    target_ids = torch.arange(d2t.numel(), dtype=torch.long, device=d2t.device) + d2t
+    expected = torch.nonzero(t2d).flatten().to(d2t.device)
+    if not torch.equal(target_ids, expected):
+        raise InputError("d2t does not map draft ids onto the target ids marked in t2d, in ascending order")
+
+
 def _fields(sample: Any) -> tuple[Sequence[int], Sequence[int]]:
     # Accept data.Sample objects and the plain dicts of a prepared JSONL file alike.
     if isinstance(sample, dict):
@@ -137,4 +153,6 @@ def build_draft_vocab(samples: Iterable[Any], target_vocab_size: int, draft_voca
     coverage = float(counts[chosen].sum()) / total if total else 0.0
     if total == 0:
         counted = "none"
-    return DraftVocab(d2t=d2t, t2d=chosen, coverage=coverage, counted=counted)
+    vocab = DraftVocab(d2t=d2t, t2d=chosen, coverage=coverage, counted=counted)
+    check_vocab(vocab.d2t, vocab.t2d)  # cheap; guards the offset arithmetic above
+    return vocab

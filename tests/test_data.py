@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ OPENAI = {"messages": [
     {"role": "user", "content": "And the next one?"},
     {"role": "assistant", "content": "Seven."},
 ]}
-TURNS = {"question_id": 81, "category": "writing", "turns": ["Write a haiku about the sea.", "Now a limerick."]}
+TURNS = {"question_id": 81, "category": "writing",
+         "turns": ["Write a haiku about the sea.", "Now a limerick."]}
 
 
 def _write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -60,7 +62,8 @@ def tokenizer(tiny_tokenizer_dir: Path):
 def tiny_llama(tiny_llama_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -130,7 +133,8 @@ def test_multi_turn_mask_has_one_span_per_assistant_turn(tokenizer) -> None:
     conv = load_conversations_from(OPENAI)
     ids, mask = tokenize_conversation(tokenizer, conv, max_len=512)
     spans = _spans(mask)
-    assert [tokenizer.decode(ids[a:b]) for a, b in spans] == ["Two, three and five." + IM_END, "Seven." + IM_END]
+    assert [tokenizer.decode(ids[a:b]) for a, b in spans] == ["Two, three and five." + IM_END,
+                                                              "Seven." + IM_END]
     user_text = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
     assert "Name three prime numbers." in user_text and "And the next one?" in user_text
 
@@ -163,16 +167,19 @@ def load_conversations_from(record: dict[str, Any]) -> list[dict[str, str]]:
 def test_prepare_and_load_round_trip(tmp_path: Path, tokenizer) -> None:
     a = _write_jsonl(tmp_path / "a.jsonl", [SHAREGPT, TURNS])
     b = _write_jsonl(tmp_path / "b.jsonl", [OPENAI])
-    stats = prepare([a, b], tokenizer, tmp_path / "out" / "data.jsonl", max_len=40)
+    stats = prepare([a, b], tokenizer, tmp_path / "out" / "data.jsonl", max_len=64)
     samples = load_dataset(tmp_path / "out" / "data.jsonl")
-    expected = [tokenize_conversation(tokenizer, load_conversations_from(r), 40) for r in (SHAREGPT, OPENAI)]
+    expected = [tokenize_conversation(tokenizer, load_conversations_from(r), 64) for r in (SHAREGPT, OPENAI)]
     assert [(s.input_ids, s.loss_mask) for s in samples] == expected
     assert isinstance(stats, DatasetStats)
     assert stats.conversations == 3 and stats.samples == 2 and stats.skipped_no_assistant == 1
     assert stats.tokens == sum(len(s.input_ids) for s in samples)
     assert stats.loss_tokens == sum(sum(s.loss_mask) for s in samples) > 0
-    assert stats.truncated == 1  # the two-turn OpenAI conversation is longer than 40 tokens
+    assert stats.truncated == 1  # the ShareGPT conversation (70 tokens) is cut, the OpenAI one (58) is not
     assert not (tmp_path / "out" / "data.jsonl.tmp").exists()
+    # At 30 tokens the ShareGPT answer (it starts at token 41) is cut away entirely: no sample, counted.
+    short = prepare([a, b], tokenizer, tmp_path / "short.jsonl", max_len=30)
+    assert (short.samples, short.skipped_truncated, short.skipped_no_assistant) == (1, 1, 1)
 
 
 def test_load_dataset_rejects_a_broken_line(tmp_path: Path) -> None:
@@ -211,6 +218,19 @@ def test_generate_replies_left_pads_and_stops_at_eos(tokenizer) -> None:
     (input_ids, attention), = model.calls
     assert attention[:, -1].all() and not attention[:, 0].all()  # left padding: the pad sits in front
     assert (input_ids[attention == 0] == tokenizer.pad_token_id).all()
+
+
+def test_batched_greedy_replies_match_one_by_one(tiny_llama) -> None:
+    # Left padding must be invisible to the model: a padded row decodes exactly as it does alone.
+    model, tok = tiny_llama
+    convs = [[{"role": "user", "content": "hello"}],
+             [{"role": "user", "content": "a much longer hello there my good friend, how are you"}],
+             [{"role": "user", "content": "What is two plus three?"}]]
+    batched = generate_replies(model, tok, convs, batch_size=3, max_new_tokens=6)
+    assert batched == generate_replies(model, tok, convs, batch_size=1, max_new_tokens=6)
+    assert all(isinstance(r, str) for r in batched)
+    too_long = generate_replies(model, tok, convs[:1], max_new_tokens=6, max_prompt_len=3)
+    assert too_long == [None]
 
 
 def _regen_input(tmp_path: Path) -> Path:
@@ -254,6 +274,7 @@ def test_interrupted_regeneration_resumes_without_duplicates(tmp_path: Path, tin
     indices = [json.loads(line)["index"] for line in out.read_text().splitlines()]
     assert sorted(indices) == [0, 1, 2]
     _cli(base)  # nothing left to do
+    _cli([*base, "--limit", "1"])  # a smaller limit after a longer run is fine too
     assert len(out.read_text().splitlines()) == 3
 
 
@@ -340,9 +361,12 @@ def test_prompt_source_never_reads_spec_bench_and_uses_man_pages(tmp_path: Path,
         records = prompts.offline_prompts(44, seed=1)
     finally:
         prompts._man_files.cache_clear()
+    assert len(records) == 44
     assert any("frob.1.gz" in p for p in opened)  # the spy sees the reads
     assert not any("spec_bench" in p.lower() for p in opened)
-    texts = "\n".join(t for r in records for t in r["turns"])
+    passages = prompts.man_passages(3, random.Random(0))
+    assert [p.title for p in passages] == ["frob(1)"]
+    texts = passages[0].text
     assert "frob reads every widget named on the command line and adjusts its tension, then" in texts
     assert "frob(1) never changes" in texts and "With the -n option" in texts
     assert "a comment that must vanish" not in texts and ".B" not in texts and "Dry run" not in texts

