@@ -9,7 +9,15 @@ import confu.generate as generate_mod
 from confu.checkpoint import new_draft
 from confu.generate import Decoder, GenerationConfig
 from confu.tree import TreeConfig
-from tests.helpers import PROMPTS, GreedyReport, OracleDrafter, chat_ids, compare_greedy, hf_greedy, load_target
+from tests.helpers import (
+    PROMPTS,
+    GreedyReport,
+    OracleDrafter,
+    chat_ids,
+    compare_greedy,
+    hf_greedy,
+    load_target,
+)
 
 TREE_SHAPES = [
     TreeConfig(total_nodes=1, depth=1, topk=1),  # depth 1, one node
