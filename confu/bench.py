@@ -570,7 +570,7 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
     from confu.checkpoint import load_draft, new_draft
     from confu.contemplate import plan_contemplate_slots
     from confu.drafter import Drafter
-    from confu.generate import Decoder, GenerationConfig, _Round
+    from confu.generate import Decoder, GenerationConfig, RoundState
     from confu.tree import TreeConfig
 
     target = _load_target(target)
@@ -603,13 +603,13 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
         drafter = Drafter(eagle, tree_cfg, target.max_context + 1)
         root_out = drafter.catch_up(features, torch.cat([prompt_ids[1:], torch.tensor([first])]))
         trees = {n: drafter.draft_tree(root_out, max_nodes=n) for n in nodes}
-        plain_state = _Round(first, root_out, features[-1])
+        plain_state = RoundState(first, root_out, features[-1])
         # The ConFu side: its own cache with the soft prompt, and the [con] router's features.
         target.feature_layers = confu_layers
         con = Decoder(target, confu)
         con_cache = target.new_cache(confu.soft_prompt_kv())
         con_first, con_features, _ = con.prefill(con_cache, prompt_ids, gcfg, None)
-        con_state = _Round(con_first, None, con_features[-1])
+        con_state = RoundState(con_first, None, con_features[-1])
 
     columns = ["ar (1 token)", "eagle3"] + [budget_name(b) for b in budgets]
     fns, rows_of, layers_of, cache_of = {}, {}, {}, {}

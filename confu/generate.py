@@ -73,7 +73,7 @@ class GenerationResult:
 
 
 @dataclass
-class _Round:
+class RoundState:
     """What the next round starts from."""
 
     root: int  # the token the target has not seen yet (already emitted)
@@ -155,7 +155,7 @@ class Decoder:
         features.append(out.features[:1])
         return self._pick(out.logits[0], cfg, gen), torch.cat(features), out.last_hidden[1]
 
-    def verify_pass(self, cache: TargetCache, tree: DraftTree | None, state: _Round, plan: ContemplatePlan | None):
+    def verify_pass(self, cache: TargetCache, tree: DraftTree | None, state: RoundState, plan: ContemplatePlan | None):
         """One target pass over root + tree nodes (+ contemplate slots)."""
         t = self.target
         pos0 = cache.num_tokens
@@ -192,7 +192,7 @@ class Decoder:
             if self.draft is not None:
                 drafter = Drafter(self.draft, cfg.tree, t.max_context + 1)
                 root_out = drafter.catch_up(features, torch.cat([prompt[1:], torch.tensor([first])]), f)
-            state = _Round(first, root_out, features[-1])
+            state = RoundState(first, root_out, features[-1])
             emitted = 0
             new, reason = self._clip([first], emitted, cfg)
             emitted += len(new)
