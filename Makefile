@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # to get the small CPU build where no local CPU wheel is configured.
 TORCH_PIP_ARGS ?=
 
-.PHONY: venv test demo lint
+.PHONY: venv test demo lint drafts
 
 venv: $(STAMP)
 
@@ -30,3 +30,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .
+
+# Reproduces drafts/ (several hours on a 2-core CPU; resumable): see scripts/train_drafts.sh.
+drafts: $(STAMP)
+	CONFU=$(VENV)/bin/confu scripts/train_drafts.sh

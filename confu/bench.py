@@ -1,5 +1,4 @@
-"""Benchmarks: the Spec-Bench harness (`confu bench`), plain decoding vs transformers (`confu bench-ar`) and
-the cost of one verify pass with and without contemplate slots (`confu bench-verify`).
+"""The Spec-Bench harness (`confu bench`): tau and speed-up of ar / hf / EAGLE-3 / ConFu per category.
 
 `confu bench` runs every question x method x setting (temperatures x tree sizes; `ar` / `hf` once per
 temperature), interleaved per question so machine drift hits all methods alike, after untimed warm-up runs.
@@ -11,7 +10,6 @@ torch and the engine are imported inside functions: `confu --help` must stay fas
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,18 +22,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from confu.bench_report import (
-    compact_summary,
-    render_ar_console,
-    render_bench_console,
-    render_report,
-    render_verify_console,
-    summarize,
-    write_plots,
-)
-from confu.cli import add_decoding_args, add_target_args, encode_prompt, parse_contemplate
+from confu.bench_report import compact_summary, render_bench_console, render_report, summarize, write_plots
+from confu.cli import add_decoding_args, add_target_args, comma_list, encode_prompt
 from confu.errors import InputError
-from confu.timing import measure_interleaved, timed
+from confu.timing import timed
 
 if TYPE_CHECKING:
     from confu.generate import Decoder, GenerationConfig
@@ -433,239 +423,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return {**results, "files": ["results.json", "report.md", RECORDS_NAME, *plots]}
 
 
-# -- bench-ar: plain decoding vs transformers generate -------------------------------------------------------
-
-# Our own prompts (not Spec-Bench), chosen to make a small chat model write a long answer.
-AR_PROMPTS = (
-    "Describe, step by step, how the gears on a bicycle help a rider climb a steep hill.",
-    "Write a short story about a lighthouse keeper who finds an old letter inside a glass bottle.",
-    "Explain the difference between a list and a tuple in Python, with a small example of each.",
-    "Plan a relaxed three-day visit to a mountain village, with one idea for every morning and evening.",
-)
-
-
-def _load_target(target: Target | str) -> Target:
-    if isinstance(target, str):
-        from confu.target import Target
-
-        return Target.load(target)
-    return target
-
-
-def read_prompts_file(path: str | Path) -> list[str]:
-    """One prompt per non-empty line; a line that is a JSON object may give `prompt` or `turns`."""
-    prompts = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            rec = json.loads(line)
-            line = rec.get("prompt") or rec["turns"][0]
-        prompts.append(line)
-    if not prompts:
-        raise InputError(f"no prompts in {path}")
-    return prompts
-
-
-def _profile_text(fn, top: int = 18) -> str:
-    import cProfile
-    import io
-    import pstats
-
-    prof = cProfile.Profile()
-    prof.runcall(fn)
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
-    return buf.getvalue()
-
-
-def _our_tokens(decoder: Decoder, prompt_ids: list[int], cfg: GenerationConfig) -> list[int]:
-    return decoder.generate(prompt_ids, cfg).tokens
-
-
-def run_bench_ar(target: Target | str, prompts: Sequence[str] = AR_PROMPTS, max_new_tokens: int = 64,
-                 repeats: int = 3, warmup: int = 1, profile: bool = False) -> dict[str, Any]:
-    """Greedy tokens/s of `Decoder(target, None)` vs `model.generate(do_sample=False)`, interleaved."""
-    from confu.generate import Decoder, GenerationConfig
-    from confu.sampling import SamplingConfig
-
-    target = _load_target(target)
-    decoder = Decoder(target, None)
-    gcfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(0.0))
-    greedy = SamplingConfig(0.0)
-    ids = [encode_prompt(target.tokenizer, p, raw=False) for p in prompts]
-    fns = {}
-    for i, prompt_ids in enumerate(ids):
-        fns[(i, "ours")] = partial(_our_tokens, decoder, prompt_ids, gcfg)
-        fns[(i, "hf")] = partial(hf_generate, target, prompt_ids, max_new_tokens, greedy)
-    timings = measure_interleaved(fns, warmup=warmup, repeats=repeats)
-    rows = []
-    for i in range(len(ids)):
-        ours, hf = timings[(i, "ours")], timings[(i, "hf")]
-        a, b = ours.result, hf.result
-        first_diff = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
-                          None if len(a) == len(b) else min(len(a), len(b)))
-        rows.append({
-            "prompt": i, "prompt_tokens": len(ids[i]), "ours_tokens": len(a), "hf_tokens": len(b),
-            "ours_ms": 1000 * ours.median, "hf_ms": 1000 * hf.median,
-            "ours_best_ms": 1000 * ours.min, "hf_best_ms": 1000 * hf.min,
-            "ours_tokens_per_s": len(a) / ours.median, "hf_tokens_per_s": len(b) / hf.median,
-            "identical": first_diff is None, "first_difference": first_diff,
-        })
-
-    def rate(side: str, stat: str) -> float:
-        return sum(r[f"{side}_tokens"] for r in rows) / sum(r[f"{side}_{stat}"] / 1000 for r in rows)
-
-    ours_tps, hf_tps = rate("ours", "ms"), rate("hf", "ms")
-    # On a shared machine other processes only ever add time, so best-of-R is the cleaner view of the
-    # intrinsic cost; the median is the headline, as in every other benchmark here.
-    ours_best, hf_best = rate("ours", "best_ms"), rate("hf", "best_ms")
-    result: dict[str, Any] = {
-        "ours_tokens_per_s": ours_tps, "hf_tokens_per_s": hf_tps, "ratio": ours_tps / hf_tps,
-        "ours_best_tokens_per_s": ours_best, "hf_best_tokens_per_s": hf_best,
-        "best_ratio": ours_best / hf_best,
-        "within_10pct": ours_tps >= 0.9 * hf_tps, "identical": all(r["identical"] for r in rows),
-        "max_new_tokens": max_new_tokens, "repeats": repeats, "rows": rows,
-    }
-    if profile:
-        result["profile_ours"] = _profile_text(fns[(0, "ours")])
-        result["profile_hf"] = _profile_text(fns[(0, "hf")])
-    return result
-
-
-# -- bench-verify: one verify pass, with and without contemplate slots ---------------------------------------
-
-VERIFY_PROMPT = ("Explain how a refrigerator keeps food cold, covering the compressor, the refrigerant and "
-                 "why the coils at the back feel warm.")
-
-
-def parse_budgets(text: str) -> list[int | None]:
-    """`all,1,4,8` -> [None, 1, 4, 8] (None = a slot on every node)."""
-    out = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            out.append(parse_contemplate(part))
-        except argparse.ArgumentTypeError as err:
-            raise InputError(f"--budgets: {part!r}: {err}") from err
-    return out
-
-
-def budget_name(budget: int | None) -> str:
-    return "confu all" if budget is None else f"confu {budget}"
-
-
-def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
-                     budgets: Sequence[int | None] = (None, 1, 4, 8), repeats: int = 5, warmup: int = 1,
-                     eagle3_dir: str | None = None, confu_dir: str | None = None, depth: int = 6,
-                     topk: int = 8, prompt: str = VERIFY_PROMPT, seed: int = 0) -> dict[str, Any]:
-    """Median wall time of `Decoder.verify_pass` for trees of each size, plain vs with contemplate slots.
-
-    One tree per size, drafted on a real prompt, is shared by every column, so the columns differ only in
-    the contemplate slots the pass carries. Untrained heads (`new_draft`) stand in for missing checkpoints:
-    the pass's cost depends on the number of rows, not on how good the draft is.
-    """
-    import torch
-
-    from confu.checkpoint import load_draft, new_draft
-    from confu.contemplate import plan_contemplate_slots
-    from confu.drafter import Drafter
-    from confu.generate import Decoder, GenerationConfig, RoundState
-    from confu.tree import TreeConfig
-
-    target = _load_target(target)
-    vocab = min(8192, target.vocab_size)
-    base_layers = tuple(target.feature_layers)
-
-    def head_for(method: str, path: str | None):
-        target.feature_layers = base_layers
-        if path:
-            head = load_draft(path, target)
-        else:
-            head = new_draft(target, method, draft_vocab_size=vocab, seed=seed)
-        layers = tuple(target.feature_layers)
-        target.feature_layers = base_layers
-        return head, layers
-
-    eagle, eagle_layers = head_for("eagle3", eagle3_dir)
-    confu, confu_layers = head_for("confu", confu_dir)
-    if eagle.is_confu or not confu.is_confu:
-        raise InputError("--draft-eagle3 must hold an eagle3 draft and --draft-confu a confu draft")
-    prompt_ids = torch.tensor(encode_prompt(target.tokenizer, prompt, raw=False))
-    gcfg = GenerationConfig(max_new_tokens=1)
-    tree_cfg = TreeConfig(total_nodes=max(nodes), depth=depth, topk=topk)
-    with torch.no_grad():
-        # The plain pass (EAGLE-3 column) and its tree, from the eagle3 head.
-        target.feature_layers = eagle_layers
-        plain = Decoder(target, None)
-        plain_cache = target.new_cache()
-        first, features, _ = plain.prefill(plain_cache, prompt_ids, gcfg, None)
-        drafter = Drafter(eagle, tree_cfg, target.max_context + 1)
-        root_out = drafter.catch_up(features, torch.cat([prompt_ids[1:], torch.tensor([first])]))
-        trees = {n: drafter.draft_tree(root_out, max_nodes=n) for n in nodes}
-        plain_state = RoundState(first, root_out, features[-1])
-        # The ConFu side: its own cache with the soft prompt, and the [con] router's features.
-        target.feature_layers = confu_layers
-        con = Decoder(target, confu)
-        con_cache = target.new_cache(confu.soft_prompt_kv())
-        con_first, con_features, _ = con.prefill(con_cache, prompt_ids, gcfg, None)
-        con_state = RoundState(con_first, None, con_features[-1])
-
-    columns = ["ar (1 token)", "eagle3"] + [budget_name(b) for b in budgets]
-    fns, rows_of, layers_of, cache_of = {}, {}, {}, {}
-    for n in nodes:
-        tree = trees[n]
-        for col in columns:
-            key = (n, col)
-            if col.startswith("confu"):
-                budget = budgets[[budget_name(b) for b in budgets].index(col)]
-                plan = plan_contemplate_slots(tree, budget)
-                fns[key] = partial(con.verify_pass, con_cache, tree, con_state, plan)
-                rows_of[key] = len(tree) + 1 + plan.num_slots
-                layers_of[key], cache_of[key] = confu_layers, con_cache
-            else:
-                t = None if col.startswith("ar") else tree
-                fns[key] = partial(plain.verify_pass, plain_cache, t, plain_state, None)
-                rows_of[key] = 1 + (0 if t is None else len(t))
-                layers_of[key], cache_of[key] = eagle_layers, plain_cache
-
-    def reset(key) -> None:
-        cache = cache_of[key]
-        extra = cache.kv.get_seq_length() - cache.committed
-        if extra:
-            cache.kv.crop(-extra)  # drop what the pass appended: every repeat sees the same cache
-        target.feature_layers = layers_of[next_key[key]]
-
-    # Interleave every (size, column) per repeat; feature layers are switched outside the timed region.
-    keys = list(fns)
-    next_key = {k: keys[(i + 1) % len(keys)] for i, k in enumerate(keys)}
-    target.feature_layers = layers_of[keys[0]]
-    with torch.no_grad():
-        timings = measure_interleaved(fns, warmup=warmup, repeats=repeats, reset=reset)
-    target.feature_layers = base_layers
-    table = []
-    for n in nodes:
-        cells = {col: {"ms": 1000 * timings[(n, col)].median, "best_ms": 1000 * timings[(n, col)].min,
-                       "tokens": rows_of[(n, col)], "spread": timings[(n, col)].spread} for col in columns}
-        table.append({"nodes": n, "tree_nodes": len(trees[n]), "columns": cells})
-    return {"prompt_tokens": len(prompt_ids), "repeats": repeats, "columns": columns, "rows": table,
-            "drafts": {"eagle3": eagle3_dir or "untrained", "confu": confu_dir or "untrained"}}
-
-
 # -- CLI -----------------------------------------------------------------------------------------------------
-
-
-def _list_of(kind: type, flag: str):
-    def parse(text: str) -> list:
-        try:
-            values = [kind(p) for p in text.split(",") if p.strip()]
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {kind.__name__} values") from err
-        if not values:
-            raise argparse.ArgumentTypeError(f"{flag} is empty")
-        return values
-
-    return parse
 
 
 def cmd_bench(args) -> None:
@@ -689,26 +447,8 @@ def cmd_bench(args) -> None:
     print(json.dumps({"out": str(cfg.out), "settings": compact}))
 
 
-def cmd_bench_ar(args) -> None:
-    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else list(AR_PROMPTS)
-    res = run_bench_ar(args.target, prompts, args.max_new_tokens, args.repeats, args.warmup, args.profile)
-    print(render_ar_console(res))
-    if args.profile:
-        print("\n== cProfile: ours ==\n" + res["profile_ours"] + "\n== cProfile: hf ==\n" + res["profile_hf"])
-    print(json.dumps({k: res[k] for k in ("ours_tokens_per_s", "hf_tokens_per_s", "ratio", "within_10pct",
-                                          "identical", "ours_best_tokens_per_s", "hf_best_tokens_per_s",
-                                          "best_ratio", "max_new_tokens", "repeats")}))
-
-
-def cmd_bench_verify(args) -> None:
-    res = run_bench_verify(args.target, args.nodes, parse_budgets(args.budgets), args.repeats, args.warmup,
-                           args.draft_eagle3, args.draft_confu, args.depth, args.topk, seed=args.seed)
-    print(render_verify_console(res))
-    print(json.dumps(res))
-
-
 def add_parser(subparsers: Any) -> None:
-    """`confu bench`, `confu bench-ar` and `confu bench-verify`."""
+    """`confu bench`."""
     b = subparsers.add_parser("bench", help="Spec-Bench: tau and speed-up of ar / hf / EAGLE-3 / ConFu")
     add_target_args(b)
     b.add_argument("--methods", required=True,
@@ -716,35 +456,12 @@ def add_parser(subparsers: Any) -> None:
     b.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
     b.add_argument("--categories", nargs="+", help="only these categories (space or comma separated)")
     b.add_argument("--limit-per-category", type=int, help="first K questions of each category")
-    b.add_argument("--temperatures", type=_list_of(float, "--temperatures"),
+    b.add_argument("--temperatures", type=comma_list(float, "--temperatures"),
                    help="comma-separated (default: --temperature)")
-    b.add_argument("--tree-nodes", type=_list_of(int, "--tree-nodes"), default=[60], help="comma-separated")
+    b.add_argument("--tree-nodes", type=comma_list(int, "--tree-nodes"), default=[60], help="comma-separated")
     b.add_argument("--out", required=True, help="output directory; re-running with it resumes")
     b.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the first question per method and setting")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_decoding_args(b)
     b.set_defaults(func=cmd_bench)
-
-    a = subparsers.add_parser("bench-ar", help="tokens/s of our plain decoding vs transformers generate")
-    add_target_args(a)
-    a.add_argument("--prompts-file", help="one prompt per line (default: built-in prompts)")
-    a.add_argument("--max-new-tokens", type=int, default=64)
-    a.add_argument("--repeats", type=int, default=3)
-    a.add_argument("--warmup", type=int, default=1)
-    a.add_argument("--profile", action="store_true", help="also print a cProfile of one run of each")
-    a.set_defaults(func=cmd_bench_ar)
-
-    v = subparsers.add_parser("bench-verify",
-                              help="verify-pass time: EAGLE-3 trees vs ConFu contemplate slots")
-    add_target_args(v)
-    v.add_argument("--draft-eagle3", help="an eagle3 draft directory (default: an untrained head)")
-    v.add_argument("--draft-confu", help="a confu draft directory (default: an untrained head)")
-    v.add_argument("--nodes", type=_list_of(int, "--nodes"), default=[16, 32, 60])
-    v.add_argument("--budgets", default="all,1,4,8", help="contemplate budgets: 'all' and/or counts")
-    v.add_argument("--repeats", type=int, default=5)
-    v.add_argument("--warmup", type=int, default=1)
-    v.add_argument("--depth", type=int, default=6)
-    v.add_argument("--topk", type=int, default=8)
-    v.add_argument("--seed", type=int, default=0)
-    v.set_defaults(func=cmd_bench_verify)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from confu.errors import ConfuError, InputError
 
@@ -71,26 +72,76 @@ def generation_config(args, tree_nodes: int):
     )
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per non-empty line (lines starting with # are comments); a line that is a JSON object may
+    give `prompt` or `turns` (its first turn)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise InputError(f"cannot read the prompt file {path}: {err.strerror}") from err
+    prompts = []
+    for line in (raw.strip() for raw in lines):
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            rec = json.loads(line)
+            line = rec.get("prompt") or rec["turns"][0]
+        prompts.append(line)
+    if not prompts:
+        raise InputError(f"no prompts in {path}")
+    return prompts
+
+
+def comma_list(kind: type, flag: str):
+    """argparse type for `1,2,3`-style option values."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(p) for p in text.split(",") if p.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {kind.__name__} values") from err
+        if not values:
+            raise argparse.ArgumentTypeError(f"{flag} is empty")
+        return values
+
+    return parse
+
+
+def result_record(decoder, res) -> dict:
+    record = {
+        "text": decoder.target.tokenizer.decode(res.tokens, skip_special_tokens=True),
+        "new_tokens": len(res.tokens),
+        "steps": len(res.steps),
+        "tau": round(res.tau, 4),
+        "tokens_per_s": round(res.tokens_per_s, 3),
+        "accept_lengths": res.accept_lengths,
+        "stop_reason": res.stop_reason,
+    }
+    if decoder.confu:
+        record["contemplate_slots"] = [s.contemplate_slots for s in res.steps]
+        record["verify_tokens"] = [s.verify_tokens for s in res.steps]
+    return record
+
+
 def cmd_generate(args) -> None:
     decoder = load_decoder(args.target, args.draft)
     cfg = generation_config(args, args.tree_nodes)
     tok = decoder.target.tokenizer
+    if args.prompt_file:
+        # One JSON line per prompt, then the pooled summary (tau over all steps, NOTES section 3).
+        lengths, speeds = [], []
+        for text in read_prompts_file(args.prompt_file):
+            res = decoder.generate(encode_prompt(tok, text, args.raw), cfg)
+            lengths.extend(res.accept_lengths)
+            speeds.append(res.tokens_per_s)
+            print(json.dumps({"prompt": text, **result_record(decoder, res)}), flush=True)
+        print(json.dumps({"summary": {"prompts": len(speeds), "steps": len(lengths),
+                                      "tau": round(sum(lengths) / max(1, len(lengths)), 4),
+                                      "mean_tokens_per_s": round(sum(speeds) / len(speeds), 3)}}))
+        return
     prompt_ids = encode_prompt(tok, args.prompt, args.raw)
     if args.json:
-        res = decoder.generate(prompt_ids, cfg)
-        record = {
-            "text": tok.decode(res.tokens, skip_special_tokens=True),
-            "new_tokens": len(res.tokens),
-            "steps": len(res.steps),
-            "tau": round(res.tau, 4),
-            "tokens_per_s": round(res.tokens_per_s, 3),
-            "accept_lengths": res.accept_lengths,
-            "stop_reason": res.stop_reason,
-        }
-        if decoder.confu:
-            record["contemplate_slots"] = [s.contemplate_slots for s in res.steps]
-            record["verify_tokens"] = [s.verify_tokens for s in res.steps]
-        print(json.dumps(record))
+        print(json.dumps(result_record(decoder, decoder.generate(prompt_ids, cfg))))
         return
     shown: list[int] = []
     text_so_far = ""
@@ -121,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="decode one prompt (plain, EAGLE-3 or ConFu)")
     add_target_args(g)
     g.add_argument("--draft", default="none", help="a draft directory, or 'none' for plain decoding")
-    g.add_argument("--prompt", required=True)
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="one prompt")
+    prompt.add_argument("--prompt-file", help="prompts, one per line: prints a JSON line each and a pooled summary")
     g.add_argument("--raw", action="store_true", help="skip the chat template")
     g.add_argument("--tree-nodes", type=int, default=60)
     add_decoding_args(g)
@@ -139,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_init_draft)
 
-    from confu import bench, data, train  # each registers its own sub-commands
+    from confu import bench, data, microbench, train  # each registers its own sub-commands
 
-    for module in (data, train, bench):
+    for module in (data, train, bench, microbench):
         module.add_parser(sub)
     return parser
 

@@ -124,3 +124,46 @@ class OracleDrafter(Drafter):
         order = [i for i in range(len(tokens)) if i < limit]
         return DraftTree.from_parents([tokens[i] for i in order], [parents[i] for i in order],
                                       [scores[i] for i in order])
+
+
+class TargetTopDrafter(Drafter):
+    """A drafter that proposes the target's own likeliest tokens: a greedy chain with its runner-up siblings.
+
+    Under sampling such trees are accepted often and rejected often, so both sides of the rejection rule
+    carry real weight in a distribution test (an untrained head's trees would almost always be rejected).
+    """
+
+    model = None  # the target's HF model, set by the test
+    first_token: int = 0  # prompt[0]: catch_up only ever sees the tokens after it
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[int] = []
+
+    def catch_up(self, features, next_tokens, f=None):
+        self.seen.extend(next_tokens.tolist())
+        return super().catch_up(features, next_tokens, f)
+
+    @torch.no_grad()
+    def draft_tree(self, root_out, max_nodes=None):
+        cfg = self.tree_cfg
+        limit = min(cfg.total_nodes, max_nodes or cfg.total_nodes)
+        seq = [self.first_token, *self.seen]  # up to and including the root
+        tokens, parents, scores = [], [], []
+        parent, path_logp = -1, 0.0
+        for _ in range(cfg.depth):
+            logp = torch.log_softmax(self.model(torch.tensor([seq])).logits[0, -1].float(), -1)
+            top = logp.topk(2)
+            chain = None
+            for lp, tok in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                if len(tokens) == limit:
+                    break
+                tokens.append(tok)
+                parents.append(parent)
+                scores.append(path_logp + lp)
+                chain = len(tokens) - 1 if chain is None else chain
+            if chain is None or len(tokens) == limit:
+                break
+            parent, path_logp = chain, scores[chain]
+            seq.append(tokens[chain])
+        return DraftTree.from_parents(tokens, parents, scores)

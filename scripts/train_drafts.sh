@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# `make drafts`: the recorded recipe behind the shipped drafts in drafts/ (embedded SmolLM2-135M target).
+#
+#   1. offline prompts (templated tasks + docstrings/man pages; never Spec-Bench)
+#   2. the target answers them itself, greedily (the draft learns the target's own T=0 distribution)
+#   3. tokenize with the chat template, loss on assistant tokens
+#   4. EAGLE-3 from scratch
+#   5. from that checkpoint, with equal step budgets: ConFu and an EAGLE-3 continuation (the fair baseline);
+#      the two run side by side with one thread each on a 2-core machine
+#   6. fp16 copies into drafts/
+#
+# Every stage resumes: rerunning after an interrupt continues where it stopped. Budgets are env variables;
+# the defaults are what produced the shipped drafts (times measured on a 2-core CPU, see BENCHMARKS.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFU=${CONFU:-.venv/bin/confu}
+RUN=${RUN:-runs/smollm2}
+PROMPTS=${PROMPTS:-1600}
+ANSWER=${ANSWER:-480}            # prompts the target answers (the first ANSWER of PROMPTS)
+BASE_STEPS=${BASE_STEPS:-300}    # EAGLE-3 from scratch
+EXTRA_STEPS=${EXTRA_STEPS:-80}  # ConFu and EAGLE-3 continuation, each
+BATCH=${BATCH:-4}
+MAX_LEN=${MAX_LEN:-768}
+TTT=${TTT:-6}                     # train-time-test steps = the depth of the trees we decode with
+mkdir -p "$RUN"
+
+$CONFU data prompts --n "$PROMPTS" --out "$RUN/prompts.jsonl"
+$CONFU data regenerate --input "$RUN/prompts.jsonl" --out "$RUN/regen.jsonl" --limit "$ANSWER" \
+  --batch-size 32 --max-new-tokens 256
+$CONFU data prepare --input "$RUN/regen.jsonl" --out "$RUN/data" --max-len "$MAX_LEN"
+
+resume() { [ -d "$1/checkpoint" ] && echo --resume || true; }
+
+$CONFU train --method eagle3 --data "$RUN/data" --out "$RUN/eagle3" --steps "$BASE_STEPS" \
+  --batch-size "$BATCH" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 3e-4 --save-every 50 --eval-every 150 --no-progress \
+  $(resume "$RUN/eagle3") > "$RUN/eagle3.log" 2>&1
+
+OMP_NUM_THREADS=1 $CONFU train --method confu --init "$RUN/eagle3" --data "$RUN/data" --out "$RUN/confu" \
+  --steps "$EXTRA_STEPS" --batch-size "$BATCH" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 1e-4 --save-every 50 --eval-every 100 \
+  --save-fp16 --no-progress $(resume "$RUN/confu") > "$RUN/confu.log" 2>&1 &
+OMP_NUM_THREADS=1 $CONFU train --method eagle3 --init "$RUN/eagle3" --data "$RUN/data" --out "$RUN/eagle3-cont" \
+  --steps "$EXTRA_STEPS" --batch-size "$BATCH" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 1e-4 --save-every 50 --eval-every 100 \
+  --save-fp16 --no-progress $(resume "$RUN/eagle3-cont") > "$RUN/eagle3-cont.log" 2>&1 &
+wait
+
+mkdir -p drafts
+for name in eagle3-cont confu; do
+  rm -rf "drafts/smollm2-135m-${name%-cont}"
+  cp -r "$RUN/$name/fp16" "drafts/smollm2-135m-${name%-cont}"
+done
+du -sh drafts/*

@@ -1,0 +1,133 @@
+"""ConFu inference: the soft prompt and contemplate slots never touch ordinary tokens, `f` is the contemplate
+state of the last accepted node, and greedy ConFu decoding equals plain decoding on the embedded target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import confu.generate as generate_mod
+from confu.checkpoint import new_draft
+from confu.contemplate import plan_contemplate_slots
+from confu.generate import Decoder, GenerationConfig, RoundState
+from confu.tree import DraftTree, TreeConfig
+from tests.helpers import PROMPTS, GreedyReport, OracleDrafter, chat_ids, compare_greedy, hf_greedy, load_target
+
+
+def _confu_head(target, seed: int = 0):
+    head = new_draft(target, "confu", draft_vocab_size=256, seed=seed)
+    with torch.no_grad():  # a soft prompt far from the init, so a leak into ordinary rows could not hide
+        head.soft_prompt.add_(torch.randn(head.soft_prompt.shape, generator=torch.Generator().manual_seed(seed)))
+    return head
+
+
+def _tree(vocab: int) -> DraftTree:
+    gen = torch.Generator().manual_seed(7)
+    parents = [-1, -1, 0, 0, 1, 2, 4, 6]
+    tokens = torch.randint(vocab, (len(parents),), generator=gen).tolist()
+    return DraftTree.from_parents(tokens, parents, [-0.1 * i for i in range(len(parents))])
+
+
+def _ordinary_outputs(target, head, prompt: torch.Tensor, tree: DraftTree, soft_prompt: bool, slots: bool):
+    """Prompt forward then one verify pass, with or without the soft prompt in the cache and a contemplate
+    slot on every verify row. Returns (prompt logits, prompt features, verify logits, verify features, f)."""
+    n = len(prompt)
+    cache = target.new_cache(head.soft_prompt_kv() if soft_prompt else None)
+    with torch.no_grad():
+        pre = target.forward(cache, torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril(), input_ids=prompt)
+        cache.commit(None)
+        state = RoundState(root=int(pre.logits[-1].argmax()), root_out=None, con_features=pre.features[-1])
+        plan = plan_contemplate_slots(tree, None) if slots else None
+        out, rows = Decoder(target, head).verify_pass(cache, tree, state, plan)
+    return pre.logits, pre.features, out.logits[:rows], out.features[:rows], out.last_hidden[rows:]
+
+
+NAMES = ["prompt logits", "prompt features", "verify logits", "verify features"]
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir", "embedded_dir"])
+def test_soft_prompt_and_slots_leave_ordinary_logits_bit_identical(model, request, record_property):
+    target = load_target(request.getfixturevalue(model))
+    head = _confu_head(target)
+    prompt = torch.tensor(chat_ids(target, PROMPTS[4]))
+    tree = _tree(target.vocab_size)
+    plain = _ordinary_outputs(target, head, prompt, tree, soft_prompt=False, slots=False)
+    # 1. The soft prompt in every layer's cache: the same forward with and without it is bit-identical.
+    soft = _ordinary_outputs(target, head, prompt, tree, soft_prompt=True, slots=False)
+    for name, a, b in zip(NAMES, plain, soft, strict=False):
+        assert torch.equal(a, b), f"{name} changed by the soft prompt"
+    # 2. Contemplate slots: what they hold (soft prompt, [con]) never reaches an ordinary row, bit for bit ...
+    confu = _ordinary_outputs(target, head, prompt, tree, soft_prompt=True, slots=True)
+    other = _ordinary_outputs(target, _confu_head(target, seed=1), prompt, tree, soft_prompt=True, slots=True)
+    for name, a, b in zip(NAMES, confu, other, strict=False):
+        assert torch.equal(a, b), f"{name} depend on the soft prompt / [con] of the contemplate slots"
+    # ... while the slots themselves do see the soft prompt (so the check above is not vacuous).
+    assert confu[4].shape == (len(tree) + 1, target.hidden_size)
+    assert not torch.allclose(confu[4], other[4], atol=1e-3)
+    # 3. Their mere presence (more query rows) changes CPU kernel blocking, hence rounding: measured, bounded.
+    gap = max(float((a - b).abs().max()) for a, b in zip(plain[2:4], confu[2:4], strict=False))
+    record_property("max_abs_diff_with_slots", gap)
+    print(f"{model}: max |ordinary output with slots - without| = {gap:.2e}")
+    assert gap < 1e-3
+
+
+class _RecordingOracle(OracleDrafter):
+    """Records, at every catch-up, the tokens the round's f should summarise and the f it was given."""
+
+    records: list[tuple[list[int], torch.Tensor, int]] = []
+
+    def catch_up(self, features, next_tokens, f=None):
+        out = super().catch_up(features, next_tokens, f)
+        # f sits after every token the target has verified, i.e. all but the newly emitted last one.
+        seq = [self.reference[0], *self.seen[:-1]]
+        self.records.append((seq, f.clone(), len(next_tokens)))
+        return out
+
+
+def test_future_is_contemplate_state_of_last_accepted_node(tiny_llama_dir, monkeypatch):
+    target = load_target(tiny_llama_dir)
+    head = _confu_head(target)
+    cons: list[torch.Tensor] = []
+    embed_con = head.contemplate_embedding
+    monkeypatch.setattr(head, "contemplate_embedding", lambda x: cons.append(embed_con(x)) or cons[-1])
+    monkeypatch.setattr(generate_mod, "Drafter", _RecordingOracle)
+    _RecordingOracle.records = []
+    for text in PROMPTS[:3]:
+        ids = chat_ids(target, text)
+        _RecordingOracle.reference = ids + hf_greedy(target, ids, 24)
+        Decoder(target, head).generate(ids, GenerationConfig(max_new_tokens=24, tree=TreeConfig(12, 5, 2)))
+    records = _RecordingOracle.records
+    assert len(records) == len(cons) > 6
+    assert max(n for _, _, n in records) >= 3, "some round should accept at least two draft nodes"
+
+    def contemplate_state(seq: list[int], con: torch.Tensor) -> torch.Tensor:
+        n = len(seq)
+        cache = target.new_cache(head.soft_prompt_kv())
+        embeds = torch.cat([target.embed(torch.tensor(seq)), con[None]])
+        with torch.no_grad():
+            out = target.forward(cache, torch.arange(n + 1), torch.ones(n + 1, n + 1, dtype=torch.bool).tril(),
+                                 inputs_embeds=embeds, logits_rows=torch.tensor([0]),
+                                 soft_prompt_rows=torch.tensor([n]))
+        return out.last_hidden[n]
+
+    for (seq, f, _), con in zip(records, cons, strict=True):
+        torch.testing.assert_close(f, contemplate_state(seq, con), atol=1e-5, rtol=1e-4)
+        # One token short is a different state: an off-by-one in the returned f would be caught.
+        assert not torch.allclose(f, contemplate_state(seq[:-1], con), atol=1e-3)
+
+
+def test_confu_greedy_matches_hf_on_embedded_target(embedded_dir, record_property):
+    target = load_target(embedded_dir)
+    head = new_draft(target, "confu", draft_vocab_size=4096)
+    report = GreedyReport()
+    budgets = [None, 1, 4, 8]
+    for i, text in enumerate(PROMPTS[:8]):
+        ids = chat_ids(target, text)
+        ref = hf_greedy(target, ids, 12)
+        cfg = GenerationConfig(max_new_tokens=12, tree=TreeConfig(16, 4, 4), contemplate=budgets[i % len(budgets)])
+        res = Decoder(target, head).generate(ids, cfg)
+        assert all(s.contemplate_slots == 1 + min(cfg.contemplate or s.tree_nodes, s.tree_nodes) for s in res.steps)
+        compare_greedy(target, ids, res.tokens, ref, i, report)
+    record_property("greedy_exact", report.exact)
+    assert not report.failures, "\n".join(report.failures)
+    assert report.exact >= 7

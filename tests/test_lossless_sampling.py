@@ -1,0 +1,132 @@
+"""Speculative sampling through the whole decoder keeps the target's distribution (temperature, top-p, top-k).
+
+The law of the first K generated tokens is computed exactly from the tiny target (batched forwards over every
+prefix likely enough to matter) and compared with speculative samples by a chi-square goodness-of-fit test.
+Trees hold the target's own likeliest tokens, so acceptances and rejections are both frequent. A verifier
+with a planted bias must fail the same test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import confu.generate as generate_mod
+from confu.checkpoint import new_draft
+from confu.generate import Decoder, GenerationConfig
+from confu.sampling import SamplingConfig, logits_to_probs
+from confu.tree import TreeConfig
+from tests.helpers import PROMPTS, TargetTopDrafter, chat_ids, load_target
+
+K = 3  # tokens per sample: the first comes from the prefill, the others from tree verification
+N = 500  # samples per setting
+MIN_EXPECTED = 5.0
+
+
+@torch.no_grad()
+def exact_law(target, prompt: list[int], sampling: SamplingConfig, n: int) -> dict[tuple[int, ...], float]:
+    """P(first K tokens = cell) for every cell expecting at least MIN_EXPECTED of n draws.
+
+    A prefix expecting fewer draws cannot have such a cell below it, so only likely prefixes are expanded.
+    """
+    level: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(K):
+        keys = [c for c, p in level.items() if p * n >= MIN_EXPECTED]
+        if not keys:
+            return {}
+        probs = logits_to_probs(target.model(torch.tensor([prompt + list(c) for c in keys])).logits[:, -1], sampling)
+        nxt = {}
+        for c, row in zip(keys, probs.double(), strict=True):
+            for tok in torch.nonzero(row * level[c] * n >= MIN_EXPECTED).flatten().tolist():
+                nxt[(*c, tok)] = level[c] * float(row[tok])
+        level = nxt
+    return level
+
+
+def chi_square_p_value(samples: list[tuple[int, ...]], law: dict[tuple[int, ...], float]) -> float:
+    """Goodness of fit over the likely cells plus one pooled cell for everything else."""
+    n = len(samples)
+    cells = list(law)
+    observed = torch.tensor([sum(s == c for s in samples) for c in cells] + [0], dtype=torch.float64)
+    observed[-1] = n - observed[:-1].sum()
+    expected = torch.tensor([law[c] * n for c in cells] + [0.0], dtype=torch.float64)
+    expected[-1] = n - expected[:-1].sum()
+    if expected[-1] < MIN_EXPECTED:  # too thin to stand alone: fold the rest into the largest cell
+        big = int(expected[:-1].argmax())
+        observed[big] += observed[-1]
+        expected[big] += expected[-1]
+        observed, expected = observed[:-1], expected[:-1]
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    dof = len(observed) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def speculative_samples(target, head, prompt: list[int], sampling: SamplingConfig) -> list[tuple[int, ...]]:
+    TargetTopDrafter.model = target.model
+    TargetTopDrafter.first_token = prompt[0]
+    out = []
+    for seed in range(N):
+        cfg = GenerationConfig(max_new_tokens=K, sampling=sampling, tree=TreeConfig(6, 3, 2), seed=seed,
+                               stop_at_eos=False)
+        res = Decoder(target, head).generate(prompt, cfg)
+        assert len(res.tokens) == K
+        out.append(tuple(res.tokens))
+    return out
+
+
+def _biased_verify(tree, probs, generator):
+    """A planted bug: a candidate is accepted with probability min(1, 1.5 p(x)) instead of p(x)."""
+    tokens = tree.tokens.tolist()
+    accepted, node = [], -1
+    while True:
+        p = probs[node + 1].double().clone()
+        chosen = -1
+        for child in tree.children[node + 1]:
+            if float(torch.rand((), generator=generator)) * float(p.sum()) < 1.5 * float(p[tokens[child]]):
+                chosen = child
+                break
+            p[tokens[child]] = 0.0
+        if chosen < 0:
+            return accepted, int(torch.multinomial(p, 1, generator=generator))
+        accepted.append(chosen)
+        node = chosen
+
+
+SETTINGS = [
+    ("eagle3", SamplingConfig(temperature=1.0)),
+    ("eagle3", SamplingConfig(temperature=0.7, top_p=0.9)),
+    ("confu", SamplingConfig(temperature=1.0, top_p=0.9, top_k=20)),
+]
+
+
+@pytest.fixture
+def sampling_setup(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(generate_mod, "Drafter", TargetTopDrafter)
+    target = load_target(tiny_llama_dir)
+    with torch.no_grad():
+        # Sharper than the random init (whose next-token law is near uniform over 512 tokens): the law of
+        # three tokens then has dozens of cells likely enough to test, and drafts get accepted.
+        target.model.lm_head.weight.mul_(4.0)
+    return target, chat_ids(target, PROMPTS[5])
+
+
+@pytest.mark.parametrize(("method", "sampling"), SETTINGS, ids=lambda x: getattr(x, "temperature", x))
+def test_speculative_sampling_matches_target_law(sampling_setup, method, sampling, record_property):
+    target, prompt = sampling_setup
+    head = new_draft(target, method, draft_vocab_size=256)
+    samples = speculative_samples(target, head, prompt, sampling)
+    law = exact_law(target, prompt, sampling, N)
+    p_value = chi_square_p_value(samples, law)
+    record_property("p_value", p_value)
+    print(f"{method} {sampling}: {len(law)} cells, p = {p_value:.3g}")
+    assert len(law) >= 10, "the law should spread over many cells for the test to have power"
+    assert p_value > 1e-3
+
+
+def test_planted_bias_is_detected(sampling_setup, monkeypatch):
+    target, prompt = sampling_setup
+    monkeypatch.setattr(generate_mod, "verify_sampling", _biased_verify)
+    sampling = SamplingConfig(temperature=1.0)
+    samples = speculative_samples(target, new_draft(target, "eagle3", draft_vocab_size=256), prompt, sampling)
+    assert chi_square_p_value(samples, exact_law(target, prompt, sampling, N)) < 1e-6
