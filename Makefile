@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # to get the small CPU build where no local CPU wheel is configured.
 TORCH_PIP_ARGS ?=
 
-.PHONY: venv test demo lint drafts
+.PHONY: venv test demo lint drafts bench
 
 venv: $(STAMP)
 
@@ -34,3 +34,13 @@ lint: $(STAMP)
 # Reproduces drafts/ (several hours on a 2-core CPU; resumable): see scripts/train_drafts.sh.
 drafts: $(STAMP)
 	CONFU=$(VENV)/bin/confu scripts/train_drafts.sh
+
+# The BENCHMARKS.md run: make bench QUESTIONS=path/to/spec_bench/question.jsonl [LIMIT=1] [OUT=runs/specbench]
+LIMIT ?= 1
+OUT ?= runs/specbench
+bench: $(STAMP)
+	@test -n "$(QUESTIONS)" || { echo "usage: make bench QUESTIONS=path/to/question.jsonl"; exit 2; }
+	$(VENV)/bin/confu bench --target smollm2-135m \
+	  --methods ar,hf,eagle3:drafts/smollm2-135m-eagle3=EAGLE-3,confu:drafts/smollm2-135m-confu=ConFu \
+	  --questions $(QUESTIONS) --limit-per-category $(LIMIT) --temperatures 0,0.7 --tree-nodes 16 \
+	  --depth 6 --topk 8 --contemplate 4 --max-new-tokens 48 --out $(OUT)

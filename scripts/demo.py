@@ -29,7 +29,8 @@ def main() -> None:
         shipped = ROOT / "drafts" / f"smollm2-135m-{method}"
         heads[method] = (load_draft(shipped, target), "trained") if shipped.is_dir() else (
             new_draft(target, method, draft_vocab_size=8192), "untrained")
-    cfg = GenerationConfig(max_new_tokens=48, tree=TreeConfig(total_nodes=30, depth=6, topk=8), contemplate=4)
+    # Small trees: on a 2-core CPU every extra verified token costs time (BENCHMARKS.md).
+    cfg = GenerationConfig(max_new_tokens=48, tree=TreeConfig(total_nodes=16, depth=6, topk=8), contemplate=4)
     for text in PROMPTS:
         ids = encode_prompt(target.tokenizer, text, raw=False)
         plain = Decoder(target).generate(ids, cfg)

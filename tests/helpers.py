@@ -83,12 +83,9 @@ def compare_greedy(target: Target, prompt_ids: list[int], ours: list[int], ref: 
         report.failures.append(f"prompt {idx}: diverged at token {j} (top-2 gap {gap:.2e}) ours={ours} ref={ref}")
 
 
-class OracleDrafter(Drafter):
-    """A drafter whose trees contain the reference continuation, cut short at random and padded with
-    random siblings, so verification accepts long paths, partial paths and nothing at all."""
-
-    reference: list[int] = []  # full token sequence the target will produce (prompt + greedy output)
-    rng = random.Random(0)
+class _TrackingDrafter(Drafter):
+    """A Drafter that remembers every token it was caught up on (the prompt after its first token, then
+    every emitted token), so test drafters know where the round's root sits."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -97,6 +94,14 @@ class OracleDrafter(Drafter):
     def catch_up(self, features, next_tokens, f=None):
         self.seen.extend(next_tokens.tolist())
         return super().catch_up(features, next_tokens, f)
+
+
+class OracleDrafter(_TrackingDrafter):
+    """A drafter whose trees contain the reference continuation, cut short at random and padded with
+    random siblings, so verification accepts long paths, partial paths and nothing at all."""
+
+    reference: list[int] = []  # full token sequence the target will produce (prompt + greedy output)
+    rng = random.Random(0)
 
     def draft_tree(self, root_out, max_nodes=None):
         cfg = self.tree_cfg
@@ -126,7 +131,7 @@ class OracleDrafter(Drafter):
                                       [scores[i] for i in order])
 
 
-class TargetTopDrafter(Drafter):
+class TargetTopDrafter(_TrackingDrafter):
     """A drafter that proposes the target's own likeliest tokens: a greedy chain with its runner-up siblings.
 
     Under sampling such trees are accepted often and rejected often, so both sides of the rejection rule
@@ -135,14 +140,6 @@ class TargetTopDrafter(Drafter):
 
     model = None  # the target's HF model, set by the test
     first_token: int = 0  # prompt[0]: catch_up only ever sees the tokens after it
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen: list[int] = []
-
-    def catch_up(self, features, next_tokens, f=None):
-        self.seen.extend(next_tokens.tolist())
-        return super().catch_up(features, next_tokens, f)
 
     @torch.no_grad()
     def draft_tree(self, root_out, max_nodes=None):

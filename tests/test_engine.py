@@ -131,3 +131,26 @@ def test_plain_features_match_hidden_states(tiny_llama_dir):
     want = torch.cat([hs[i][0] for i in target.feature_layers], -1)
     torch.testing.assert_close(out.features, want)
     assert target.feature_layers == (2, 4, 5)
+
+
+def test_generate_prompt_file_cli(tiny_llama_dir, tmp_path, capsys):
+    import json
+
+    from confu.cli import main
+
+    draft = tmp_path / "confu"
+    assert main(["init-draft", "--target", str(tiny_llama_dir), "--method", "confu", "--out", str(draft),
+                 "--draft-vocab-size", "256"]) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment line\nTell me about the moon.\n\nName three colors.\n")
+    capsys.readouterr()
+    assert main(["generate", "--target", str(tiny_llama_dir), "--draft", str(draft), "--prompt-file", str(prompts),
+                 "--max-new-tokens", "8", "--tree-nodes", "6", "--contemplate", "2"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    records, summary = lines[:-1], lines[-1]["summary"]
+    assert [r["prompt"] for r in records] == ["Tell me about the moon.", "Name three colors."]
+    lengths = [n for r in records for n in r["accept_lengths"]]
+    assert summary["steps"] == len(lengths) == sum(r["steps"] for r in records)
+    assert summary["tau"] == round(sum(lengths) / len(lengths), 4)
+    assert all(len(r["contemplate_slots"]) == r["steps"] for r in records)
+    assert main(["generate", "--target", str(tiny_llama_dir), "--prompt-file", str(tmp_path / "none.txt")]) == 2
