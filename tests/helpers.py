@@ -164,3 +164,45 @@ class TargetTopDrafter(_TrackingDrafter):
             parent, path_logp = chain, scores[chain]
             seq.append(tokens[chain])
         return DraftTree.from_parents(tokens, parents, scores)
+
+
+# -- statistics shared by the lossless-sampling tests ---------------------------------------------------
+
+
+def biased_verify(tree: DraftTree, probs: torch.Tensor, gen: torch.Generator) -> tuple[list[int], int]:
+    """A wrong verifier: accepts a candidate with min(1, 1.5 p(x)) instead of p(x)."""
+    tokens = tree.tokens.tolist()
+    accepted: list[int] = []
+    node = -1
+    while True:
+        p = probs[node + 1].double().clone()
+        chosen = -1
+        for child in tree.children[node + 1]:
+            x = tokens[child]
+            u = float(torch.rand((), generator=gen, dtype=torch.float64))
+            if u < min(1.0, 1.5 * float(p[x] / p.sum())):
+                chosen = child
+                break
+            p[x] = 0.0
+        if chosen < 0:
+            return accepted, int(torch.multinomial(p, 1, generator=gen))
+        accepted.append(chosen)
+        node = chosen
+
+
+def chi_square_p_value(counts: torch.Tensor, law: torch.Tensor) -> float:
+    """Goodness-of-fit p-value; cells expecting < 5 draws are pooled, zero-probability cells must be empty."""
+    assert counts[law == 0].sum() == 0, "a token sequence with target probability 0 was emitted"
+    n = counts.sum()
+    expected = law * n
+    small = (expected < 5) & (law > 0)
+    obs = torch.cat([counts[~small & (law > 0)], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small & (law > 0)], expected[small].sum()[None]])
+    if exp[-1] < 5:  # pooled remainder still too thin to test on its own: fold it into the largest cell
+        obs, exp = obs[:-1].clone(), exp[:-1].clone()
+        obs[exp.argmax()] += counts[small].sum()
+        exp[exp.argmax()] += expected[small].sum()
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    dof = obs.numel() - 1
+    half = torch.tensor([dof / 2, stat / 2], dtype=torch.float64)
+    return float(torch.special.gammaincc(half[0], half[1]))

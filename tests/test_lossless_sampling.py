@@ -16,7 +16,7 @@ from confu.checkpoint import new_draft
 from confu.generate import Decoder, GenerationConfig
 from confu.sampling import SamplingConfig, logits_to_probs
 from confu.tree import TreeConfig
-from tests.helpers import PROMPTS, TargetTopDrafter, chat_ids, load_target
+from tests.helpers import PROMPTS, TargetTopDrafter, biased_verify, chat_ids, chi_square_p_value, load_target
 
 K = 3  # tokens per sample: the first comes from the prefill, the others from tree verification
 N = 500  # samples per setting
@@ -43,23 +43,13 @@ def exact_law(target, prompt: list[int], sampling: SamplingConfig, n: int) -> di
     return level
 
 
-def chi_square_p_value(samples: list[tuple[int, ...]], law: dict[tuple[int, ...], float]) -> float:
-    """Goodness of fit over the likely cells plus one pooled cell for everything else."""
-    n = len(samples)
-    cells = list(law)
-    observed = torch.tensor([sum(s == c for s in samples) for c in cells] + [0], dtype=torch.float64)
-    observed[-1] = n - observed[:-1].sum()
-    expected = torch.tensor([law[c] * n for c in cells] + [0.0], dtype=torch.float64)
-    expected[-1] = n - expected[:-1].sum()
-    if expected[-1] < MIN_EXPECTED:  # too thin to stand alone: fold the rest into the largest cell
-        big = int(expected[:-1].argmax())
-        observed[big] += observed[-1]
-        expected[big] += expected[-1]
-        observed, expected = observed[:-1], expected[:-1]
-    stat = float(((observed - expected) ** 2 / expected).sum())
-    dof = len(observed) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
+def cell_counts(samples: list[tuple[int, ...]], law: dict[tuple[int, ...], float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts, law) over the likely cells plus one last cell for everything else, for `chi_square_p_value`."""
+    counts = torch.tensor([sum(s == c for s in samples) for c in law] + [0], dtype=torch.float64)
+    counts[-1] = len(samples) - counts[:-1].sum()
+    probs = torch.tensor([*law.values(), 0.0], dtype=torch.float64)
+    probs[-1] = (1 - probs[:-1].sum()).clamp(min=0)
+    return counts, probs
 
 
 def speculative_samples(target, head, prompt: list[int], sampling: SamplingConfig) -> list[tuple[int, ...]]:
@@ -73,24 +63,6 @@ def speculative_samples(target, head, prompt: list[int], sampling: SamplingConfi
         assert len(res.tokens) == K
         out.append(tuple(res.tokens))
     return out
-
-
-def _biased_verify(tree, probs, generator):
-    """A planted bug: a candidate is accepted with probability min(1, 1.5 p(x)) instead of p(x)."""
-    tokens = tree.tokens.tolist()
-    accepted, node = [], -1
-    while True:
-        p = probs[node + 1].double().clone()
-        chosen = -1
-        for child in tree.children[node + 1]:
-            if float(torch.rand((), generator=generator)) * float(p.sum()) < 1.5 * float(p[tokens[child]]):
-                chosen = child
-                break
-            p[tokens[child]] = 0.0
-        if chosen < 0:
-            return accepted, int(torch.multinomial(p, 1, generator=generator))
-        accepted.append(chosen)
-        node = chosen
 
 
 SETTINGS = [
@@ -117,7 +89,7 @@ def test_speculative_sampling_matches_target_law(sampling_setup, method, samplin
     head = new_draft(target, method, draft_vocab_size=256)
     samples = speculative_samples(target, head, prompt, sampling)
     law = exact_law(target, prompt, sampling, N)
-    p_value = chi_square_p_value(samples, law)
+    p_value = chi_square_p_value(*cell_counts(samples, law))
     record_property("p_value", p_value)
     print(f"{method} {sampling}: {len(law)} cells, p = {p_value:.3g}")
     assert len(law) >= 10, "the law should spread over many cells for the test to have power"
@@ -126,7 +98,7 @@ def test_speculative_sampling_matches_target_law(sampling_setup, method, samplin
 
 def test_planted_bias_is_detected(sampling_setup, monkeypatch):
     target, prompt = sampling_setup
-    monkeypatch.setattr(generate_mod, "verify_sampling", _biased_verify)
+    monkeypatch.setattr(generate_mod, "verify_sampling", biased_verify)
     sampling = SamplingConfig(temperature=1.0)
     samples = speculative_samples(target, new_draft(target, "eagle3", draft_vocab_size=256), prompt, sampling)
-    assert chi_square_p_value(samples, exact_law(target, prompt, sampling, N)) < 1e-6
+    assert chi_square_p_value(*cell_counts(samples, exact_law(target, prompt, sampling, N))) < 1e-6

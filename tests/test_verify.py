@@ -19,6 +19,7 @@ from confu.errors import InputError
 from confu.sampling import SamplingConfig, logits_to_probs
 from confu.tree import DraftTree
 from confu.verify import verify_greedy, verify_sampling
+from tests.helpers import biased_verify, chi_square_p_value
 
 V = 6  # synthetic vocabulary
 K = 3  # emitted tokens whose joint law is tested
@@ -148,27 +149,6 @@ def test_verify_sampling_rejects_bad_input() -> None:
 # --- sampling: losslessness ---------------------------------------------------------------------------
 
 
-def _biased_verify(tree: DraftTree, probs: torch.Tensor, gen: torch.Generator) -> tuple[list[int], int]:
-    """A wrong verifier: accepts a candidate with min(1, 1.5 p(x)) instead of p(x)."""
-    tokens = tree.tokens.tolist()
-    accepted: list[int] = []
-    node = -1
-    while True:
-        p = probs[node + 1].double().clone()
-        chosen = -1
-        for child in tree.children[node + 1]:
-            x = tokens[child]
-            u = float(torch.rand((), generator=gen, dtype=torch.float64))
-            if u < min(1.0, 1.5 * float(p[x] / p.sum())):
-                chosen = child
-                break
-            p[x] = 0.0
-        if chosen < 0:
-            return accepted, int(torch.multinomial(p, 1, generator=gen))
-        accepted.append(chosen)
-        node = chosen
-
-
 Draft = tuple[DraftTree, list[int], torch.Tensor]  # tree, its tokens, its target rows
 
 
@@ -213,24 +193,6 @@ def _chain_law(probs: torch.Tensor) -> torch.Tensor:
     return law
 
 
-def _chi_square_p_value(counts: torch.Tensor, law: torch.Tensor) -> float:
-    """Goodness-of-fit p-value; cells expecting < 5 draws are pooled, zero-probability cells must be empty."""
-    assert counts[law == 0].sum() == 0, "a token sequence with target probability 0 was emitted"
-    n = counts.sum()
-    expected = law * n
-    small = (expected < 5) & (law > 0)
-    obs = torch.cat([counts[~small & (law > 0)], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small & (law > 0)], expected[small].sum()[None]])
-    if exp[-1] < 5:  # pooled remainder still too thin to test on its own: fold it into the largest cell
-        obs, exp = obs[:-1].clone(), exp[:-1].clone()
-        obs[exp.argmax()] += counts[small].sum()
-        exp[exp.argmax()] += expected[small].sum()
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    dof = obs.numel() - 1
-    half = torch.tensor([dof / 2, stat / 2], dtype=torch.float64)
-    return float(torch.special.gammaincc(half[0], half[1]))
-
-
 def _target_logits() -> torch.Tensor:
     return torch.randn(V, V, generator=torch.Generator().manual_seed(42)) * 1.5
 
@@ -240,7 +202,7 @@ def _run(verify: Verifier, cfg: SamplingConfig, seed: int) -> tuple[float, torch
     probs = logits_to_probs(logits, cfg)
     pool = _draft_pool(logits, probs, per_token=40, seed=seed)
     counts = _emitted_counts(verify, pool, seed)
-    return _chi_square_p_value(counts, _chain_law(probs)), probs
+    return chi_square_p_value(counts, _chain_law(probs)), probs
 
 
 def test_chain_law_helper() -> None:
@@ -265,14 +227,14 @@ def test_verify_sampling_is_lossless_for_processed_distribution() -> None:
 
 
 def test_chi_square_check_detects_a_biased_verifier() -> None:
-    p_value, _ = _run(_biased_verify, SamplingConfig(temperature=1.0), seed=11)
+    p_value, _ = _run(biased_verify, SamplingConfig(temperature=1.0), seed=11)
     assert p_value < ALPHA, f"the biased verifier went undetected (p = {p_value:.2e})"
 
 
-def test_chi_square_p_value_sanity() -> None:
+def testchi_square_p_value_sanity() -> None:
     law = torch.full((10,), 0.1, dtype=torch.float64)
-    assert _chi_square_p_value(torch.full((10,), 100.0, dtype=torch.float64), law) == pytest.approx(1.0)
+    assert chi_square_p_value(torch.full((10,), 100.0, dtype=torch.float64), law) == pytest.approx(1.0)
     skewed = torch.tensor([190.0] + [90.0] * 9, dtype=torch.float64)
     # stat = 90^2/100 + 9 * 10^2/100 = 90, dof 9: far in the tail.
-    assert _chi_square_p_value(skewed, law) < 1e-10
-    assert math.isfinite(_chi_square_p_value(skewed, law))
+    assert chi_square_p_value(skewed, law) < 1e-10
+    assert math.isfinite(chi_square_p_value(skewed, law))
