@@ -80,12 +80,19 @@ def read_prompts_file(path: str) -> list[str]:
     except OSError as err:
         raise InputError(f"cannot read the prompt file {path}: {err.strerror}") from err
     prompts = []
-    for line in (raw.strip() for raw in lines):
+    for number, line in enumerate((raw.strip() for raw in lines), start=1):
         if not line or line.startswith("#"):
             continue
         if line.startswith("{"):
-            rec = json.loads(line)
-            line = rec.get("prompt") or rec["turns"][0]
+            try:
+                rec = json.loads(line)
+                line = rec.get("prompt") or rec["turns"][0]
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+                raise InputError(
+                    f"{path}:{number}: a JSON line must be an object with 'prompt' or a non-empty 'turns' ({err})"
+                ) from err
+            if not isinstance(line, str):
+                raise InputError(f"{path}:{number}: the prompt must be a string")
         prompts.append(line)
     if not prompts:
         raise InputError(f"no prompts in {path}")

@@ -150,7 +150,7 @@ class Decoder:
         embeds = torch.cat([t.embed(prompt[-1:]), self.draft.contemplate_embedding(route)[None]])
         mask = torch.ones(2, 2, dtype=torch.bool).tril()
         out = t.forward(cache, torch.tensor([n - 1, n]), mask, inputs_embeds=embeds,
-                        logits_rows=torch.tensor([0]), soft_prompt_rows=torch.tensor([1]))
+                        logits_rows=torch.tensor([0]), contemplate_rows=1)
         cache.commit(torch.tensor([0]))
         features.append(out.features[:1])
         return self._pick(out.logits[0], cfg, gen), torch.cat(features), out.last_hidden[1]
@@ -174,7 +174,7 @@ class Decoder:
             return t.forward(cache, positions, mask, input_ids=ids), rows
         embeds, positions, mask = plan.extend_inputs(t.embed(ids), positions, mask, self.draft, state.con_features)
         out = t.forward(cache, positions, mask, inputs_embeds=embeds, logits_rows=torch.arange(rows),
-                        soft_prompt_rows=torch.arange(rows, len(positions)))
+                        contemplate_rows=len(positions) - rows)
         return out, rows
 
     def _run(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[tuple[list[int], StepRecord | None, str]]:

@@ -2,8 +2,9 @@
 
 The wrapper never patches the HF model. It only uses what every HF causal LM accepts: `inputs_embeds`,
 `position_ids`, a boolean 4D `attention_mask` over (cache + new tokens), a `DynamicCache`,
-`output_hidden_states` (for the EAGLE-3 features and the contemplate state `f`) and `logits_to_keep`
-(so contemplate slots cost no lm_head work).
+`output_hidden_states` (for the EAGLE-3 features and the contemplate state `f`), `logits_to_keep`
+(so contemplate slots cost no lm_head work) and a registered attention function (below) that keeps
+ordinary rows and contemplate rows in separate attention calls.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from confu.errors import InputError
 
@@ -20,6 +22,39 @@ from confu.errors import InputError
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     """EAGLE-3's low / mid / high feature layers: the inputs of layers 2, L//2 and L-3."""
     return (2, num_layers // 2, num_layers - 3)
+
+
+SPLIT_ATTENTION = "confu_split_sdpa"
+
+
+def split_sdpa_attention(module, query, key, value, attention_mask, *, contemplate_split=None, **kwargs):
+    """HF's SDPA attention, except that ordinary rows never share a kernel call with contemplate rows.
+
+    `contemplate_split = (prefix, n_ordinary)`: the cache starts with `prefix` soft-prompt entries and the
+    new rows are `n_ordinary` ordinary rows followed by contemplate rows. The mask already hides the soft
+    prompt and the contemplate keys from ordinary rows, but a masked key still takes part in the kernel's
+    blocked reductions, so with one call the mere presence of contemplate rows changed ordinary outputs by
+    rounding (up to 4.5e-5 on the embedded target's logits). Ordinary rows therefore attend over exactly
+    the keys they may see (committed tokens and ordinary new rows), which is the very call a forward without
+    ConFu makes; only contemplate rows attend over the whole cache.
+    """
+    if contemplate_split is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    prefix, n_ordinary = contemplate_split
+    end = key.shape[2] - (query.shape[2] - n_ordinary)  # keys of the soft prompt, committed and ordinary rows
+    ordinary, _ = sdpa_attention_forward(
+        module, query[:, :, :n_ordinary], key[:, :, prefix:end], value[:, :, prefix:end],
+        attention_mask[:, :, :n_ordinary, prefix:end], **kwargs,
+    )
+    if n_ordinary == query.shape[2]:
+        return ordinary, None
+    contemplate, _ = sdpa_attention_forward(
+        module, query[:, :, n_ordinary:], key, value, attention_mask[:, :, n_ordinary:], **kwargs
+    )
+    return torch.cat([ordinary, contemplate], dim=1), None
+
+
+AttentionInterface.register(SPLIT_ATTENTION, split_sdpa_attention)
 
 
 @dataclass
@@ -67,16 +102,16 @@ class TargetCache:
         self.committed = len(index)
 
 
-def mask_with_cache(cache: TargetCache, new_mask: Tensor, soft_prompt_rows: Tensor | None) -> Tensor:
+def mask_with_cache(cache: TargetCache, new_mask: Tensor, contemplate_rows: int) -> Tensor:
     """Extend a mask over the new rows to (soft prompt | committed tokens | new rows).
 
-    Every new row sees all committed real tokens; only `soft_prompt_rows` see the soft prompt. That is
-    the one rule that keeps ordinary tokens' outputs exactly the target's.
+    Every new row sees all committed real tokens; only the last `contemplate_rows` rows see the soft
+    prompt. That is the one rule that keeps ordinary tokens' outputs exactly the target's.
     """
     n = new_mask.shape[0]
     prefix = torch.zeros(n, cache.prefix, dtype=torch.bool)
-    if soft_prompt_rows is not None and cache.prefix:
-        prefix[soft_prompt_rows] = True
+    if contemplate_rows:
+        prefix[n - contemplate_rows:] = True
     committed = torch.ones(n, cache.committed - cache.prefix, dtype=torch.bool)
     return torch.cat([prefix, committed, new_mask], dim=1)
 
@@ -92,6 +127,7 @@ class Target:
         name: str = "",
     ):
         self.model = model.eval().requires_grad_(False)
+        self.model.set_attn_implementation(SPLIT_ATTENTION)
         self.tokenizer = tokenizer
         self.name = name
         cfg = model.config
@@ -151,26 +187,30 @@ class Target:
         input_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         logits_rows: Tensor | None = None,
-        soft_prompt_rows: Tensor | None = None,
+        contemplate_rows: int = 0,
     ) -> TargetOutput:
         """Forward `n` new rows after the cache's committed entries.
 
         positions: (n,) RoPE positions of the new rows.
         new_mask: (n, n) bool, which new rows each new row may see (True = attend).
         logits_rows: which new rows need logits (default: all); contemplate rows need none.
-        soft_prompt_rows: which new rows see the soft prompt (contemplate rows only).
+        contemplate_rows: how many of the new rows, at the end, are contemplate tokens (they alone see the
+            soft prompt, and attend in their own attention call).
         """
         if cache.kv.get_seq_length() != cache.committed:
             raise RuntimeError("the previous forward was not committed")
+        n = len(positions)
+        split = (cache.prefix, n - contemplate_rows) if cache.prefix or contemplate_rows else None
         out = self.model(
             input_ids=None if input_ids is None else input_ids[None],
             inputs_embeds=None if inputs_embeds is None else inputs_embeds[None],
             position_ids=positions[None],
-            attention_mask=mask_with_cache(cache, new_mask, soft_prompt_rows)[None, None],
+            attention_mask=mask_with_cache(cache, new_mask, contemplate_rows)[None, None],
             past_key_values=cache.kv,
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=0 if logits_rows is None else logits_rows,
+            contemplate_split=split,
         )
         hidden = out.hidden_states
         features = torch.cat([hidden[i][0] for i in self.feature_layers], dim=-1)

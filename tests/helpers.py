@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +13,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from confu.drafter import Drafter
 from confu.target import Target
 from confu.tree import DraftTree
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch's CPU kernels on one thread, then restore the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 PROMPTS = [
     "Tell me about the moon.",

@@ -154,3 +154,7 @@ def test_generate_prompt_file_cli(tiny_llama_dir, tmp_path, capsys):
     assert summary["tau"] == round(sum(lengths) / len(lengths), 4)
     assert all(len(r["contemplate_slots"]) == r["steps"] for r in records)
     assert main(["generate", "--target", str(tiny_llama_dir), "--prompt-file", str(tmp_path / "none.txt")]) == 2
+    capsys.readouterr()
+    prompts.write_text('{"prompt": "Name three colors."}\n{"turns": []}\n')
+    assert main(["generate", "--target", str(tiny_llama_dir), "--prompt-file", str(prompts)]) == 2
+    assert f"{prompts}:2: a JSON line must be an object" in capsys.readouterr().err

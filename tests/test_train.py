@@ -218,7 +218,7 @@ def test_contemplate_pass_matches_inference(tiny_target: Target) -> None:
                     route = out.features[-1]
                 embeds = torch.cat([tiny_target.embed(prefix[-1:]), head.contemplate_embedding(route)[None]])
                 out = tiny_target.forward(cache, torch.tensor([a, a + 1]), _pair_mask(),
-                                          inputs_embeds=embeds, soft_prompt_rows=torch.tensor([1]))
+                                          inputs_embeds=embeds, contemplate_rows=1)
             torch.testing.assert_close(f[b, j], out.last_hidden[1], atol=1e-4, rtol=1e-4)
 
 
