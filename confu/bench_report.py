@@ -384,8 +384,8 @@ def render_report(summary: dict[str, Any], run_info: dict[str, Any], plots: Sequ
         "",
         "## Where the time goes (per verification round)",
         "",
-        "Draft = tree drafting; verify = the target pass plus acceptance, the KV compaction and the draft's "
-        "catch-up on the accepted tokens (all after the pass starts). The contemplate share is an **estimate "
+        "Draft = tree drafting plus the draft's catch-up on the accepted tokens; verify = the target pass, "
+        "acceptance and the KV compaction. The contemplate share is an **estimate "
         "by token count** (contemplate slots / rows of the pass): one forward cannot be split exactly. "
         "`rounds / wall` is the share of the generation time spent in rounds; the rest is prefill and the "
         "loop around it.",
