@@ -16,9 +16,9 @@ cd "$(dirname "$0")/.."
 CONFU=${CONFU:-.venv/bin/confu}
 RUN=${RUN:-runs/smollm2}
 PROMPTS=${PROMPTS:-1600}
-ANSWER=${ANSWER:-480}            # prompts the target answers (the first ANSWER of PROMPTS)
-BASE_STEPS=${BASE_STEPS:-300}    # EAGLE-3 from scratch
-EXTRA_STEPS=${EXTRA_STEPS:-40}  # ConFu and EAGLE-3 continuation, each
+ANSWER=${ANSWER:-600}            # prompts the target answers (the first ANSWER of PROMPTS)
+BASE_STEPS=${BASE_STEPS:-360}    # EAGLE-3 from scratch
+EXTRA_STEPS=${EXTRA_STEPS:-50}  # ConFu and EAGLE-3 continuation, each
 BATCH=${BATCH:-4}
 MAX_LEN=${MAX_LEN:-768}
 TTT=${TTT:-6}                     # train-time-test steps = the depth of the trees we decode with
