@@ -1,10 +1,10 @@
 """The frozen target model: forwards against a KV cache with explicit positions and a 4D mask.
 
-The wrapper never patches the HF model. It only uses what every HF causal LM accepts: `inputs_embeds`,
+The wrapper never patches the HF model's code. It uses what every HF causal LM accepts: `inputs_embeds`,
 `position_ids`, a boolean 4D `attention_mask` over (cache + new tokens), a `DynamicCache`,
 `output_hidden_states` (for the EAGLE-3 features and the contemplate state `f`), `logits_to_keep`
-(so contemplate slots cost no lm_head work) and a registered attention function (below) that keeps
-ordinary rows and contemplate rows in separate attention calls.
+(so contemplate slots cost no lm_head work), and it switches the model's attention implementation to a
+registered function (below) that keeps ordinary rows and contemplate rows in separate attention calls.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from confu.errors import InputError
 
@@ -48,13 +50,29 @@ def split_sdpa_attention(module, query, key, value, attention_mask, *, contempla
     )
     if n_ordinary == query.shape[2]:
         return ordinary, None
-    contemplate, _ = sdpa_attention_forward(
-        module, query[:, :, n_ordinary:], key, value, attention_mask[:, :, n_ordinary:], **kwargs
+    contemplate = _contemplate_attention(
+        query[:, :, n_ordinary:], key, value, attention_mask[:, :, n_ordinary:],
+        getattr(module, "num_key_value_groups", 1), kwargs.get("scaling"),
     )
     return torch.cat([ordinary, contemplate], dim=1), None
 
 
+def _contemplate_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, n_rep: int,
+                           scaling: float | None) -> Tensor:
+    """Contemplate rows over the whole cache, returned as (batch, rows, heads, head_dim).
+
+    The query heads are folded into their KV groups (HF's `pack_gqa`, extended to several rows) so the
+    cache is not expanded to all query heads a second time in the layer: only the ordinary call pays that.
+    """
+    b, h, c, d = query.shape
+    packed = query.reshape(b, h // n_rep, n_rep * c, d)  # head kv*n_rep + r, row i -> group kv, row r*c + i
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask.repeat(1, 1, n_rep, 1), scale=scaling)
+    return out.reshape(b, h, c, d).transpose(1, 2)
+
+
 AttentionInterface.register(SPLIT_ATTENTION, split_sdpa_attention)
+# HF builds the default (causal, padding) mask from the implementation's name: ours takes SDPA's.
+AttentionMaskInterface.register(SPLIT_ATTENTION, sdpa_mask)
 
 
 @dataclass
@@ -106,7 +124,8 @@ def mask_with_cache(cache: TargetCache, new_mask: Tensor, contemplate_rows: int)
     """Extend a mask over the new rows to (soft prompt | committed tokens | new rows).
 
     Every new row sees all committed real tokens; only the last `contemplate_rows` rows see the soft
-    prompt. That is the one rule that keeps ordinary tokens' outputs exactly the target's.
+    prompt. The split attention already gives ordinary rows no soft-prompt keys at all; the mask still
+    states the rule in full, so it is right on its own.
     """
     n = new_mask.shape[0]
     prefix = torch.zeros(n, cache.prefix, dtype=torch.bool)
