@@ -35,12 +35,12 @@ lint: $(STAMP)
 drafts: $(STAMP)
 	CONFU=$(VENV)/bin/confu scripts/train_drafts.sh
 
-# The BENCHMARKS.md run: make bench QUESTIONS=path/to/spec_bench/question.jsonl [LIMIT=1] [OUT=runs/specbench]
-LIMIT ?= 1
-OUT ?= runs/specbench
+# The BENCHMARKS.md run: make bench QUESTIONS=path/to/spec_bench/question.jsonl [BENCH_LIMIT=1] [BENCH_OUT=runs/specbench]
+BENCH_LIMIT ?= 1
+BENCH_OUT ?= runs/specbench
 bench: $(STAMP)
 	@test -n "$(QUESTIONS)" || { echo "usage: make bench QUESTIONS=path/to/question.jsonl"; exit 2; }
 	$(VENV)/bin/confu bench --target smollm2-135m \
 	  --methods ar,hf,eagle3:drafts/smollm2-135m-eagle3=EAGLE-3,confu:drafts/smollm2-135m-confu=ConFu \
-	  --questions $(QUESTIONS) --limit-per-category $(LIMIT) --temperatures 0,0.7 --tree-nodes 16 \
-	  --depth 6 --topk 8 --contemplate 4 --max-new-tokens 48 --out $(OUT)
+	  --questions $(QUESTIONS) --limit-per-category $(BENCH_LIMIT) --temperatures 0,0.7 --tree-nodes 16 \
+	  --depth 6 --topk 8 --contemplate 4 --max-new-tokens 48 --out $(BENCH_OUT)

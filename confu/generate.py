@@ -174,7 +174,7 @@ class Decoder:
             return t.forward(cache, positions, mask, input_ids=ids), rows
         embeds, positions, mask = plan.extend_inputs(t.embed(ids), positions, mask, self.draft, state.con_features)
         out = t.forward(cache, positions, mask, inputs_embeds=embeds, logits_rows=torch.arange(rows),
-                        contemplate_rows=len(positions) - rows)
+                        contemplate_rows=plan.num_slots)
         return out, rows
 
     def _run(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[tuple[list[int], StepRecord | None, str]]:

@@ -14,6 +14,7 @@ import torch
 from confu import hub
 from confu.errors import ConfuError, TargetNotFoundError
 from confu.hub import cache_dir, load_target_model, resolve_target, target_identity
+from tests.helpers import single_thread
 
 
 def test_cache_dir_env_and_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -237,10 +238,8 @@ def test_tiny_tokenizer(tiny_tokenizer_dir: Path) -> None:
 def one_thread() -> Iterator[None]:
     """Tiny models are overhead-bound: one intra-op thread is faster, and avoids 10x slowdowns from
     thread oversubscription when other processes share the 2 CPU cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @pytest.mark.usefixtures("one_thread")

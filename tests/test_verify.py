@@ -231,7 +231,7 @@ def test_chi_square_check_detects_a_biased_verifier() -> None:
     assert p_value < ALPHA, f"the biased verifier went undetected (p = {p_value:.2e})"
 
 
-def testchi_square_p_value_sanity() -> None:
+def test_chi_square_p_value_sanity() -> None:
     law = torch.full((10,), 0.1, dtype=torch.float64)
     assert chi_square_p_value(torch.full((10,), 100.0, dtype=torch.float64), law) == pytest.approx(1.0)
     skewed = torch.tensor([190.0] + [90.0] * 9, dtype=torch.float64)
