@@ -5,8 +5,8 @@
 #   2. the target answers them itself, greedily (the draft learns the target's own T=0 distribution)
 #   3. tokenize with the chat template, loss on assistant tokens
 #   4. EAGLE-3 from scratch
-#   5. from that checkpoint, with equal step budgets: ConFu and an EAGLE-3 continuation (the fair baseline);
-#      the two run side by side with one thread each on a 2-core machine
+#   5. from that checkpoint, with equal step budgets: ConFu, an EAGLE-3 continuation (the fair baseline) and
+#      the ConFu ablations -MoE and -replicate; two at a time with one thread each on a 2-core machine
 #   6. fp16 copies into drafts/
 #
 # Every stage resumes: rerunning after an interrupt continues where it stopped. Budgets are env variables;
@@ -35,16 +35,19 @@ $CONFU train --method eagle3 --data "$RUN/data" --out "$RUN/eagle3" --steps "$BA
   --batch-size "$BATCH" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 3e-4 --save-every 50 --eval-every 150 --no-progress \
   $(resume "$RUN/eagle3") > "$RUN/eagle3.log" 2>&1
 
-OMP_NUM_THREADS=1 $CONFU train --method confu --init "$RUN/eagle3" --data "$RUN/data" --out "$RUN/confu" \
-  --steps "$EXTRA_STEPS" --batch-size "$BATCH" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 1e-4 --save-every 50 --eval-every 100 \
-  --save-fp16 --no-progress $(resume "$RUN/confu") > "$RUN/confu.log" 2>&1 &
-OMP_NUM_THREADS=1 $CONFU train --method eagle3 --init "$RUN/eagle3" --data "$RUN/data" --out "$RUN/eagle3-cont" \
-  --steps "$EXTRA_STEPS" --batch-size "$BATCH" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 1e-4 --save-every 50 --eval-every 100 \
-  --save-fp16 --no-progress $(resume "$RUN/eagle3-cont") > "$RUN/eagle3-cont.log" 2>&1 &
-wait
+# From that checkpoint, all with the same step budget, two at a time with one thread each: ConFu and the
+# EAGLE-3 continuation (the fair baseline), then the paper's two ablations (static [con]/[f]; no replication).
+extra() {  # extra NAME METHOD [FLAGS...]
+  local name=$1 method=$2; shift 2
+  OMP_NUM_THREADS=1 $CONFU train --method "$method" --init "$RUN/eagle3" --data "$RUN/data" --out "$RUN/$name" \
+    --steps "$EXTRA_STEPS" --batch-size "$BATCH" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 1e-4 --save-every 50 \
+    --eval-every 100 --save-fp16 --no-progress "$@" $(resume "$RUN/$name") > "$RUN/$name.log" 2>&1
+}
+extra confu confu & a=$!; extra eagle3-cont eagle3 & b=$!; wait $a; wait $b  # wait PID: a failed run stops the script
+extra confu-nomoe confu --no-moe & a=$!; extra confu-norep confu --no-replicate & b=$!; wait $a; wait $b
 
 mkdir -p drafts
-for name in eagle3-cont confu; do
+for name in eagle3-cont confu confu-nomoe confu-norep; do
   rm -rf "drafts/smollm2-135m-${name%-cont}"
   cp -r "$RUN/$name/fp16" "drafts/smollm2-135m-${name%-cont}"
 done
