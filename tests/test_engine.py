@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import confu.generate as generate_mod
-from confu.checkpoint import new_draft
+from confu.checkpoint import load_draft, new_draft
 from confu.generate import Decoder, GenerationConfig
 from confu.tree import TreeConfig
 from tests.helpers import (
@@ -158,3 +160,38 @@ def test_generate_prompt_file_cli(tiny_llama_dir, tmp_path, capsys):
     prompts.write_text('{"prompt": "Name three colors."}\n{"turns": []}\n')
     assert main(["generate", "--target", str(tiny_llama_dir), "--prompt-file", str(prompts)]) == 2
     assert f"{prompts}:2: a JSON line must be an object" in capsys.readouterr().err
+
+
+SHIPPED = sorted((Path(__file__).parent.parent / "drafts").glob("smollm2-135m-*"))
+
+
+def test_shipped_drafts_are_trained_and_lossless_on_the_embedded_target(embedded_dir, record_property):
+    """Every draft in drafts/ loads against the embedded target, decodes like plain decoding (token-identical
+    but for near-ties, as everywhere in this file), and accepts more than an untrained head of its kind."""
+    assert len(SHIPPED) >= 2, "drafts/ should hold the shipped EAGLE-3 and ConFu drafts"
+    target = load_target(embedded_dir)
+    cfg = GenerationConfig(max_new_tokens=24, tree=TreeConfig(16, 6, 8))
+    prompts = [chat_ids(target, text) for text in PROMPTS[:4]]
+    plain = [Decoder(target).generate(ids, cfg).tokens for ids in prompts]
+
+    def pooled_tau(head) -> tuple[float, list[list[int]]]:
+        results = [Decoder(target, head).generate(ids, cfg) for ids in prompts]
+        lengths = [n for r in results for n in r.accept_lengths]
+        return sum(lengths) / len(lengths), [r.tokens for r in results]
+
+    untrained_tau: dict[str, float] = {}
+    for draft_dir in SHIPPED:
+        head = load_draft(draft_dir, target)
+        trained, tokens = pooled_tau(head)
+        report = GreedyReport()
+        for i, (ids, ours, ref) in enumerate(zip(prompts, tokens, plain, strict=True)):
+            compare_greedy(target, ids, ours, ref, i, report)
+        assert not report.failures, f"{draft_dir.name}: " + "\n".join(report.failures)
+        kind = "confu" if head.is_confu else "eagle3"
+        if kind not in untrained_tau:
+            torch.manual_seed(0)
+            untrained_tau[kind] = pooled_tau(new_draft(target, kind, draft_vocab_size=head.cfg.draft_vocab_size))[0]
+        untrained = untrained_tau[kind]
+        record_property(f"tau_{draft_dir.name}", round(trained, 3))
+        print(f"{draft_dir.name}: tau {trained:.3f} (untrained {untrained:.3f})")
+        assert trained > untrained + 0.2, f"{draft_dir.name}: tau {trained:.3f} vs untrained {untrained:.3f}"
