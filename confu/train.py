@@ -73,6 +73,7 @@ class TrainConfig:
     soft_prompt_len: int = 16
     n_expert: int = 8  # 1 = static [con] / [f] embeddings (the paper's -MoE ablation)
     top_k_expert: int = 2
+    zero_future: bool = False  # ConFu probe for `confu evaluate`: the draft gets f = 0 (does it use f?)
     # run control
     device: str = "auto"
     stop_after: int | None = None  # end this run after this global step (with a checkpoint); resume later
@@ -237,6 +238,8 @@ def batch_forward(target, head, seqs: Sequence[Seq], keys: Sequence[str], cfg: T
             per_seq.append((anchors, assign_anchor_rows(with_loss, anchors, cfg.replicate)))
     plan = plan_anchors(per_seq, device)
     f = contemplate_futures(target.model, head, tb, plan.anchors)
+    if cfg.zero_future:
+        f = torch.zeros_like(f)
     future = f[torch.arange(len(seqs), device=device)[:, None], plan.row_slot]
     return ttt_forward(head, tb, valid, plan.rows, plan.row_ok, cfg.ttt_steps, future)
 
@@ -567,32 +570,66 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(config_from_args(args))
 
 
-def add_parser(subparsers: Any) -> None:
-    """Add `confu train` (also runs under `torchrun --nproc_per_node N -m confu.cli train ...`)."""
-    p = subparsers.add_parser("train", help="train an EAGLE-3 or ConFu draft head")
+def evaluate_draft(draft_dir: str, cfg: TrainConfig) -> dict[str, Any]:
+    """Held-out metrics of a saved draft, on the split `confu train` holds out with the same data, max length,
+    eval fraction and seed."""
+    from confu.checkpoint import load_draft
+    from confu.target import Target
+
+    d = _setup(cfg.device)
+    seqs = load_sequences(cfg.data, cfg.max_len)
+    _, eval_idx = split_indices(len(seqs), cfg.eval_fraction, cfg.seed)
+    if not eval_idx:
+        raise InputError(f"--eval-fraction {cfg.eval_fraction} holds out no sequence of {cfg.data}")
+    target = Target.load(cfg.target)
+    head = load_draft(draft_dir, target).float()
+    if cfg.zero_future and not head.is_confu:
+        raise InputError("--zero-future needs a ConFu draft")
+    target.model.to(d.device)
+    head.to(d.device)
+    return evaluate(target, head, [seqs[i] for i in eval_idx], cfg, d)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    cfg = TrainConfig(data=args.data, out="", target=args.target, batch_size=args.batch_size, max_len=args.max_len,
+                      ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,
+                      eval_fraction=args.eval_fraction, device=args.device, zero_future=args.zero_future)
+    metrics = evaluate_draft(args.draft, cfg)
+    print(json.dumps({"draft": args.draft, "zero_future": args.zero_future} | metrics))
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """What `train` and `evaluate` share: the target, the data and its held-out split, the TTT depth."""
     p.add_argument("--target", default="smollm2-135m",
                    help="embedded name (smollm2-135m), a local HF model directory, or a .gguf file")
     p.add_argument("--data", required=True, help="prepared dataset (confu data prepare)")
+    p.add_argument("--batch-size", type=int, default=4, help="global batch (split across torchrun processes)")
+    p.add_argument("--max-len", type=int, default=1024, help="truncate sequences to this many tokens")
+    p.add_argument("--ttt-steps", type=int, default=7, help="train-time-test steps")
+    p.add_argument("--ttt-decay", type=float, default=0.8, help="loss weight of step k is decay**k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of the data")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add `confu train` (also runs under `torchrun --nproc_per_node N -m confu.cli train ...`)."""
+    p = subparsers.add_parser("train", help="train an EAGLE-3 or ConFu draft head")
+    _add_run_args(p)
     p.add_argument("--method", choices=["eagle3", "confu"], default="eagle3")
     p.add_argument("--init", default=None,
                    help="draft directory to start from (ConFu: a trained EAGLE-3 head; EAGLE-3: continue it)")
     p.add_argument("--out", required=True, help="output directory (final draft, checkpoint, train_log.jsonl)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=4, help="global batch (split across torchrun processes)")
-    p.add_argument("--max-len", type=int, default=1024, help="truncate sequences to this many tokens")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--aux-lr-mult", type=float, default=10.0,
                    help="ConFu: lr multiplier of the soft prompt and the MoEs")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default 3%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=0.5)
-    p.add_argument("--ttt-steps", type=int, default=7, help="train-time-test steps")
-    p.add_argument("--ttt-decay", type=float, default=0.8, help="loss weight of step k is decay**k")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draft-vocab-size", type=int, default=8192,
                    help="draft vocabulary built from the data (ignored with --init)")
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of the data")
     p.add_argument("--eval-every", type=int, default=100,
                    help="steps between evaluations (0: only at the end)")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: none)")
@@ -605,8 +642,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--soft-prompt-len", type=int, default=16)
     p.add_argument("--n-expert", type=int, default=8)
     p.add_argument("--top-k-expert", type=int, default=2)
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this run after this global step, with a checkpoint (continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    e = subparsers.add_parser("evaluate", help="held-out loss, accuracy per TTT step and simulated tau of a draft")
+    _add_run_args(e)
+    e.add_argument("--draft", required=True, help="draft directory")
+    e.add_argument("--zero-future", action="store_true",
+                   help="ConFu probe: give the draft f = 0; a tau that does not drop means the draft ignores f")
+    e.set_defaults(func=cmd_evaluate)

@@ -322,3 +322,29 @@ def test_cli_options() -> None:
 
     with pytest.raises(InputError):
         TrainConfig(data="d", out="o", method="medusa")
+
+
+def test_evaluate_cli_reproduces_the_logged_eval_and_probes_f(eagle3_run: Path, tiny_data: Path,
+                                                              tiny_llama_dir: Path, tiny_target: Target,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from confu.checkpoint import save_draft
+    from confu.cli import main
+
+    common = ["evaluate", "--target", str(tiny_llama_dir), "--data", str(tiny_data), "--max-len", "64",
+              "--ttt-steps", "4", "--eval-fraction", "0.1"]
+
+    def run(*extra: str) -> dict:
+        assert main([*common, *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    # Same held-out split and metrics as the run's own final evaluation.
+    got = run("--draft", str(eagle3_run))
+    logged = [r["eval"] for r in _log(eagle3_run) if "eval" in r][-1]
+    assert got["loss"] == pytest.approx(logged["loss"], rel=1e-5) and got["tau"] == pytest.approx(logged["tau"])
+    # The probe replaces f: a ConFu head's predictions change with it.
+    torch.manual_seed(0)
+    confu_dir = save_draft(new_draft(tiny_target, "confu", draft_vocab_size=256), tmp_path / "confu")
+    real, zero = run("--draft", str(confu_dir)), run("--draft", str(confu_dir), "--zero-future")
+    assert zero["zero_future"] and abs(zero["loss"] - real["loss"]) > 1e-4, (real, zero)
+    assert main([*common, "--draft", str(eagle3_run), "--zero-future"]) == 2
+    assert "needs a ConFu draft" in capsys.readouterr().err
