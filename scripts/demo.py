@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from confu.checkpoint import load_draft, new_draft
-from confu.cli import encode_prompt
-from confu.generate import Decoder, GenerationConfig
-from confu.target import Target
-from confu.tree import TreeConfig
+from confu.chat import encode_prompt
+from confu.engine.checkpoint import load_draft, new_draft
+from confu.engine.generate import Decoder, GenerationConfig
+from confu.engine.target import Target
+from confu.engine.tree import TreeConfig
 
 PROMPTS = [
     "Write a short poem about the sea.",

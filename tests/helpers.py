@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from confu.drafter import Drafter
-from confu.target import Target
-from confu.tree import DraftTree
+from confu.engine.drafter import Drafter
+from confu.engine.target import Target
+from confu.engine.tree import DraftTree
 
 
 @contextmanager
@@ -59,7 +59,7 @@ def load_target(model_dir) -> Target:
 
 
 def chat_ids(target: Target, text: str) -> list[int]:
-    from confu.cli import encode_prompt
+    from confu.chat import encode_prompt
 
     return encode_prompt(target.tokenizer, text, raw=False)
 

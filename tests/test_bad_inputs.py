@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from confu.checkpoint import WEIGHTS_NAME, load_draft, new_draft, save_draft
-from confu.cli import encode_prompt, main
+from confu.chat import encode_prompt
+from confu.cli import main
+from confu.engine.checkpoint import WEIGHTS_NAME, load_draft, new_draft, save_draft
+from confu.engine.generate import Decoder, GenerationConfig
 from confu.errors import CheckpointError, DraftMismatchError, InputError
-from confu.generate import Decoder, GenerationConfig
 from tests.helpers import load_target
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from confu.bench import load_questions, parse_methods, record_key
-from confu.bench_report import acceptance_profile, speedup, summarize, timing_breakdown
+from confu.bench.report import acceptance_profile, speedup, summarize, timing_breakdown
+from confu.bench.specbench import load_questions, parse_methods, record_key
 from confu.cli import main
 from confu.errors import InputError
 
@@ -27,8 +27,8 @@ SETTINGS_PER_T = 1 + 1 + 2 + 2  # ar, hf, eagle3 x 2 tree sizes, confu x 2 tree 
 
 @pytest.fixture(scope="module")
 def drafts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from confu.checkpoint import new_draft, save_draft
-    from confu.target import Target
+    from confu.engine.checkpoint import new_draft, save_draft
+    from confu.engine.target import Target
 
     target = Target.load(str(tiny_llama_dir))
     out = tmp_path_factory.mktemp("drafts")
@@ -143,7 +143,7 @@ def test_bench_method_tag_must_match_checkpoint(tiny_llama_dir, drafts, tmp_path
 def test_second_turn_feeds_back_the_first_answer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from confu.bench import encode_turn
+    from confu.bench.specbench import encode_turn
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     text = tok.decode(encode_turn(tok, [("Name a river.", "The Nile.")], "How long is it?"))

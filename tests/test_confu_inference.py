@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import confu.generate as generate_mod
-from confu.checkpoint import new_draft
-from confu.contemplate import plan_contemplate_slots
-from confu.generate import Decoder, GenerationConfig, RoundState
-from confu.tree import DraftTree, TreeConfig
+import confu.engine.generate as generate_mod
+from confu.engine.checkpoint import new_draft
+from confu.engine.contemplate import plan_contemplate_slots
+from confu.engine.generate import Decoder, GenerationConfig, RoundState
+from confu.engine.tree import DraftTree, TreeConfig
 from tests.helpers import (
     PROMPTS,
     GreedyReport,

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from confu import prompts
-from confu.data import (
+from confu.cli.data import add_parser
+from confu.errors import InputError
+from confu.training import passages, prompts, self_written
+from confu.training.data import (
     DatasetStats,
-    add_parser,
     generate_replies,
     load_conversations,
     load_dataset,
@@ -27,7 +28,6 @@ from confu.data import (
     regenerate,
     tokenize_conversation,
 )
-from confu.errors import InputError
 
 IM_END = "<|im_end|>"
 
@@ -159,7 +159,7 @@ def test_template_breaking_the_prefix_property_fails_loudly(tiny_tokenizer_dir: 
 
 
 def load_conversations_from(record: dict[str, Any]) -> list[dict[str, str]]:
-    from confu.data import _parse_record
+    from confu.training.data import _parse_record
 
     return _parse_record(record, "test")
 
@@ -340,9 +340,9 @@ Dry run.
 def test_prompt_source_never_reads_spec_bench_and_uses_man_pages(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "man1").mkdir()
     (tmp_path / "man1" / "frob.1.gz").write_bytes(gzip.compress(_FAKE_MAN_PAGE.encode()))
-    monkeypatch.setattr(prompts, "MAN_DIR", tmp_path)
-    prompts._man_files.cache_clear()
-    prompts.stdlib_passages.cache_clear()
+    monkeypatch.setattr(passages, "MAN_DIR", tmp_path)
+    passages._man_files.cache_clear()
+    passages.stdlib_passages.cache_clear()
     opened: list[str] = []
     real_open, real_scandir = builtins.open, os.scandir
 
@@ -360,13 +360,13 @@ def test_prompt_source_never_reads_spec_bench_and_uses_man_pages(tmp_path: Path,
     try:
         records = prompts.offline_prompts(44, seed=1)
     finally:
-        prompts._man_files.cache_clear()
+        passages._man_files.cache_clear()
     assert len(records) == 44
     assert any("frob.1.gz" in p for p in opened)  # the spy sees the reads
     assert not any("spec_bench" in p.lower() for p in opened)
-    passages = prompts.man_passages(3, random.Random(0))
-    assert [p.title for p in passages] == ["frob(1)"]
-    texts = passages[0].text
+    found = passages.man_passages(3, random.Random(0))
+    assert [p.title for p in found] == ["frob(1)"]
+    texts = found[0].text
     assert "frob reads every widget named on the command line and adjusts its tension, then" in texts
     assert "frob(1) never changes" in texts and "With the -n option" in texts
     assert "a comment that must vanish" not in texts and ".B" not in texts and "Dry run" not in texts
@@ -374,7 +374,7 @@ def test_prompt_source_never_reads_spec_bench_and_uses_man_pages(tmp_path: Path,
 
 def test_self_written_prompts(tiny_llama) -> None:
     model, tok = tiny_llama
-    records = prompts.self_written_prompts(model, tok, n=3, seed=0, batch_size=2, max_new_tokens=12)
+    records = self_written.self_written_prompts(model, tok, n=3, seed=0, batch_size=2, max_new_tokens=12)
     assert len(records) <= 3
     for r in records:
         assert r["category"] in prompts.CATEGORIES and len(r["turns"]) == 1 and len(r["turns"][0]) >= 10

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import confu.generate as generate_mod
-from confu.checkpoint import load_draft, new_draft
-from confu.generate import Decoder, GenerationConfig
-from confu.tree import TreeConfig
+import confu.engine.generate as generate_mod
+from confu.engine.checkpoint import load_draft, new_draft
+from confu.engine.generate import Decoder, GenerationConfig
+from confu.engine.tree import TreeConfig
 from tests.helpers import (
     PROMPTS,
     GreedyReport,

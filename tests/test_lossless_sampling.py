@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import confu.generate as generate_mod
-from confu.checkpoint import new_draft
-from confu.generate import Decoder, GenerationConfig
-from confu.sampling import SamplingConfig, logits_to_probs
-from confu.tree import TreeConfig
+import confu.engine.generate as generate_mod
+from confu.engine.checkpoint import new_draft
+from confu.engine.generate import Decoder, GenerationConfig
+from confu.engine.sampling import SamplingConfig, logits_to_probs
+from confu.engine.tree import TreeConfig
 from tests.helpers import PROMPTS, TargetTopDrafter, biased_verify, chat_ids, chi_square_p_value, load_target
 
 K = 3  # tokens per sample: the first comes from the prefill, the others from tree verification

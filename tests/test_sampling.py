@@ -13,8 +13,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from confu.engine.sampling import SamplingConfig, logits_to_probs, sample_token
 from confu.errors import InputError
-from confu.sampling import SamplingConfig, logits_to_probs, sample_token
 
 
 def _hf_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from confu.checkpoint import load_draft, new_draft
-from confu.target import Target
-from confu.train import TrainConfig, add_parser, batch_forward, evaluate, load_sequences, split_indices, train
-from confu.ttt import assign_anchor_rows, collate, contemplate_futures, loss_rows, run_target, sample_anchors
+from confu.cli.train import add_parser
+from confu.engine.checkpoint import load_draft, new_draft
+from confu.engine.target import Target
+from confu.training.train import TrainConfig, batch_forward, evaluate, load_sequences, split_indices, train
+from confu.training.ttt import assign_anchor_rows, collate, contemplate_futures, loss_rows, run_target, sample_anchors
 
 N_SEQ, SEQ_LEN, PROMPT_LEN = 40, 48, 6
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,9 +112,9 @@ def test_eagle3_learns(eagle3_run: Path, tiny_data: Path, tiny_target: Target) -
 
 
 def test_trained_head_drafts_longer(eagle3_run: Path, tiny_data: Path, tiny_target: Target) -> None:
-    from confu.generate import Decoder, GenerationConfig
-    from confu.sampling import SamplingConfig
-    from confu.tree import TreeConfig
+    from confu.engine.generate import Decoder, GenerationConfig
+    from confu.engine.sampling import SamplingConfig
+    from confu.engine.tree import TreeConfig
 
     trained = load_draft(eagle3_run, tiny_target)
     untrained = new_draft(tiny_target, "eagle3", trained.d2t, trained.t2d, seed=0)
@@ -195,7 +196,7 @@ def _pair_mask() -> torch.Tensor:
 
 def test_contemplate_pass_matches_inference(tiny_target: Target) -> None:
     """f from the training pass (batched, cache spliced with the soft prompt) equals the decoder's f."""
-    from confu.target import TargetCache
+    from confu.engine.target import TargetCache
 
     head = new_draft(tiny_target, "confu", draft_vocab_size=256, seed=1)
     gen = torch.Generator().manual_seed(5)
@@ -224,9 +225,9 @@ def test_contemplate_pass_matches_inference(tiny_target: Target) -> None:
 
 def test_draft_rows_match_drafter(tiny_target: Target) -> None:
     """Step 0 of the train-time test with a future key equals the inference drafter's catch-up output."""
-    from confu.drafter import Drafter
-    from confu.tree import TreeConfig
-    from confu.ttt import step_validity, ttt_forward
+    from confu.engine.drafter import Drafter
+    from confu.engine.tree import TreeConfig
+    from confu.training.ttt import step_validity, ttt_forward
 
     head = new_draft(tiny_target, "confu", draft_vocab_size=512, seed=2)
     gen = torch.Generator().manual_seed(6)
@@ -253,7 +254,7 @@ def test_confu_gradients_and_learning(eagle3_run: Path, tiny_data: Path, tiny_ll
     cfg = _cfg(tiny_data, tiny_llama_dir, tmp_path, method="confu", init=str(eagle3_run), steps=40, anchors=6,
                replicate=3, lr=3e-3, aux_lr_mult=10.0)
     # One batch by hand: every new ConFu part receives a gradient through the frozen target.
-    from confu.train import build_head
+    from confu.training.train import build_head
 
     head, note = build_head(cfg, tiny_target, [])
     assert note["init_method"] == "eagle3"
@@ -314,7 +315,7 @@ def test_cli_options() -> None:
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--data", "d.jsonl", "--out", "o", "--method", "confu", "--no-moe",
                               "--no-replicate", "--anchors", "8"])
-    from confu.train import config_from_args
+    from confu.cli.train import config_from_args
 
     cfg = config_from_args(args)
     assert (cfg.n_expert, cfg.replicate, cfg.anchors, cfg.ttt_steps, cfg.lr) == (1, 0, 8, 7, 1e-4)
@@ -327,8 +328,8 @@ def test_cli_options() -> None:
 def test_evaluate_cli_reproduces_the_logged_eval_and_probes_f(eagle3_run: Path, tiny_data: Path,
                                                               tiny_llama_dir: Path, tiny_target: Target,
                                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from confu.checkpoint import save_draft
     from confu.cli import main
+    from confu.engine.checkpoint import save_draft
 
     common = ["evaluate", "--target", str(tiny_llama_dir), "--data", str(tiny_data), "--max-len", "64",
               "--ttt-steps", "4", "--eval-fraction", "0.1"]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from confu.engine.tree import DraftTree, TreeBuilder, TreeConfig, path_to
 from confu.errors import InputError
-from confu.tree import DraftTree, TreeBuilder, TreeConfig, path_to
 
 
 def _lp(*probs: float) -> torch.Tensor:

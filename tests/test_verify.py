@@ -15,10 +15,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from confu.engine.sampling import SamplingConfig, logits_to_probs
+from confu.engine.tree import DraftTree
+from confu.engine.verify import verify_greedy, verify_sampling
 from confu.errors import InputError
-from confu.sampling import SamplingConfig, logits_to_probs
-from confu.tree import DraftTree
-from confu.verify import verify_greedy, verify_sampling
 from tests.helpers import biased_verify, chi_square_p_value
 
 V = 6  # synthetic vocabulary

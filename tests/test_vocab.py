@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from confu.data import Sample
 from confu.errors import InputError
-from confu.vocab import build_draft_vocab, check_vocab, count_tokens
+from confu.training.data import Sample
+from confu.training.vocab import build_draft_vocab, check_vocab, count_tokens
 
 V = 20
 EOS = 2

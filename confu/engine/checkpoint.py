@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from confu.draft import DraftConfig, Eagle3Head, build_head, init_weights_like_eagle
+from confu.engine.draft import DraftConfig, Eagle3Head, build_head, init_weights_like_eagle
 from confu.errors import CheckpointError, DraftMismatchError
 
 CONFIG_NAME = "config.json"

@@ -6,21 +6,18 @@ Both interleave their variants per repeat (so machine drift hits all alike) and 
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from confu.bench import hf_generate
-from confu.bench_report import render_ar_console, render_verify_console
-from confu.cli import add_target_args, comma_list, encode_prompt, parse_contemplate, read_prompts_file
+from confu.bench.specbench import hf_generate
+from confu.bench.timing import measure_interleaved
+from confu.chat import encode_prompt
 from confu.errors import InputError
-from confu.timing import measure_interleaved
 
 if TYPE_CHECKING:
-    from confu.generate import Decoder, GenerationConfig
-    from confu.target import Target
+    from confu.engine.generate import Decoder, GenerationConfig
+    from confu.engine.target import Target
 
 
 # -- bench-ar: plain decoding vs transformers generate -------------------------------------------------------
@@ -36,7 +33,7 @@ AR_PROMPTS = (
 
 def _load_target(target: Target | str) -> Target:
     if isinstance(target, str):
-        from confu.target import Target
+        from confu.engine.target import Target
 
         return Target.load(target)
     return target
@@ -61,8 +58,8 @@ def _our_tokens(decoder: Decoder, prompt_ids: list[int], cfg: GenerationConfig) 
 def run_bench_ar(target: Target | str, prompts: Sequence[str] = AR_PROMPTS, max_new_tokens: int = 64,
                  repeats: int = 3, warmup: int = 1, profile: bool = False) -> dict[str, Any]:
     """Greedy tokens/s of `Decoder(target, None)` vs `model.generate(do_sample=False)`, interleaved."""
-    from confu.generate import Decoder, GenerationConfig
-    from confu.sampling import SamplingConfig
+    from confu.engine.generate import Decoder, GenerationConfig
+    from confu.engine.sampling import SamplingConfig
 
     target = _load_target(target)
     decoder = Decoder(target, None)
@@ -118,10 +115,13 @@ def parse_budgets(text: str) -> list[int | None]:
     """`all,1,4,8` -> [None, 1, 4, 8] (None = a slot on every node)."""
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part == "all":
+            out.append(None)
+            continue
         try:
-            out.append(parse_contemplate(part))
-        except argparse.ArgumentTypeError as err:
-            raise InputError(f"--budgets: {part!r}: {err}") from err
+            out.append(int(part))
+        except ValueError as err:
+            raise InputError(f"--budgets: {part!r}: --contemplate takes 'all' or a number of slots") from err
     return out
 
 
@@ -141,11 +141,11 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
     """
     import torch
 
-    from confu.checkpoint import load_draft, new_draft
-    from confu.contemplate import plan_contemplate_slots
-    from confu.drafter import Drafter
-    from confu.generate import Decoder, GenerationConfig, RoundState
-    from confu.tree import TreeConfig
+    from confu.engine.checkpoint import load_draft, new_draft
+    from confu.engine.contemplate import plan_contemplate_slots
+    from confu.engine.drafter import Drafter
+    from confu.engine.generate import Decoder, GenerationConfig, RoundState
+    from confu.engine.tree import TreeConfig
 
     target = _load_target(target)
     vocab = min(8192, target.vocab_size)
@@ -224,50 +224,3 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
         table.append({"nodes": n, "tree_nodes": len(trees[n]), "columns": cells})
     return {"prompt_tokens": len(prompt_ids), "repeats": repeats, "columns": columns, "rows": table,
             "drafts": {"eagle3": eagle3_dir or "untrained", "confu": confu_dir or "untrained"}}
-
-
-# -- CLI -----------------------------------------------------------------------------------------------------
-
-
-def cmd_bench_ar(args) -> None:
-    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else list(AR_PROMPTS)
-    res = run_bench_ar(args.target, prompts, args.max_new_tokens, args.repeats, args.warmup, args.profile)
-    print(render_ar_console(res))
-    if args.profile:
-        print("\n== cProfile: ours ==\n" + res["profile_ours"] + "\n== cProfile: hf ==\n" + res["profile_hf"])
-    print(json.dumps({k: res[k] for k in ("ours_tokens_per_s", "hf_tokens_per_s", "ratio", "within_10pct",
-                                          "identical", "ours_best_tokens_per_s", "hf_best_tokens_per_s",
-                                          "best_ratio", "max_new_tokens", "repeats")}))
-
-
-def cmd_bench_verify(args) -> None:
-    res = run_bench_verify(args.target, args.nodes, parse_budgets(args.budgets), args.repeats, args.warmup,
-                           args.draft_eagle3, args.draft_confu, args.depth, args.topk, seed=args.seed)
-    print(render_verify_console(res))
-    print(json.dumps(res))
-
-
-def add_parser(subparsers: Any) -> None:
-    """`confu bench-ar` and `confu bench-verify`."""
-    a = subparsers.add_parser("bench-ar", help="tokens/s of our plain decoding vs transformers generate")
-    add_target_args(a)
-    a.add_argument("--prompts-file", help="one prompt per line (default: built-in prompts)")
-    a.add_argument("--max-new-tokens", type=int, default=64)
-    a.add_argument("--repeats", type=int, default=3)
-    a.add_argument("--warmup", type=int, default=1)
-    a.add_argument("--profile", action="store_true", help="also print a cProfile of one run of each")
-    a.set_defaults(func=cmd_bench_ar)
-
-    v = subparsers.add_parser("bench-verify",
-                              help="verify-pass time: EAGLE-3 trees vs ConFu contemplate slots")
-    add_target_args(v)
-    v.add_argument("--draft-eagle3", help="an eagle3 draft directory (default: an untrained head)")
-    v.add_argument("--draft-confu", help="a confu draft directory (default: an untrained head)")
-    v.add_argument("--nodes", type=comma_list(int, "--nodes"), default=[16, 32, 60])
-    v.add_argument("--budgets", default="all,1,4,8", help="contemplate budgets: 'all' and/or counts")
-    v.add_argument("--repeats", type=int, default=5)
-    v.add_argument("--warmup", type=int, default=1)
-    v.add_argument("--depth", type=int, default=6)
-    v.add_argument("--topk", type=int, default=8)
-    v.add_argument("--seed", type=int, default=0)
-    v.set_defaults(func=cmd_bench_verify)

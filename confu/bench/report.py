@@ -12,7 +12,7 @@ Metrics follow Spec-Bench and the ConFu paper exactly (reference NOTES section 3
 - AVG pools every selected question (so a category weighs by its number of questions, and MT-bench's math
   and reasoning, which have no column of their own in the paper, count in AVG).
 
-A record is one question x method x setting (see `confu.bench` for how it is produced):
+A record is one question x method x setting (see `confu.bench.specbench` for how it is produced):
     question_id, category, method (label), kind (ar | hf | eagle3 | confu), temperature, tree_nodes (None for
     ar / hf), new_tokens, wall_s, tokens_per_s, turns [...], steps {accepted, tree_nodes, contemplate_slots,
     verify_tokens, draft_s, verify_s} (parallel lists over rounds, None for hf).

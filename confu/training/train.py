@@ -1,7 +1,7 @@
 """EAGLE-3 and ConFu training: `confu train` and `train(TrainConfig)`.
 
 EAGLE-3: the frozen target runs once per batch (features, logits), then the draft head runs the train-time
-test (`confu.ttt`). ConFu is trained from an EAGLE-3 head (`--init`): the shared weights are copied, the soft
+test (`confu.training.ttt`). ConFu is trained from an EAGLE-3 head (`--init`): the shared weights are copied, the soft
 prompt and the two MoEs start fresh; per sequence `--anchors` contemplate rows run through the frozen target
 with gradients, and each anchor's future prediction f serves the anchor row and the next `--replicate` rows.
 
@@ -13,7 +13,6 @@ with one all-reduce, which makes the data-parallel step the same computation as 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -155,8 +154,8 @@ Seq = tuple[list[int], list[int]]  # (input_ids, loss_mask)
 
 def load_sequences(path: str, max_len: int) -> list[Seq]:
     """The prepared dataset, truncated to max_len; sequences with nothing to learn are dropped."""
-    from confu.data import load_dataset
-    from confu.ttt import loss_rows
+    from confu.training.data import load_dataset
+    from confu.training.ttt import loss_rows
 
     out = []
     for s in load_dataset(path):
@@ -206,7 +205,7 @@ def batch_forward(target, head, seqs: Sequence[Seq], keys: Sequence[str], cfg: T
     the step only, never on which rank runs it. Evaluation uses every row with loss as an anchor and no
     replication: the setting of inference with a contemplate slot on every node.
     """
-    from confu.ttt import (
+    from confu.training.ttt import (
         assign_anchor_rows,
         collate,
         contemplate_futures,
@@ -305,7 +304,7 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
     --init with the same method continues that head; --init of an EAGLE-3 head with --method confu copies
     every shared weight (fc, layer, norm, lm_head, vocabulary) into a fresh ConFu head.
     """
-    from confu.checkpoint import load_draft, new_draft
+    from confu.engine.checkpoint import load_draft, new_draft
 
     if cfg.init:
         src = load_draft(cfg.init, target)
@@ -322,7 +321,7 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
             return head.train(), {"init": str(cfg.init), "init_method": "eagle3"}
         raise InputError(f"--init {cfg.init} is a {src.cfg.method} head; "
                          f"--method {cfg.method} cannot start from it")
-    from confu.vocab import build_draft_vocab
+    from confu.training.vocab import build_draft_vocab
 
     vocab = build_draft_vocab([{"input_ids": i, "loss_mask": m} for i, m in train_seqs], target.vocab_size,
                               cfg.draft_vocab_size, eos_token_id=sorted(target.eos_ids))
@@ -357,7 +356,7 @@ def make_optimizer(head, cfg: TrainConfig, total_steps: int):
 
 def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, run_keys: dict) -> None:
     """Draft + trainer state into OUT/checkpoint, swapped in as a whole so a crash never leaves a mix."""
-    from confu.checkpoint import save_draft
+    from confu.engine.checkpoint import save_draft
 
     final, tmp, old = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".tmp"), out / (CHECKPOINT_DIR + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -402,8 +401,8 @@ def _trim_log(path: Path, step: int) -> None:
 def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
     """Train a draft head; returns OUT (the final fp32 draft). `on_step(step, metrics)` runs after every
     optimizer step (tests raise from it to simulate a crash)."""
-    from confu.checkpoint import load_draft, save_draft
-    from confu.target import Target
+    from confu.engine.checkpoint import load_draft, save_draft
+    from confu.engine.target import Target
 
     d = _setup(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -548,33 +547,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     return out
 
 
-# -------------------------------------------------------------------------------------------------- CLI
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        data=args.data, out=args.out, target=args.target, method=args.method, init=args.init,
-        steps=args.steps,
-        epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
-        aux_lr_mult=args.aux_lr_mult, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,
-        draft_vocab_size=args.draft_vocab_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
-        save_every=args.save_every, resume=args.resume, save_fp16=args.save_fp16, anchors=args.anchors,
-        replicate=0 if args.no_replicate else args.replicate, soft_prompt_len=args.soft_prompt_len,
-        n_expert=1 if args.no_moe else args.n_expert, top_k_expert=args.top_k_expert, device=args.device,
-        stop_after=args.stop_after, progress=not args.no_progress, command=" ".join(sys.argv),
-    )
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    train(config_from_args(args))
-
-
 def evaluate_draft(draft_dir: str, cfg: TrainConfig) -> dict[str, Any]:
     """Held-out metrics of a saved draft, on the split `confu train` holds out with the same data, max length,
     eval fraction and seed."""
-    from confu.checkpoint import load_draft
-    from confu.target import Target
+    from confu.engine.checkpoint import load_draft
+    from confu.engine.target import Target
 
     d = _setup(cfg.device)
     seqs = load_sequences(cfg.data, cfg.max_len)
@@ -588,68 +565,3 @@ def evaluate_draft(draft_dir: str, cfg: TrainConfig) -> dict[str, Any]:
     target.model.to(d.device)
     head.to(d.device)
     return evaluate(target, head, [seqs[i] for i in eval_idx], cfg, d)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    cfg = TrainConfig(data=args.data, out="", target=args.target, batch_size=args.batch_size, max_len=args.max_len,
-                      ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,
-                      eval_fraction=args.eval_fraction, device=args.device, zero_future=args.zero_future)
-    metrics = evaluate_draft(args.draft, cfg)
-    print(json.dumps({"draft": args.draft, "zero_future": args.zero_future} | metrics))
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    """What `train` and `evaluate` share: the target, the data and its held-out split, the TTT depth."""
-    p.add_argument("--target", default="smollm2-135m",
-                   help="embedded name (smollm2-135m), a local HF model directory, or a .gguf file")
-    p.add_argument("--data", required=True, help="prepared dataset (confu data prepare)")
-    p.add_argument("--batch-size", type=int, default=4, help="global batch (split across torchrun processes)")
-    p.add_argument("--max-len", type=int, default=1024, help="truncate sequences to this many tokens")
-    p.add_argument("--ttt-steps", type=int, default=7, help="train-time-test steps")
-    p.add_argument("--ttt-decay", type=float, default=0.8, help="loss weight of step k is decay**k")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of the data")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-
-
-def add_parser(subparsers: Any) -> None:
-    """Add `confu train` (also runs under `torchrun --nproc_per_node N -m confu.cli train ...`)."""
-    p = subparsers.add_parser("train", help="train an EAGLE-3 or ConFu draft head")
-    _add_run_args(p)
-    p.add_argument("--method", choices=["eagle3", "confu"], default="eagle3")
-    p.add_argument("--init", default=None,
-                   help="draft directory to start from (ConFu: a trained EAGLE-3 head; EAGLE-3: continue it)")
-    p.add_argument("--out", required=True, help="output directory (final draft, checkpoint, train_log.jsonl)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--aux-lr-mult", type=float, default=10.0,
-                   help="ConFu: lr multiplier of the soft prompt and the MoEs")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default 3%% of the steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=0.5)
-    p.add_argument("--draft-vocab-size", type=int, default=8192,
-                   help="draft vocabulary built from the data (ignored with --init)")
-    p.add_argument("--eval-every", type=int, default=100,
-                   help="steps between evaluations (0: only at the end)")
-    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: none)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--save-fp16", action="store_true", help="also write an fp16 copy to OUT/fp16")
-    p.add_argument("--anchors", type=int, default=16, help="ConFu: anchor rows per sequence")
-    p.add_argument("--replicate", type=int, default=4, help="ConFu: rows after an anchor that reuse its f")
-    p.add_argument("--no-replicate", action="store_true", help="ConFu ablation: --replicate 0")
-    p.add_argument("--no-moe", action="store_true", help="ConFu ablation: static [con] / [f] (one expert)")
-    p.add_argument("--soft-prompt-len", type=int, default=16)
-    p.add_argument("--n-expert", type=int, default=8)
-    p.add_argument("--top-k-expert", type=int, default=2)
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="end this run after this global step, with a checkpoint (continue with --resume)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
-
-    e = subparsers.add_parser("evaluate", help="held-out loss, accuracy per TTT step and simulated tau of a draft")
-    _add_run_args(e)
-    e.add_argument("--draft", required=True, help="draft directory")
-    e.add_argument("--zero-future", action="store_true",
-                   help="ConFu probe: give the draft f = 0; a tau that does not drop means the draft ignores f")
-    e.set_defaults(func=cmd_evaluate)

@@ -3,7 +3,7 @@
 `confu bench` runs every question x method x setting (temperatures x tree sizes; `ar` / `hf` once per
 temperature), interleaved per question so machine drift hits all methods alike, after untimed warm-up runs.
 Records are appended to `records.jsonl` in the output directory one question at a time, so a re-run with the
-same directory resumes where it stopped. Metrics and the report live in `confu.bench_report`.
+same directory resumes where it stopped. Metrics and the report live in `confu.bench.report`.
 
 torch and the engine are imported inside functions: `confu --help` must stay fast.
 """
@@ -22,15 +22,15 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from confu.bench_report import compact_summary, render_bench_console, render_report, summarize, write_plots
-from confu.cli import add_decoding_args, add_target_args, comma_list, encode_prompt
+from confu.bench.report import render_report, summarize, write_plots
+from confu.bench.timing import timed
+from confu.chat import encode_prompt
 from confu.errors import InputError
-from confu.timing import timed
 
 if TYPE_CHECKING:
-    from confu.generate import Decoder, GenerationConfig
-    from confu.sampling import SamplingConfig
-    from confu.target import Target
+    from confu.engine.generate import Decoder, GenerationConfig
+    from confu.engine.sampling import SamplingConfig
+    from confu.engine.target import Target
 
 RECORDS_NAME = "records.jsonl"
 RUN_NAME = "run.json"
@@ -177,8 +177,8 @@ class LoadedMethod:
 
 
 def load_methods(target: Target, specs: Sequence[MethodSpec]) -> list[LoadedMethod]:
-    from confu.checkpoint import load_draft, read_config
-    from confu.generate import Decoder
+    from confu.engine.checkpoint import load_draft, read_config
+    from confu.engine.generate import Decoder
 
     default_layers = tuple(target.feature_layers)
     loaded = []
@@ -307,9 +307,9 @@ class BenchRunner:
         self.cfg = cfg
 
     def generation_config(self, temperature: float, tree_nodes: int | None, seed: int) -> GenerationConfig:
-        from confu.generate import GenerationConfig
-        from confu.sampling import SamplingConfig
-        from confu.tree import TreeConfig
+        from confu.engine.generate import GenerationConfig
+        from confu.engine.sampling import SamplingConfig
+        from confu.engine.tree import TreeConfig
 
         c = self.cfg
         return GenerationConfig(
@@ -321,8 +321,8 @@ class BenchRunner:
         )
 
     def run(self, run: Run, q: Question) -> dict:
-        """Every turn of one question with one method x setting; the record `bench_report` summarizes."""
-        from confu.sampling import SamplingConfig
+        """Every turn of one question with one method x setting; the record `confu.bench.report` summarizes."""
+        from confu.engine.sampling import SamplingConfig
 
         lm, tok = run.method, self.target.tokenizer
         self.target.feature_layers = lm.feature_layers
@@ -368,7 +368,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from confu.target import Target
+    from confu.engine.target import Target
 
     questions = load_questions(cfg.questions, cfg.categories, cfg.limit_per_category)
     target = Target.load(cfg.target)
@@ -421,47 +421,3 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     results = {"run": run_info, "summary": summary, "records": records}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return {**results, "files": ["results.json", "report.md", RECORDS_NAME, *plots]}
-
-
-# -- CLI -----------------------------------------------------------------------------------------------------
-
-
-def cmd_bench(args) -> None:
-    categories = None
-    if args.categories:
-        categories = [c for part in args.categories for c in part.split(",") if c]
-    cfg = BenchConfig(
-        target=args.target, methods=parse_methods(args.methods), questions=args.questions, out=args.out,
-        categories=categories, limit_per_category=args.limit_per_category,
-        temperatures=args.temperatures or [args.temperature], tree_nodes=args.tree_nodes,
-        max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k, depth=args.depth,
-        topk=args.topk, contemplate=args.contemplate, seed=args.seed, warmup=args.warmup,
-        progress=not args.no_progress,
-    )
-    res = run_bench(cfg)
-    run = res["run"]
-    print(f"{run['ran']} runs done, {run['resumed']} taken from earlier runs; wrote "
-          + ", ".join(str(Path(cfg.out) / f) for f in res["files"]))
-    compact = compact_summary(res["summary"])
-    print(render_bench_console(compact))
-    print(json.dumps({"out": str(cfg.out), "settings": compact}))
-
-
-def add_parser(subparsers: Any) -> None:
-    """`confu bench`."""
-    b = subparsers.add_parser("bench", help="Spec-Bench: tau and speed-up of ar / hf / EAGLE-3 / ConFu")
-    add_target_args(b)
-    b.add_argument("--methods", required=True,
-                   help="comma-separated: ar, hf, eagle3:DIR[=label], confu:DIR[=label]")
-    b.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
-    b.add_argument("--categories", nargs="+", help="only these categories (space or comma separated)")
-    b.add_argument("--limit-per-category", type=int, help="first K questions of each category")
-    b.add_argument("--temperatures", type=comma_list(float, "--temperatures"),
-                   help="comma-separated (default: --temperature)")
-    b.add_argument("--tree-nodes", type=comma_list(int, "--tree-nodes"), default=[60], help="comma-separated")
-    b.add_argument("--out", required=True, help="output directory; re-running with it resumes")
-    b.add_argument("--warmup", type=int, default=1,
-                   help="untimed runs of the first question per method and setting")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_decoding_args(b)
-    b.set_defaults(func=cmd_bench)

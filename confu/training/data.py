@@ -7,14 +7,14 @@ prepare`` (chat template + loss mask over assistant tokens) -> training.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from confu.chat import end_of_turn_ids
 from confu.errors import InputError
 
 Message = dict[str, str]
@@ -24,8 +24,6 @@ _ROLE_ALIASES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
     "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system", "developer": "system",
 }
-# Tokens that end a turn in common chat templates; the one found last in an assistant span ends its mask.
-_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 @dataclass
@@ -124,23 +122,6 @@ def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
 # ---------------------------------------------------------------------------------------------- tokenizing
 
 
-def turn_end_ids(tokenizer: Any, model: Any = None) -> list[int]:
-    """Token ids that end an assistant turn: EOS, known chat turn-end tokens, the model's EOS ids."""
-    ids: list[int] = []
-    candidates: list[Any] = [tokenizer.eos_token_id]
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for token in _TURN_END_TOKENS:
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != unk:
-            candidates.append(tid)
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    candidates.extend(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    for tid in candidates:
-        if isinstance(tid, int) and tid >= 0 and tid not in ids:
-            ids.append(tid)
-    return ids
-
-
 def _render(tokenizer: Any, messages: Conversation, add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("the tokenizer has no chat template; conversations cannot be rendered")
@@ -175,7 +156,7 @@ def tokenize_conversation(tokenizer: Any, messages: Conversation, max_len: int,
 def _tokenize_untruncated(tokenizer: Any, messages: Conversation, max_len: int,
                           end_ids: Sequence[int] | None) -> tuple[list[int], list[int]]:
     """All token ids (so callers can tell truncation happened); the mask is exact up to ``max_len``."""
-    end_ids = list(end_ids) if end_ids is not None else turn_end_ids(tokenizer)
+    end_ids = list(end_ids) if end_ids is not None else end_of_turn_ids(tokenizer)
     msgs = list(messages)
     # An assistant turn before any user turn answers nothing; most templates reject it anyway.
     first_user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), len(msgs))
@@ -215,7 +196,7 @@ def prepare(input_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str
     paths = [input_paths] if isinstance(input_paths, (str, os.PathLike)) else list(input_paths)
     if not paths:
         raise InputError("no input files given")
-    end_ids = turn_end_ids(tokenizer)
+    end_ids = end_of_turn_ids(tokenizer)
     stats = DatasetStats()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +262,7 @@ def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[Convers
     import torch
     from transformers import GenerationConfig
 
-    end_ids = turn_end_ids(tokenizer, model)
+    end_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
     prompts = [_encode(tokenizer, _render(tokenizer, c, add_generation_prompt=True)) for c in conversations]
     # A fresh config: the checkpoint's own defaults (top_p, repetition penalty, ...) must not leak in.
@@ -410,103 +391,3 @@ def regenerate(model: Any, tokenizer: Any, input_path: str | os.PathLike[str],
             written += len(batch)
             bar.update(len(batch))
     return written
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def _write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> int:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with out.open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def _load_target(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
-
-    from confu.hub import load_target_model
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model, tokenizer = load_target_model(args.target, dtype=dtype)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
-
-
-def cmd_prompts(args: argparse.Namespace) -> None:
-    from confu.prompts import offline_prompts, self_written_prompts
-
-    if args.n < 0 or args.self_written < 0:
-        raise InputError("--n and --self-written must be >= 0")
-    records = offline_prompts(args.n, seed=args.seed, use_man_pages=not args.no_man_pages)
-    if args.self_written:
-        model, tokenizer = _load_target(args)
-        records += self_written_prompts(model, tokenizer, args.self_written, seed=args.seed,
-                                        batch_size=args.batch_size)
-    n = _write_jsonl(args.out, records)
-    print(f"wrote {n} prompts to {args.out}")
-
-
-def cmd_regenerate(args: argparse.Namespace) -> None:
-    model, tokenizer = _load_target(args)
-    n = regenerate(model, tokenizer, args.input, args.out, batch_size=args.batch_size,
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   resume=not args.no_resume, limit=args.limit, seed=args.seed)
-    print(f"regenerated {n} conversations into {args.out}")
-
-
-def cmd_prepare(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
-    from confu.hub import resolve_target
-
-    # Only the tokenizer is needed; loading the weights would cost time and memory for nothing.
-    tokenizer = AutoTokenizer.from_pretrained(resolve_target(args.target))
-    stats = prepare(args.input, tokenizer, args.out, args.max_len)
-    print(json.dumps(stats.to_dict()))
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="smollm2-135m",
-                   help="embedded name (smollm2-135m), a local HF model directory, or a .gguf file")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=8)
-
-
-def add_parser(subparsers: Any) -> None:
-    """Add ``confu data {prompts,regenerate,prepare}`` to the top-level sub-command set."""
-    data = subparsers.add_parser("data", help="build training data: prompts, regeneration, tokenization")
-    sub = data.add_subparsers(dest="data_command", required=True)
-
-    p = sub.add_parser("prompts", help="write offline prompts (optionally ones the target writes itself)")
-    p.add_argument("--n", type=int, default=1100, help="number of template-built prompts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--no-man-pages", action="store_true", help="use only Python docstrings as passages")
-    p.add_argument("--self-written", type=int, default=0, metavar="N",
-                   help="also ask the target to write N prompts itself")
-    _model_args(p)
-    p.set_defaults(func=cmd_prompts)
-
-    r = sub.add_parser("regenerate", help="answer every user turn with the target (resumable)")
-    _model_args(r)
-    r.add_argument("--input", required=True)
-    r.add_argument("--out", required=True)
-    r.add_argument("--max-new-tokens", type=int, default=256)
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    r.add_argument("--limit", type=int, default=None, help="only the first N input records")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--no-resume", action="store_true", help="overwrite --out instead of continuing it")
-    r.set_defaults(func=cmd_regenerate)
-
-    q = sub.add_parser("prepare", help="tokenize conversations with the target's chat template")
-    q.add_argument("--target", default="smollm2-135m")
-    q.add_argument("--input", nargs="+", required=True)
-    q.add_argument("--out", required=True)
-    q.add_argument("--max-len", type=int, default=2048)
-    q.set_defaults(func=cmd_prepare)

@@ -1,6 +1,6 @@
 """The training-time computations: the frozen target's pass, ConFu's contemplate pass and the train-time test.
 
-Row convention (the same as `confu.drafter`): draft row i pairs the target's features F_i with the embedding
+Row convention (the same as `confu.engine.drafter`): draft row i pairs the target's features F_i with the embedding
 of token x_{i+1} and sits at RoPE position i. Its step-0 output predicts x_{i+2}; train-time-test step k feeds
 the ground-truth token x_{i+1+k} and the row's own step k-1 output at position i+k, and predicts x_{i+2+k}
 against softmax(target logits at position i+1+k), restricted to the draft vocabulary.
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from confu.draft import ConFuHead, Eagle3Head
-from confu.target import TargetCache
+from confu.engine.draft import ConFuHead, Eagle3Head
+from confu.engine.target import TargetCache
 
 
 @dataclass

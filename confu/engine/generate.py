@@ -1,7 +1,7 @@
 """The decoding loop in named stages: prefill -> draft -> verify -> accept -> cache update.
 
 One loop serves plain autoregressive decoding (no draft: every round verifies the root alone), EAGLE-3 and
-ConFu. ConFu adds contemplate slots to the verify pass (`confu.contemplate`) and feeds the resulting future
+ConFu. ConFu adds contemplate slots to the verify pass (`confu.engine.contemplate`) and feeds the resulting future
 prediction `f` to the draft for the next round.
 """
 
@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from confu.contemplate import ContemplatePlan, plan_contemplate_slots
-from confu.draft import Eagle3Head
-from confu.drafter import Drafter
+from confu.engine.contemplate import ContemplatePlan, plan_contemplate_slots
+from confu.engine.draft import Eagle3Head
+from confu.engine.drafter import Drafter
+from confu.engine.sampling import SamplingConfig, logits_to_probs, sample_token
+from confu.engine.target import Target, TargetCache
+from confu.engine.tree import DraftTree, TreeConfig
+from confu.engine.verify import verify_greedy, verify_sampling
 from confu.errors import InputError
-from confu.sampling import SamplingConfig, logits_to_probs, sample_token
-from confu.target import Target, TargetCache
-from confu.tree import DraftTree, TreeConfig
-from confu.verify import verify_greedy, verify_sampling
 
 
 @dataclass

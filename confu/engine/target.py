@@ -18,6 +18,7 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel, PreT
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from confu.chat import end_of_turn_ids
 from confu.errors import InputError
 
 
@@ -161,7 +162,8 @@ class Target:
             raise InputError(
                 f"feature layers {self.feature_layers} must be 3 layer ids in 0..{self.num_layers}"
             )
-        self.eos_ids = self._eos_ids()
+        # EOS ids: the generation config's, the tokenizer's, and the chat template's turn end.
+        self.eos_ids: set[int] = set(end_of_turn_ids(tokenizer, getattr(model, "generation_config", None)))
 
     @classmethod
     def load(cls, spec: str, feature_layers: tuple[int, ...] | None = None) -> Target:
@@ -169,20 +171,6 @@ class Target:
 
         model, tokenizer = load_target_model(spec)
         return cls(model, tokenizer, feature_layers, name=spec)
-
-    def _eos_ids(self) -> set[int]:
-        """EOS ids: the generation config's, the tokenizer's, and the chat template's turn end."""
-        ids: set[int] = set()
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if gen_eos is not None:
-            ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(marker)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
-                ids.add(tid)
-        return ids
 
     @property
     def device(self) -> torch.device:

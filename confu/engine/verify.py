@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from confu.engine.sampling import sample_token
+from confu.engine.tree import DraftTree
 from confu.errors import InputError
-from confu.sampling import sample_token
-from confu.tree import DraftTree
 
 __all__ = ["verify_greedy", "verify_sampling"]
 

@@ -13,8 +13,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from confu.draft import Eagle3Head
-from confu.tree import DraftTree, TreeBuilder, TreeConfig
+from confu.engine.draft import Eagle3Head
+from confu.engine.tree import DraftTree, TreeBuilder, TreeConfig
 
 
 class Drafter:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from confu.tree import DraftTree
+from confu.engine.tree import DraftTree
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Training EAGLE-3 / ConFu heads needs user requests that cover the same kinds of task Spec-Bench measures, but
 we must never train on the benchmark's own questions. Everything here is built from slot lists written for
-this project, plus real passages already on the machine (standard-library docstrings, man pages) for the
-tasks that need a text to work on (summarization, extraction, retrieval-style QA).
+this project, plus real passages already on the machine (standard-library docstrings, man pages:
+`confu.training.passages`) for the tasks that need a text to work on (summarization, extraction,
+retrieval-style QA). Prompts the target writes itself come from `confu.training.self_written`.
 
 Records look like Spec-Bench / MT-bench questions: ``{"id", "category", "turns": [str, ...]}``; about a
 third carry a follow-up second turn so the multi-turn path of regeneration and tokenization gets exercised.
@@ -11,36 +12,19 @@ third carry a follow-up second turn so the multi-turn path of regeneration and t
 
 from __future__ import annotations
 
-import gzip
-import importlib
-import inspect
 import random
-import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
+
+from confu.training.passages import Passage, man_passages, stdlib_passages
 
 CATEGORIES: tuple[str, ...] = (
     "writing", "roleplay", "coding", "extraction", "stem", "humanities",
     "summarization", "translation", "qa", "math_reasoning", "rag",
 )
-MIN_PASSAGE_CHARS = 300
-MAX_PASSAGE_CHARS = 2000
-MAN_DIR = Path("/usr/share/man")
 # Probability that a record gets a follow-up turn (MT-bench style).
 FOLLOW_UP_RATE = 0.35
-
-
-@dataclass(frozen=True)
-class Passage:
-    """A real text used as the object of a summarization / extraction / RAG prompt."""
-
-    title: str  # the documented name, e.g. "json.dumps" or "gzip(1)"
-    source: str  # "python" or "man"
-    text: str
 
 
 # ----------------------------------------------------------------------------------------------- slot lists
@@ -188,171 +172,6 @@ _FOLLOW_UPS: dict[str, list[str]] = {
     "rag": ["Quote the sentence from the passage that best supports your answer.",
             "What related question does the passage leave unanswered?"],
 }
-
-# --------------------------------------------------------------------------------------------- real passages
-
-# Curated instead of walking sys.stdlib_module_names: importing everything would run GUI / side-effect
-# modules (tkinter, antigravity, this) and makes the passage set depend on optional C extensions.
-_STDLIB_MODULES = (
-    "json", "collections", "itertools", "functools", "os", "pathlib", "re", "datetime", "argparse",
-    "textwrap", "string", "random", "statistics", "math", "heapq", "bisect", "shutil", "subprocess",
-    "socket", "urllib.parse", "csv", "decimal", "fractions", "logging", "threading", "queue", "asyncio",
-    "contextlib", "dataclasses", "enum", "typing", "zipfile", "tarfile", "gzip", "hashlib", "secrets",
-    "base64", "struct", "io", "tempfile", "glob", "fnmatch", "difflib", "pprint", "operator", "copy",
-    "pickle", "configparser", "calendar", "uuid", "ipaddress", "http.client", "email.message", "html",
-    "xml.etree.ElementTree", "unittest", "timeit", "traceback", "warnings", "weakref", "array", "codecs",
-    "platform", "selectors", "zlib", "lzma", "bz2", "smtplib", "urllib.request", "http.server", "graphlib",
-    "sched", "shlex", "cmd", "filecmp", "numbers", "inspect", "ast", "tokenize", "types",
-    "concurrent.futures", "multiprocessing", "binascii", "mimetypes", "reprlib", "plistlib", "optparse",
-    "pdb", "pkgutil", "sysconfig", "code", "zoneinfo", "contextvars",
-)
-
-
-def _fits(text: str) -> bool:
-    return MIN_PASSAGE_CHARS <= len(text) <= MAX_PASSAGE_CHARS
-
-
-@lru_cache(maxsize=1)
-def stdlib_passages() -> tuple[Passage, ...]:
-    """Docstrings of stdlib modules, their public classes / functions and class methods, 300-2000 chars."""
-    out: list[Passage] = []
-    seen: set[str] = set()
-    with warnings.catch_warnings():
-        # Touching deprecated attributes (typing.io, typing.re, ...) warns; reading their docs is harmless.
-        warnings.simplefilter("ignore")
-        for mod_name in _STDLIB_MODULES:
-            out.extend(_module_passages(mod_name, seen))
-    return tuple(out)
-
-
-def _module_passages(mod_name: str, seen: set[str]) -> list[Passage]:
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception:  # an optional extension missing on this build is not an error
-        return []
-    objects: list[tuple[str, Any]] = [(mod_name, module)]
-    for name in sorted(dir(module)):
-        obj = getattr(module, name, None)
-        # Only objects defined in this module: re-exports would duplicate passages under other names.
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        if inspect.isclass(obj):
-            objects.append((f"{mod_name}.{name}", obj))
-            for meth_name, meth in sorted(vars(obj).items()):
-                if not meth_name.startswith("_") and inspect.isfunction(meth):
-                    objects.append((f"{mod_name}.{name}.{meth_name}", meth))
-        elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
-            objects.append((f"{mod_name}.{name}", obj))
-    out: list[Passage] = []
-    for title, obj in objects:
-        doc = (inspect.getdoc(obj) or "").strip()
-        if _fits(doc) and doc not in seen:
-            seen.add(doc)
-            out.append(Passage(title=title, source="python", text=doc))
-    return out
-
-
-_ROFF_ESCAPES = [
-    (re.compile(r"\\f(\(..|\[[^\]]*\]|.)"), ""),  # font changes
-    (re.compile(r"\\s[+-]?\d"), ""),  # size changes
-    (re.compile(r"\\\*?\((em|en)"), "-"),
-    (re.compile(r"\\\*?\((lq|rq|dq)"), '"'),
-    (re.compile(r"\\\*?\((aq|oq|cq)"), "'"),
-    (re.compile(r"\\\*?\(bu"), "*"),
-    (re.compile(r"\\\*?\(..|\\\*?\[[^\]]*\]|\\\*."), ""),  # any other named glyph / string
-    (re.compile(r"\\[-]"), "-"),
-    (re.compile(r"\\[ ~0]"), " "),
-    (re.compile(r"\\e"), "\\\\"),
-    (re.compile(r"\\[&|^%c:]"), ""),
-]
-_ROFF_BREAKS = {"PP", "LP", "P", "TP", "IP", "HP", "sp", "br", "RS", "RE", "SS", "SH", "ne", "in", "ti",
-                "nf", "fi", "ad", "na", "ll", "TH", "pc", "ft", "ps", "ce", "de", "ds", "ig", "nr", "so",
-                "if", "ie", "el", "tr", "hy", "nh", "UC", "PD", "TQ", "EX", "EE", "YS", "YE", "SY", "OP"}
-
-
-def _roff_args(rest: str) -> list[str]:
-    return [a[1:-1] if a.startswith('"') else a for a in re.findall(r'"[^"]*"|\S+', rest)]
-
-
-def strip_roff(source: str) -> dict[str, str]:
-    """Convert a man(7) page to plain text, split by section name (``{"DESCRIPTION": "...", ...}``)."""
-    sections: dict[str, list[str]] = {}
-    current = "_"
-    for raw in source.splitlines():
-        line = raw.rstrip()
-        if line.startswith((".\\\"", "'\\\"", '.\\"')):
-            continue
-        if line.startswith((".", "'")):
-            macro, _, rest = line[1:].strip().partition(" ")
-            if macro == "SH":
-                current = " ".join(_roff_args(rest)).upper()
-                continue
-            if macro in {"B", "I", "SM", "SB"}:
-                line = " ".join(_roff_args(rest))
-            elif macro in {"BR", "RB", "IR", "RI", "BI", "IB"}:
-                line = "".join(_roff_args(rest))  # alternating fonts are glued without spaces
-            elif macro == "TP" or macro in _ROFF_BREAKS or macro == "":
-                sections.setdefault(current, []).append("")  # paragraph break
-                continue
-            else:
-                continue  # unknown request: dropping it loses formatting, never prose
-        for pattern, repl in _ROFF_ESCAPES:
-            line = pattern.sub(repl, line)
-        sections.setdefault(current, []).append(line.replace("\\\\", "\\"))
-    result: dict[str, str] = {}
-    for name, lines in sections.items():
-        paragraphs = " ".join(line if line else "\n\n" for line in lines).split("\n\n")
-        text = "\n\n".join(re.sub(r"\s+", " ", p).strip() for p in paragraphs if p.strip())
-        result[name] = text
-    return result
-
-
-def _clip_paragraphs(text: str) -> str:
-    """Keep whole paragraphs up to the length limit so passages never end mid-sentence."""
-    kept: list[str] = []
-    for para in text.split("\n\n"):
-        if sum(len(p) + 2 for p in kept) + len(para) > MAX_PASSAGE_CHARS:
-            break
-        kept.append(para)
-    return "\n\n".join(kept)
-
-
-@lru_cache(maxsize=1)
-def _man_files() -> tuple[Path, ...]:
-    files: list[Path] = []
-    for section in ("man1", "man5", "man7", "man8"):
-        folder = MAN_DIR / section
-        if folder.is_dir():
-            files.extend(sorted(folder.glob("*.gz")))
-    return tuple(files)
-
-
-def man_passages(k: int, rng: random.Random) -> list[Passage]:
-    """Up to ``k`` DESCRIPTION sections of man pages (English pages only), sampled with ``rng``."""
-    files = list(_man_files())
-    rng.shuffle(files)
-    out: list[Passage] = []
-    families: dict[str, int] = {}
-    for path in files[: max(4 * k, k + 20)]:  # many pages are stubs or aliases; read a bounded surplus
-        if len(out) >= k:
-            break
-        # Some packages ship hundreds of near-identical pages (gcloud_*, git-*); cap each family.
-        family = re.split(r"[-_.]", path.name, maxsplit=1)[0]
-        if families.get(family, 0) >= 2:
-            continue
-        try:
-            source = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
-        except (OSError, EOFError, ValueError):
-            continue
-        if source.lstrip().startswith(".so") or "\n.Dd" in source[:3000]:
-            continue  # aliases and mdoc(7) pages: not worth a second parser
-        text = _clip_paragraphs(strip_roff(source).get("DESCRIPTION", ""))
-        if _fits(text):
-            page = path.name.removesuffix(".gz")
-            name, _, sect = page.rpartition(".")
-            out.append(Passage(title=f"{name}({sect})", source="man", text=text))
-            families[family] = families.get(family, 0) + 1
-    return out
 
 
 def _passage_pool(n: int, rng: random.Random, use_man_pages: bool) -> list[Passage]:
@@ -532,64 +351,4 @@ def offline_prompts(n: int, seed: int = 0, use_man_pages: bool = True) -> list[d
         if rng.random() < FOLLOW_UP_RATE:
             turns = [turns[0], _follow_up(rng, category, turns[0])]
         records.append({"id": f"offline-{seed}-{i:06d}", "category": category, "turns": turns})
-    return records
-
-
-# ---------------------------------------------------------------------------------- self-written prompts
-
-_SELF_WRITE_ASK = {
-    "writing": "a creative writing task", "roleplay": "a role-play request", "coding": "a programming task",
-    "extraction": "a request to extract information from a short text they include",
-    "stem": "a science or engineering question", "humanities": "a history or philosophy question",
-    "summarization": "a request to summarize a short text they include",
-    "translation": "a translation request that includes the sentence to translate",
-    "qa": "an everyday practical question", "math_reasoning": "a math word problem",
-    "rag": "a question about a short passage they include",
-}
-_SELF_TOPICS = _TOPICS + _STEM_CONCEPTS + _HUMANITIES
-
-
-def _clean_self_written(text: str) -> str:
-    text = text.strip()
-    text = re.sub(r"^(sure|here(?: is|'s)[^:\n]*|question|user)\s*[:!.,-]\s*", "", text, flags=re.I).strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        text = text[1:-1].strip()
-    return text
-
-
-def self_written_prompts(
-    model: Any, tokenizer: Any, n: int, seed: int = 0, batch_size: int = 8, max_new_tokens: int = 128,
-    temperature: float = 0.8,
-) -> list[dict[str, Any]]:
-    """Ask the target itself to write ``n`` user requests (one per generation), balanced by category.
-
-    The answers come from the target's own distribution, which makes the prompts look like what its users
-    might type; sampling (``temperature > 0``) keeps prompts for the same topic apart. Answers shorter than
-    10 characters or repeated are dropped, so fewer than ``n`` records can come back.
-    """
-    import torch
-
-    from confu.data import generate_replies  # lazy: confu.data imports this module in its CLI handler
-
-    rng = random.Random(seed)
-    asks: list[tuple[str, list[dict[str, str]]]] = []
-    for i in range(n):
-        category = CATEGORIES[i % len(CATEGORIES)]
-        request = (f"Write {_SELF_WRITE_ASK[category]} that a user might send to an AI assistant about "
-                   f"{rng.choice(_SELF_TOPICS)}. Reply with the user's message only, nothing else.")
-        asks.append((category, [{"role": "user", "content": request}]))
-    # Seed generation without disturbing the caller's RNG streams (CPU and the model's CUDA device).
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        replies = generate_replies(model, tokenizer, [a[1] for a in asks], batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, temperature=temperature)
-    records: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for i, ((category, _), reply) in enumerate(zip(asks, replies, strict=True)):
-        text = _clean_self_written(reply)
-        if len(text) < 10 or text in seen:
-            continue
-        seen.add(text)
-        records.append({"id": f"self-{seed}-{i:06d}", "category": category, "turns": [text]})
     return records

@@ -1,0 +1,47 @@
+"""argparse helpers shared by the sub-commands: option types and the option groups several commands take."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parse_contemplate(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError("--contemplate takes 'all' or a number of slots") from err
+
+
+def comma_list(kind: type, flag: str):
+    """argparse type for `1,2,3`-style option values."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(p) for p in text.split(",") if p.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {kind.__name__} values") from err
+        if not values:
+            raise argparse.ArgumentTypeError(f"{flag} is empty")
+        return values
+
+    return parse
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="smollm2-135m",
+                   help="embedded name (smollm2-135m), a local HF model directory, or a .gguf file")
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that decodes (generate, bench)."""
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--depth", type=int, default=6, help="draft tree depth")
+    p.add_argument("--topk", type=int, default=8, help="children expanded per draft node")
+    p.add_argument("--contemplate", type=parse_contemplate, default=None,
+                   help="ConFu: 'all' (default) or the number of contemplate slots besides the root")
+    p.add_argument("--seed", type=int, default=0)
