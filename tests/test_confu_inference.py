@@ -57,7 +57,7 @@ def _ordinary_outputs(target, head, prompt: torch.Tensor, tree: DraftTree, soft_
         state = RoundState(root=int(pre.logits[-1].argmax()), root_out=None, con_features=pre.features[-1])
         plan = plan_contemplate_slots(tree, None) if slots else None
         out, rows = Decoder(target, head).verify_pass(cache, tree, state, plan)
-    return pre.logits, pre.features, out.logits[:rows], out.features[:rows], out.last_hidden[rows:]
+    return pre.logits.all(), pre.features, out.logits.all(), out.features[:rows], out.last_hidden[rows:]
 
 
 NAMES = ["prompt logits", "prompt features", "verify logits", "verify features"]
@@ -135,8 +135,7 @@ def test_future_is_contemplate_state_of_last_accepted_node(tiny_llama_dir, monke
         embeds = torch.cat([target.embed(torch.tensor(seq)), con[None]])
         with torch.no_grad():
             out = target.forward(cache, torch.arange(n + 1), torch.ones(n + 1, n + 1, dtype=torch.bool).tril(),
-                                 inputs_embeds=embeds, logits_rows=torch.tensor([0]),
-                                 contemplate_rows=1)
+                                 inputs_embeds=embeds, contemplate_rows=1)
         return out.last_hidden[n]
 
     for (seq, f, _), con in zip(records, cons, strict=True):

@@ -204,10 +204,7 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
                 layers_of[key], cache_of[key] = eagle_layers, plain_cache
 
     def reset(key) -> None:
-        cache = cache_of[key]
-        extra = cache.kv.get_seq_length() - cache.committed
-        if extra:
-            cache.kv.crop(-extra)  # drop what the pass appended: every repeat sees the same cache
+        cache_of[key].rollback()  # drop what the pass appended: every repeat sees the same cache
         target.feature_layers = layers_of[next_key[key]]
 
     # Interleave every (size, column) per repeat; feature layers are switched outside the timed region.

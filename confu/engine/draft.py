@@ -240,7 +240,7 @@ class ConFuHead(Eagle3Head):
         ids = torch.tensor((seed_ids * s)[:s], dtype=torch.long)
         cache = target.new_cache()
         target.forward(cache, torch.arange(s), torch.ones(s, s, dtype=torch.bool).tril(), input_ids=ids)
-        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.kv.layers])
+        kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in (layer.view() for layer in cache.kv.layers)])
         mean_emb = target.model.get_input_embeddings().weight.mean(0)
         with torch.no_grad():
             self.soft_prompt.copy_(kv)

@@ -20,7 +20,7 @@ from confu.engine.drafter import Drafter
 from confu.engine.sampling import SamplingConfig, logits_to_probs, sample_token
 from confu.engine.target import Target, TargetCache
 from confu.engine.tree import DraftTree, TreeConfig
-from confu.engine.verify import verify_greedy, verify_sampling
+from confu.engine.verify import MappedRows, Rows, verify_greedy, verify_sampling
 from confu.errors import InputError
 
 
@@ -135,13 +135,12 @@ class Decoder:
         t = self.target
         n = len(prompt)
         if not self.confu:
-            out = t.forward(cache, torch.arange(n), _causal(n), input_ids=prompt, logits_rows=torch.tensor([n - 1]))
+            out = t.forward(cache, torch.arange(n), _causal(n), input_ids=prompt)
             cache.commit(None)
             return self._pick(out.logits[-1], cfg, gen), out.features, None
         features = []
         if n > 1:
-            head_out = t.forward(cache, torch.arange(n - 1), _causal(n - 1), input_ids=prompt[:-1],
-                                 logits_rows=torch.tensor([0]))
+            head_out = t.forward(cache, torch.arange(n - 1), _causal(n - 1), input_ids=prompt[:-1])
             cache.commit(None)
             features.append(head_out.features)
             route = head_out.features[-1]
@@ -149,8 +148,7 @@ class Decoder:
             route = torch.zeros(3 * t.hidden_size, dtype=t.dtype)
         embeds = torch.cat([t.embed(prompt[-1:]), self.draft.contemplate_embedding(route)[None]])
         mask = torch.ones(2, 2, dtype=torch.bool).tril()
-        out = t.forward(cache, torch.tensor([n - 1, n]), mask, inputs_embeds=embeds,
-                        logits_rows=torch.tensor([0]), contemplate_rows=1)
+        out = t.forward(cache, torch.tensor([n - 1, n]), mask, inputs_embeds=embeds, contemplate_rows=1)
         cache.commit(torch.tensor([0]))
         features.append(out.features[:1])
         return self._pick(out.logits[0], cfg, gen), torch.cat(features), out.last_hidden[1]
@@ -173,8 +171,7 @@ class Decoder:
         if plan is None:
             return t.forward(cache, positions, mask, input_ids=ids), rows
         embeds, positions, mask = plan.extend_inputs(t.embed(ids), positions, mask, self.draft, state.con_features)
-        out = t.forward(cache, positions, mask, inputs_embeds=embeds, logits_rows=torch.arange(rows),
-                        contemplate_rows=plan.num_slots)
+        out = t.forward(cache, positions, mask, inputs_embeds=embeds, contemplate_rows=plan.num_slots)
         return out, rows
 
     def _run(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[tuple[list[int], StepRecord | None, str]]:
@@ -209,7 +206,7 @@ class Decoder:
                 plan = plan_contemplate_slots(tree, cfg.contemplate) if self.confu else None
                 toc = time.perf_counter()
                 out, rows = self.verify_pass(cache, tree, state, plan)
-                accepted, bonus = self._accept(tree, out.logits[:rows], cfg, gen)
+                accepted, bonus = self._accept(tree, out.logits, cfg, gen)
                 keep = torch.tensor([0] + [i + 1 for i in accepted])
                 cache.commit(keep)
                 verified = time.perf_counter()
@@ -236,12 +233,12 @@ class Decoder:
                 emitted += len(new)
                 yield new, step, reason
 
-    def _accept(self, tree: DraftTree | None, logits: Tensor, cfg: GenerationConfig, gen) -> tuple[list[int], int]:
+    def _accept(self, tree: DraftTree | None, logits: Rows, cfg: GenerationConfig, gen) -> tuple[list[int], int]:
         if tree is None or len(tree.tokens) == 0:
             return [], self._pick(logits[0], cfg, gen)
         if cfg.sampling.greedy:
             return verify_greedy(tree, logits)
-        return verify_sampling(tree, logits_to_probs(logits, cfg.sampling), gen)
+        return verify_sampling(tree, MappedRows(logits, lambda row: logits_to_probs(row, cfg.sampling)), gen)
 
     def _clip(self, new_tokens: list[int], emitted: int, cfg: GenerationConfig) -> tuple[list[int], str]:
         """Cut the round's tokens at EOS or the token budget; returns (tokens to emit, stop reason or '')."""

@@ -1,25 +1,35 @@
-"""The frozen target model: forwards against a KV cache with explicit positions and a 4D mask.
+"""The frozen target model: forwards against a preallocated KV cache with explicit positions and a 4D mask.
 
 The wrapper never patches the HF model's code. It uses what every HF causal LM accepts: `inputs_embeds`,
-`position_ids`, a boolean 4D `attention_mask` over (cache + new tokens), a `DynamicCache`,
-`output_hidden_states` (for the EAGLE-3 features and the contemplate state `f`), `logits_to_keep`
-(so contemplate slots cost no lm_head work), and it switches the model's attention implementation to a
-registered function (below) that keeps ordinary rows and contemplate rows in separate attention calls.
+`position_ids`, a boolean 4D `attention_mask` over (cache + new tokens), a `Cache` whose layers are ours
+(`PositionalLayer`: buffers written by position, gpt-fast style, so a round costs no concatenation and a
+commit moves only the accepted entries), `output_hidden_states` (for the EAGLE-3 features and the
+contemplate state `f`). It runs the decoder without its lm_head and applies the head lazily, row by row
+(`RowLogits`): verification reads only the rows on the accepted path. It switches the model's attention
+implementation to a registered function (below) that keeps ordinary rows and contemplate rows in separate
+attention calls, and, on the CPU, swaps linear layers whose weights are exactly GGUF blocks for the
+quantized kernels of `confu.engine.quant` (`numerics="auto"`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AttentionInterface, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from confu.chat import end_of_turn_ids
+from confu.engine.quant import kernel_status, pack_model
 from confu.errors import InputError
+
+NUMERICS = ("auto", "reference")
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
@@ -31,7 +41,7 @@ SPLIT_ATTENTION = "confu_split_sdpa"
 
 
 def split_sdpa_attention(module, query, key, value, attention_mask, *, contemplate_split=None, **kwargs):
-    """HF's SDPA attention, except that ordinary rows never share a kernel call with contemplate rows.
+    """SDPA attention in which ordinary rows never share a kernel call with contemplate rows.
 
     `contemplate_split = (prefix, n_ordinary)`: the cache starts with `prefix` soft-prompt entries and the
     new rows are `n_ordinary` ordinary rows followed by contemplate rows. The mask already hides the soft
@@ -39,18 +49,21 @@ def split_sdpa_attention(module, query, key, value, attention_mask, *, contempla
     blocked reductions, so with one call the mere presence of contemplate rows changed ordinary outputs by
     rounding (up to 4.5e-5 on the embedded target's logits). Ordinary rows therefore attend over exactly
     the keys they may see (committed tokens and ordinary new rows), which is the very call a forward without
-    ConFu makes; only contemplate rows attend over the whole cache.
+    ConFu makes; only contemplate rows attend over the whole cache. Grouped KV heads are handed to SDPA as
+    they are (`enable_gqa`) instead of being expanded to every query head in each layer of each pass.
+    Calls without a split (HF `generate`, training) take HF's own SDPA path.
     """
     if contemplate_split is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     prefix, n_ordinary = contemplate_split
     end = key.shape[2] - (query.shape[2] - n_ordinary)  # keys of the soft prompt, committed and ordinary rows
-    ordinary, _ = sdpa_attention_forward(
-        module, query[:, :, :n_ordinary], key[:, :, prefix:end], value[:, :, prefix:end],
-        attention_mask[:, :, :n_ordinary, prefix:end], **kwargs,
-    )
+    ordinary = F.scaled_dot_product_attention(
+        query[:, :, :n_ordinary], key[:, :, prefix:end], value[:, :, prefix:end],
+        attn_mask=attention_mask[:, :, :n_ordinary, prefix:end], scale=kwargs.get("scaling"),
+        enable_gqa=query.shape[1] != key.shape[1],
+    ).transpose(1, 2)
     if n_ordinary == query.shape[2]:
-        return ordinary, None
+        return ordinary.contiguous(), None
     contemplate = _contemplate_attention(
         query[:, :, n_ordinary:], key, value, attention_mask[:, :, n_ordinary:],
         getattr(module, "num_key_value_groups", 1), kwargs.get("scaling"),
@@ -63,7 +76,7 @@ def _contemplate_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tens
     """Contemplate rows over the whole cache, returned as (batch, rows, heads, head_dim).
 
     The query heads are folded into their KV groups (HF's `pack_gqa`, extended to several rows) so the
-    cache is not expanded to all query heads a second time in the layer: only the ordinary call pays that.
+    cache is never expanded to all query heads.
     """
     b, h, c, d = query.shape
     packed = query.reshape(b, h // n_rep, n_rep * c, d)  # head kv*n_rep + r, row i -> group kv, row r*c + i
@@ -76,17 +89,80 @@ AttentionInterface.register(SPLIT_ATTENTION, split_sdpa_attention)
 AttentionMaskInterface.register(SPLIT_ATTENTION, sdpa_mask)
 
 
-@dataclass
-class TargetOutput:
-    """What one forward returns for its new positions."""
+class PositionalLayer(CacheLayerMixin):
+    """One layer's keys and values in a preallocated buffer written by position.
 
-    logits: Tensor | None  # (n_logits, V) for the rows asked for, in order
-    features: Tensor  # (n, 3H) EAGLE-3 features of every new row
-    last_hidden: Tensor  # (n, H) final-norm hidden state: `f` on contemplate rows
+    `update` writes the new entries after the current ones and returns views of the filled part, so a
+    forward costs no concatenation. The buffer doubles when full (amortised O(1) per token).
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, capacity: int = 256):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self.keys = key_states.new_zeros(b, h, self.capacity, d)
+        self.values = value_states.new_zeros(b, h, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _reserve(self, size: int) -> None:
+        if size <= self.capacity:
+            return
+        self.capacity = max(size, 2 * self.capacity)
+        keys = self.keys.new_zeros(*self.keys.shape[:2], self.capacity, self.keys.shape[-1])
+        values = self.values.new_zeros(*self.values.shape[:2], self.capacity, self.values.shape[-1])
+        keys[:, :, : self.length] = self.keys[:, :, : self.length]
+        values[:, :, : self.length] = self.values[:, :, : self.length]
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._reserve(end)
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def keep(self, start: int, index: Tensor) -> None:
+        """Keep the entries at `start + index` (ascending) as `start, start + 1, ...`; drop the rest."""
+        if self.is_initialized:
+            src = start + index
+            self.keys[:, :, start : start + len(index)] = self.keys[:, :, src]
+            self.values[:, :, start : start + len(index)] = self.values[:, :, src]
+        self.length = start + len(index)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of entries to drop")
+        self.length = max(0, self.length + tokens_to_remove)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def view(self) -> tuple[Tensor, Tensor]:
+        """(keys, values) of the filled part."""
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
 
 class TargetCache:
-    """A DynamicCache plus the number of committed entries.
+    """The target's KV cache plus the number of committed entries.
 
     Layout of every layer: `[soft prompt (s) | committed tokens | entries of the last forward]`.
     `commit` keeps a chosen subset of the last forward's entries and drops the rest, so draft nodes
@@ -94,11 +170,11 @@ class TargetCache:
     """
 
     def __init__(self, model: PreTrainedModel, soft_prompt: list[tuple[Tensor, Tensor]] | None = None):
-        self.kv = DynamicCache(config=model.config)
+        self.kv = Cache(layers=[PositionalLayer() for _ in range(model.config.num_hidden_layers)])
         self.prefix = 0
         if soft_prompt is not None:
             for layer_idx, (k, v) in enumerate(soft_prompt):
-                self.kv.update(k, v, layer_idx)
+                self.kv.update(k.detach(), v.detach(), layer_idx)
             self.prefix = soft_prompt[0][0].shape[-2]
         self.committed = self.prefix
 
@@ -107,18 +183,24 @@ class TargetCache:
         """Committed real tokens (soft prompt excluded): the next real token's position."""
         return self.committed - self.prefix
 
+    @property
+    def pending(self) -> int:
+        """Entries the last forward appended that are not committed yet."""
+        return self.kv.get_seq_length() - self.committed
+
     def commit(self, keep: Tensor | None) -> None:
-        """Keep the last forward's entries at local indices `keep` (None keeps all of them)."""
-        total = self.kv.get_seq_length()
-        new = total - self.committed
-        if keep is None or (len(keep) == new and torch.equal(keep, torch.arange(new))):
-            self.committed = total
+        """Keep the last forward's entries at local indices `keep` (ascending; None keeps all of them)."""
+        new = self.pending
+        if keep is None or (len(keep) == new and torch.equal(keep.cpu(), torch.arange(new))):
+            self.committed += new
             return
-        index = torch.cat([torch.arange(self.committed), self.committed + keep.to(torch.long)])
         for layer in self.kv.layers:
-            layer.keys = layer.keys.index_select(-2, index)
-            layer.values = layer.values.index_select(-2, index)
-        self.committed = len(index)
+            layer.keep(self.committed, keep.to(torch.long))
+        self.committed += len(keep)
+
+    def rollback(self) -> None:
+        """Drop what the last forward appended (a benchmark repeats one pass on the same cache)."""
+        self.kv.crop(-self.pending)
 
 
 def mask_with_cache(cache: TargetCache, new_mask: Tensor, contemplate_rows: int) -> Tensor:
@@ -129,15 +211,55 @@ def mask_with_cache(cache: TargetCache, new_mask: Tensor, contemplate_rows: int)
     states the rule in full, so it is right on its own.
     """
     n = new_mask.shape[0]
-    prefix = torch.zeros(n, cache.prefix, dtype=torch.bool)
-    if contemplate_rows:
-        prefix[n - contemplate_rows:] = True
-    committed = torch.ones(n, cache.committed - cache.prefix, dtype=torch.bool)
-    return torch.cat([prefix, committed, new_mask], dim=1)
+    mask = torch.ones(n, cache.committed + n, dtype=torch.bool, device=new_mask.device)
+    mask[: n - contemplate_rows, : cache.prefix] = False
+    mask[:, cache.committed :] = new_mask
+    return mask
+
+
+class RowLogits:
+    """The logits of a pass's rows, each computed when first read.
+
+    Verification reads the rows on the accepted path and seldom more, and one row of a large vocabulary
+    head costs about as much as a whole decoder layer; rows are independent, so computing them one at a
+    time gives the same values as computing them together (the quantized kernels are row-invariant).
+    """
+
+    def __init__(self, target: Target, hidden: Tensor):
+        self.target = target
+        self.hidden = hidden
+        self._rows: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def __getitem__(self, row: int) -> Tensor:
+        row = int(row)
+        if row < 0:
+            row += len(self)
+        if row not in self._rows:
+            self._rows[row] = self.target.logits(self.hidden[row : row + 1])[0]
+        return self._rows[row]
+
+    def all(self) -> Tensor:
+        return self.target.logits(self.hidden)
+
+
+@dataclass
+class TargetOutput:
+    """What one forward returns for its new positions."""
+
+    logits: RowLogits  # (ordinary rows, V), each row computed on first use
+    features: Tensor  # (n, 3H) EAGLE-3 features of every new row
+    last_hidden: Tensor  # (n, H) final-norm hidden state: `f` on contemplate rows
 
 
 class Target:
-    """A frozen HF causal LM seen the way a speculative decoder needs it."""
+    """A frozen HF causal LM seen the way a speculative decoder needs it.
+
+    numerics: "auto" runs GGUF-exact linear layers through the CPU kernels when the machine has them;
+    "reference" keeps transformers' own modules. `self.numerics` says what is in effect.
+    """
 
     def __init__(
         self,
@@ -145,7 +267,10 @@ class Target:
         tokenizer: PreTrainedTokenizerBase,
         feature_layers: tuple[int, ...] | None = None,
         name: str = "",
+        numerics: str = "auto",
     ):
+        if numerics not in NUMERICS:
+            raise InputError(f"numerics must be one of {NUMERICS} (got {numerics!r})")
         self.model = model.eval().requires_grad_(False)
         self.model.set_attn_implementation(SPLIT_ATTENTION)
         self.tokenizer = tokenizer
@@ -158,19 +283,38 @@ class Target:
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_context: int = cfg.max_position_embeddings
         self.feature_layers = tuple(feature_layers or default_feature_layers(self.num_layers))
-        if len(self.feature_layers) != 3 or not all(0 <= i <= self.num_layers for i in self.feature_layers):
-            raise InputError(
-                f"feature layers {self.feature_layers} must be 3 layer ids in 0..{self.num_layers}"
-            )
+        check_feature_layers(self.feature_layers, self.num_layers)
         # EOS ids: the generation config's, the tokenizer's, and the chat template's turn end.
         self.eos_ids: set[int] = set(end_of_turn_ids(tokenizer, getattr(model, "generation_config", None)))
+        self._swaps = pack_model(self.model) if numerics == "auto" and self.device.type == "cpu" else []
+        self.numerics = self._describe_numerics(numerics)
 
     @classmethod
-    def load(cls, spec: str, feature_layers: tuple[int, ...] | None = None) -> Target:
+    def load(cls, spec: str, feature_layers: tuple[int, ...] | None = None, numerics: str = "auto") -> Target:
         from confu.hub import load_target_model
 
         model, tokenizer = load_target_model(spec)
-        return cls(model, tokenizer, feature_layers, name=spec)
+        return cls(model, tokenizer, feature_layers, name=spec, numerics=numerics)
+
+    def _describe_numerics(self, numerics: str) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        if not self._swaps:
+            why = "" if numerics == "reference" else f" (no GGUF-exact kernels: {kernel_status().reason})"
+            return f"transformers {dtype} linear layers{why}" if numerics == "auto" else f"transformers {dtype}"
+        kinds = sorted({new.packed.kind.upper() for *_, new in self._swaps})
+        total = len(self._swaps) + sum(1 for m in self.model.modules() if type(m) is torch.nn.Linear)
+        return f"GGUF-exact {'/'.join(kinds)} CPU kernels on {len(self._swaps)} of {total} linear layers, fp32 activations"
+
+    @contextmanager
+    def reference_numerics(self) -> Iterator[None]:
+        """Run transformers' own linear modules inside the block (the HF `generate` baseline)."""
+        for parent, name, original, _ in self._swaps:
+            setattr(parent, name, original)
+        try:
+            yield
+        finally:
+            for parent, name, _, packed in self._swaps:
+                setattr(parent, name, packed)
 
     @property
     def device(self) -> torch.device:
@@ -183,6 +327,14 @@ class Target:
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(ids)
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Next-token logits of final-norm hidden states (n, H) -> (n, V), with the model's soft-capping."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def new_cache(self, soft_prompt: list[tuple[Tensor, Tensor]] | None = None) -> TargetCache:
         return TargetCache(self.model, soft_prompt)
 
@@ -193,22 +345,21 @@ class Target:
         new_mask: Tensor,
         input_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
-        logits_rows: Tensor | None = None,
         contemplate_rows: int = 0,
+        feature_layers: tuple[int, ...] | None = None,
     ) -> TargetOutput:
         """Forward `n` new rows after the cache's committed entries.
 
         positions: (n,) RoPE positions of the new rows.
         new_mask: (n, n) bool, which new rows each new row may see (True = attend).
-        logits_rows: which new rows need logits (default: all); contemplate rows need none.
         contemplate_rows: how many of the new rows, at the end, are contemplate tokens (they alone see the
             soft prompt, and attend in their own attention call).
+        feature_layers: the hidden-state indices concatenated into `features` (default: the target's).
         """
-        if cache.kv.get_seq_length() != cache.committed:
+        if cache.pending:
             raise RuntimeError("the previous forward was not committed")
         n = len(positions)
-        split = (cache.prefix, n - contemplate_rows) if cache.prefix or contemplate_rows else None
-        out = self.model(
+        out = self.model.get_decoder()(
             input_ids=None if input_ids is None else input_ids[None],
             inputs_embeds=None if inputs_embeds is None else inputs_embeds[None],
             position_ids=positions[None],
@@ -216,10 +367,15 @@ class Target:
             past_key_values=cache.kv,
             use_cache=True,
             output_hidden_states=True,
-            logits_to_keep=0 if logits_rows is None else logits_rows,
-            contemplate_split=split,
+            contemplate_split=(cache.prefix, n - contemplate_rows),
         )
         hidden = out.hidden_states
-        features = torch.cat([hidden[i][0] for i in self.feature_layers], dim=-1)
-        return TargetOutput(logits=out.logits[0], features=features, last_hidden=hidden[-1][0])
+        features = torch.cat([hidden[i][0] for i in feature_layers or self.feature_layers], dim=-1)
+        last = out.last_hidden_state[0]
+        # contemplate rows have no next token: only `f`, their hidden state, is read
+        return TargetOutput(logits=RowLogits(self, last[: n - contemplate_rows]), features=features, last_hidden=last)
 
+
+def check_feature_layers(layers: tuple[int, ...], num_layers: int) -> None:
+    if len(layers) != 3 or not all(0 <= i <= num_layers for i in layers):
+        raise InputError(f"feature layers {tuple(layers)} must be 3 layer ids in 0..{num_layers}")

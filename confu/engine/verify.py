@@ -1,13 +1,18 @@
 """Tree verification: which draft nodes the target accepts and which token it emits after them.
 
 Both functions are pure (no model, no cache). Target rows follow DESIGN.md: row 0 is the distribution of the
-token after the last accepted token (the root), row ``i + 1`` the distribution after node ``i``. Each returns
+token after the last accepted token (the root), row ``i + 1`` the distribution after node ``i``. Rows are read one
+at a time, only those on the path being verified, so they may be a tensor or any ``Rows`` whose rows are computed
+on demand (the decoder's ``RowLogits``: a row of a large vocabulary head is not free). Each returns
 ``(accepted, next_token)``: the accepted node indices in depth order and the token sampled from the target at
 the last accepted position (the bonus token when a leaf was reached, the correction otherwise). A decoder
 emits ``[tree.tokens[i] for i in accepted] + [next_token]``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -16,18 +21,43 @@ from confu.engine.sampling import sample_token
 from confu.engine.tree import DraftTree
 from confu.errors import InputError
 
-__all__ = ["verify_greedy", "verify_sampling"]
+__all__ = ["MappedRows", "Rows", "verify_greedy", "verify_sampling"]
 
 
-def _check_rows(tree: DraftTree, target: Tensor, name: str) -> None:
-    if target.dim() != 2 or target.shape[0] != len(tree) + 1:
+class Rows(Protocol):
+    """Per-row target outputs: a (T + 1, V) tensor, or rows computed when first read."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, row: int) -> Tensor: ...
+
+
+class MappedRows:
+    """``fn`` applied to each row of ``rows`` when that row is first read (e.g. logits -> probabilities)."""
+
+    def __init__(self, rows: Rows, fn: Callable[[Tensor], Tensor]):
+        self.rows, self.fn = rows, fn
+        self._done: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, row: int) -> Tensor:
+        if row not in self._done:
+            self._done[row] = self.fn(self.rows[row])
+        return self._done[row]
+
+
+def _check_rows(tree: DraftTree, target: Rows, name: str) -> None:
+    if isinstance(target, Tensor) and target.dim() != 2:
+        raise InputError(f"{name} must have shape (T + 1, V), got {tuple(target.shape)}")
+    if len(target) != len(tree) + 1:
         raise InputError(
-            f"{name} must have shape (T + 1, V) = ({len(tree) + 1}, V) for a tree of {len(tree)} nodes, "
-            f"got {tuple(target.shape)}"
+            f"{name} must have T + 1 = {len(tree) + 1} rows for a tree of {len(tree)} nodes, got {len(target)}"
         )
 
 
-def verify_greedy(tree: DraftTree, target_logits: Tensor) -> tuple[list[int], int]:
+def verify_greedy(tree: DraftTree, target_logits: Rows) -> tuple[list[int], int]:
     """Accept the longest root path whose every token is the target's argmax at its parent's row.
 
     The output equals greedy autoregressive decoding by construction: a node is accepted only if its token is
@@ -35,14 +65,19 @@ def verify_greedy(tree: DraftTree, target_logits: Tensor) -> tuple[list[int], in
     the one whose subtree accepts more tokens wins (still exact; ties go to the higher-scored sibling).
     """
     _check_rows(tree, target_logits, "target_logits")
-    best: list[int] = target_logits.argmax(dim=-1).tolist()
+    best: dict[int, int] = {}  # argmax of each row read so far
     tokens: list[int] = tree.tokens.tolist()
+
+    def best_of(row: int) -> int:
+        if row not in best:
+            best[row] = int(target_logits[row].argmax())
+        return best[row]
 
     def longest_from(node: int) -> list[int]:
         row = node + 1
         longest: list[int] = []
         for child in tree.children[row]:
-            if tokens[child] == best[row]:
+            if tokens[child] == best_of(row):
                 path = [child, *longest_from(child)]
                 if len(path) > len(longest):
                     longest = path
@@ -50,7 +85,7 @@ def verify_greedy(tree: DraftTree, target_logits: Tensor) -> tuple[list[int], in
 
     accepted = longest_from(-1)
     last_row = accepted[-1] + 1 if accepted else 0
-    return accepted, best[last_row]
+    return accepted, best_of(last_row)
 
 
 def _work_dtype(probs: Tensor) -> torch.dtype:
@@ -61,7 +96,7 @@ def _work_dtype(probs: Tensor) -> torch.dtype:
 
 
 def verify_sampling(
-    tree: DraftTree, target_probs: Tensor, generator: torch.Generator | None = None
+    tree: DraftTree, target_probs: Rows, generator: torch.Generator | None = None
 ) -> tuple[list[int], int]:
     """Multi-candidate rejection sampling for a deterministic draft tree (SpecInfer / EAGLE style).
 
@@ -84,16 +119,16 @@ def verify_sampling(
     dividing), so no division by zero can occur.
     """
     _check_rows(tree, target_probs, "target_probs")
-    # Uniform draws must come from the generator's device; the rows visited are moved there one at a time.
-    device = generator.device if generator is not None else target_probs.device
-    dtype = _work_dtype(target_probs)
     tokens: list[int] = tree.tokens.tolist()
 
     accepted: list[int] = []
     node = -1
     while True:
-        # A private copy: rejected candidates are zeroed in place.
-        p = target_probs[node + 1].to(device=device, dtype=dtype, copy=True)
+        # A private copy (rejected candidates are zeroed in place), on the generator's device: uniform draws
+        # must come from there.
+        row = target_probs[node + 1]
+        device = generator.device if generator is not None else row.device
+        p = row.to(device=device, dtype=_work_dtype(row), copy=True)
         mass = float(p.sum())
         if not mass > 0:
             raise InputError(f"target distribution at row {node + 1} has no mass")
@@ -101,7 +136,7 @@ def verify_sampling(
         for child in tree.children[node + 1]:
             x = tokens[child]
             p_x = float(p[x])
-            u = float(torch.rand((), generator=generator, device=device, dtype=dtype))
+            u = float(torch.rand((), generator=generator, device=device, dtype=p.dtype))
             if u * mass < p_x:
                 chosen = child
                 break

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from confu.engine.draft import ConFuHead, Eagle3Head
-from confu.engine.target import TargetCache
 
 
 @dataclass
@@ -191,9 +191,10 @@ def contemplate_futures(model, head: ConFuHead, tb: TargetBatch, anchors: Tensor
     s = head.cfg.soft_prompt_len
     dtype = tb.kv[0][0].dtype
     soft = [(sk.to(dtype), sv.to(dtype)) for sk, sv in head.soft_prompt_kv(b)]
-    cache = TargetCache(model, soft)
-    for layer_idx, (keys, values) in enumerate(tb.kv):
-        cache.kv.update(keys, values, layer_idx)  # concatenation keeps the soft prompt's autograd link
+    cache = DynamicCache(config=model.config)
+    for layer_idx, ((sk, sv), (keys, values)) in enumerate(zip(soft, tb.kv, strict=True)):
+        # concatenation keeps the soft prompt's autograd link (the decoder's cache writes in place)
+        cache.update(torch.cat([sk, keys], dim=-2), torch.cat([sv, values], dim=-2), layer_idx)
     bidx = torch.arange(b, device=anchors.device)[:, None]
     route = tb.features[bidx, (anchors - 1).clamp(min=0)] * (anchors > 0)[..., None].to(tb.features.dtype)
     con = head.contemplate_embedding(route.to(head.fc.weight.dtype))
@@ -207,7 +208,7 @@ def contemplate_futures(model, head: ConFuHead, tb: TargetBatch, anchors: Tensor
         inputs_embeds=con.to(dtype),
         position_ids=anchors + 1,
         attention_mask=mask[:, None],
-        past_key_values=cache.kv,
+        past_key_values=cache,
         use_cache=True,
         output_hidden_states=True,
         logits_to_keep=1,  # the [con] rows need no logits

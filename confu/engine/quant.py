@@ -1,0 +1,209 @@
+"""GGUF-exact weight-only quantized linear layers for the CPU.
+
+A GGUF target (the embedded SmolLM2 is Q4_1 with a Q8_0 embedding) is dequantised to float32 when transformers
+loads it, and those float32 values *are* the model. Streaming them costs 538 MB per forward on a CPU where a
+one-token step is memory-bound. `pack_exact` recovers each weight's GGUF blocks from its float32 values, and
+accepts them only when dequantising gives back every weight bit for bit; `PackedLinear` then runs the
+layer through `kernels.c` (AVX2, 4.5-8.5 bits per weight instead of 32), and through `F.linear` on the same
+float32 weight wherever the kernel does not apply (autograd through the target, GPU, other dtypes).
+
+Same weights, different summation order: the kernel's outputs differ from MKL's by fp32 rounding only. Plain
+and speculative decoding both run through the same modules, so they always share one set of numerics.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BLOCK = 32
+SOURCE = Path(__file__).with_name("kernels.c")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    library: ctypes.CDLL | None
+    reason: str  # why there is no library, or where it was loaded from
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _compile(out: Path) -> str | None:
+    """Build the shared library at `out` (atomically); returns an error message or None."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler (cc / gcc) on PATH"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        proc = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return f"{compiler} failed: {proc.stderr.strip()[-500:]}"
+        tmp_out.replace(out)
+    return None
+
+
+@functools.cache
+def kernel_status() -> KernelStatus:
+    """Compile (once per machine and source version, cached under $CONFU_CACHE/kernels) and load the kernels."""
+    if os.environ.get("CONFU_NO_KERNELS"):
+        return KernelStatus(None, "disabled by CONFU_NO_KERNELS")
+    if not _cpu_has_avx2_fma():
+        return KernelStatus(None, "the CPU lacks AVX2 / FMA (or is not x86-64)")
+    from confu.hub import cache_dir
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"confu-kernels-{key}.so"
+    if not path.is_file():
+        error = _compile(path)
+        if error:
+            return KernelStatus(None, error)
+    lib = ctypes.CDLL(str(path))  # after torch: the kernels share torch's OpenMP runtime (libgomp.so.1)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.q4_1_matmul.argtypes = [p, i, i, p, p, p, i, p]
+    lib.q8_0_matmul.argtypes = [p, i, i, p, p, i, p]
+    lib.q4_1_matmul.restype = lib.q8_0_matmul.restype = None
+    return KernelStatus(lib, str(path))
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight (N, K) in GGUF blocks of 32 along K: Q4_1 (`q` (N, K/2) uint8, `d`, `m` (N, K/32)) or Q8_0
+    (`q` (N, K) int8, `d` (N, K/32), no `m`)."""
+
+    kind: str
+    q: Tensor
+    d: Tensor
+    m: Tensor | None
+
+    @property
+    def bits_per_weight(self) -> float:
+        per_block = self.q.shape[-1] * 8 / (self.d.shape[-1]) + 32 * (1 if self.m is None else 2)
+        return per_block / BLOCK
+
+
+def _fp16_exact(x: Tensor) -> bool:
+    return bool(torch.equal(x.half().float(), x))
+
+
+def pack_q4_1(w: Tensor) -> PackedWeight | None:
+    """Q4_1 blocks whose dequantisation `d * q + m` gives back `w` exactly, or None."""
+    n, k = w.shape
+    blocks = w.detach().float().reshape(n, k // BLOCK, BLOCK)
+    m = blocks.amin(-1)
+    d = (blocks.amax(-1) - m) / 15  # Q4_1 maps a block's min to q = 0 and its max to q = 15
+    if not (_fp16_exact(d) and _fp16_exact(m)):
+        return None
+    q = ((blocks - m[..., None]) / torch.where(d > 0, d, 1)[..., None]).round()
+    if q.amin() < 0 or q.amax() > 15 or not torch.equal(q * d[..., None] + m[..., None], blocks):
+        return None
+    q = q.to(torch.uint8)
+    packed = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous()
+    return PackedWeight("q4_1", packed, d.contiguous(), m.contiguous())
+
+
+def pack_q8_0(w: Tensor) -> PackedWeight | None:
+    """Q8_0 blocks whose dequantisation `d * q` gives back `w` exactly, or None."""
+    n, k = w.shape
+    blocks = w.detach().float().reshape(n, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1) / 127  # Q8_0 maps a block's largest magnitude to |q| = 127
+    if not _fp16_exact(d):
+        return None
+    q = (blocks / torch.where(d > 0, d, 1)[..., None]).round()
+    if q.abs().amax() > 127 or not torch.equal(q * d[..., None], blocks):
+        return None
+    return PackedWeight("q8_0", q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous(), None)
+
+
+def pack_exact(w: Tensor) -> PackedWeight | None:
+    """The smallest GGUF block format that reproduces `w` bit for bit (float32 CPU weights only)."""
+    if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[1] % BLOCK:
+        return None
+    return pack_q4_1(w) or pack_q8_0(w)
+
+
+def packed_matmul(x: Tensor, packed: PackedWeight, lib: ctypes.CDLL) -> Tensor:
+    """x (M, K) float32 contiguous @ W^T -> (M, N)."""
+    m_rows, k = x.shape
+    n = packed.q.shape[0]
+    out = torch.empty(m_rows, n, dtype=torch.float32)
+    if m_rows == 0:
+        return out
+    if packed.kind == "q4_1":
+        lib.q4_1_matmul(x.data_ptr(), m_rows, k, packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr(),
+                        n, out.data_ptr())
+    else:
+        lib.q8_0_matmul(x.data_ptr(), m_rows, k, packed.q.data_ptr(), packed.d.data_ptr(), n, out.data_ptr())
+    return out
+
+
+class PackedLinear(nn.Module):
+    """An `nn.Linear` whose float32 weight is exactly a GGUF block format: the kernel runs it on the CPU.
+
+    The original weight (and bias) stay, shared with the replaced module: autograd through the target (the
+    soft prompt's gradient in training) and non-CPU / non-fp32 inputs take `F.linear` on them.
+    """
+
+    def __init__(self, linear: nn.Linear, packed: PackedWeight, lib: ctypes.CDLL):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.packed = packed
+        self.lib = lib
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        out = packed_matmul(flat, self.packed, self.lib)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.packed.kind}"
+
+
+def _linear_children(model: nn.Module):
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                yield parent, name, child
+
+
+def pack_model(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear, PackedLinear]]:
+    """Swap every linear layer whose weight is GGUF-exact for a `PackedLinear`; returns the swaps made
+    (parent, attribute, original, packed) so they can be undone. Nothing is swapped without the kernels."""
+    lib = kernel_status().library
+    if lib is None:
+        return []
+    swaps = []
+    for parent, name, linear in list(_linear_children(model)):
+        packed = pack_exact(linear.weight)
+        if packed is not None:
+            swaps.append((parent, name, linear, PackedLinear(linear, packed, lib)))
+    for parent, name, _, new in swaps:
+        setattr(parent, name, new)
+    return swaps

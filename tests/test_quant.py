@@ -1,0 +1,114 @@
+"""GGUF-exact quantized linear layers: block recovery, the CPU kernels, and a quantized target decoding losslessly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from confu.engine.checkpoint import new_draft
+from confu.engine.generate import Decoder, GenerationConfig
+from confu.engine.quant import PackedLinear, kernel_status, pack_exact, pack_q4_1, pack_q8_0, packed_matmul
+from confu.engine.target import Target
+from confu.engine.tree import TreeConfig
+from tests.helpers import PROMPTS, chat_ids, hf_greedy, load_target, single_thread
+
+
+def gguf_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """Quantize like llama.cpp's Q4_1 (fp16 scale and min per 32 weights) and dequantize like the GGUF loader."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // 32, 32)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d = ((hi - lo) / 15).half().float()
+    m = lo.half().float()
+    q = ((blocks - m[..., None]) / d[..., None]).round().clamp(0, 15)
+    return (q * d[..., None] + m[..., None]).reshape(n, k)
+
+
+def gguf_q8_0(w: torch.Tensor) -> torch.Tensor:
+    n, k = w.shape
+    blocks = w.reshape(n, k // 32, 32)
+    d = (blocks.abs().amax(-1) / 127).half().float()
+    q = (blocks / d[..., None]).round().clamp(-127, 127)
+    return (q * d[..., None]).reshape(n, k)
+
+
+def require_kernels():
+    status = kernel_status()
+    if status.library is None and "lacks AVX2" in status.reason:
+        pytest.skip(f"no quantized kernels on this CPU: {status.reason}")
+    assert status.library is not None, f"the quantized kernels failed to build: {status.reason}"
+    return status.library
+
+
+def test_blocks_are_recovered_exactly_and_only_when_exact():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=gen) * 0.05
+    q41, q80 = gguf_q4_1(w), gguf_q8_0(w)
+    packed = pack_q4_1(q41)
+    assert packed is not None and packed.kind == "q4_1" and packed.q.shape == (48, 48)
+    lo, hi = packed.q & 15, packed.q >> 4  # byte j of a block: q[j] low, q[j + 16] high
+    q = torch.cat([lo.reshape(48, 3, 16), hi.reshape(48, 3, 16)], -1).float()
+    assert torch.equal(q * packed.d[..., None] + packed.m[..., None], q41.reshape(48, 3, 32))
+    assert pack_exact(q41).kind == "q4_1"
+    assert pack_exact(q80).kind == "q8_0" and pack_q4_1(q80) is None
+    packed8 = pack_q8_0(q80)
+    assert torch.equal(packed8.q.float().reshape(48, 3, 32) * packed8.d[..., None], q80.reshape(48, 3, 32))
+    assert pack_exact(w) is None, "a float32 weight that is no GGUF block format must stay float32"
+    assert pack_exact(q41[:, :80]) is None, "K must be a multiple of the block size"
+    perturbed = q41.clone()
+    perturbed[3, 7] = torch.nextafter(perturbed[3, 7], torch.tensor(1.0))
+    assert pack_exact(perturbed) is None, "one weight one ulp off the grid must refuse the whole matrix"
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_kernel_matches_dense_and_is_row_invariant(kind):
+    lib = require_kernels()
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(70, 160, generator=gen) * 0.05
+    w = gguf_q4_1(w) if kind == "q4_1" else gguf_q8_0(w)
+    packed = pack_exact(w)
+    assert packed.kind == kind
+    x = torch.randn(21, 160, generator=gen)
+    for m in (1, 2, 5, 8, 9, 17, 21):  # one chunk, several chunks, uneven chunks
+        out = packed_matmul(x[:m].contiguous(), packed, lib)
+        torch.testing.assert_close(out, x[:m] @ w.T, atol=1e-5, rtol=1e-5)
+        # A row's value must not depend on which rows share the call (contemplate rows rely on it).
+        for row in (0, m - 1):
+            assert torch.equal(out[row], packed_matmul(x[row : row + 1].contiguous(), packed, lib)[0])
+    with single_thread():
+        assert torch.equal(packed_matmul(x, packed, lib), packed_matmul(x, packed, lib))
+
+
+def quantized_tiny_target(model_dir) -> Target:
+    """The tiny Llama with every linear weight snapped to Q4_1 values, wrapped after the change."""
+    plain = load_target(model_dir)  # float32 weights that no block format reproduces: nothing is packed
+    assert "GGUF" not in plain.numerics
+    with torch.no_grad():
+        for module in list(plain.model.modules()):
+            if type(module) is nn.Linear:
+                module.weight.copy_(gguf_q4_1(module.weight))
+    return Target(plain.model, plain.tokenizer, name="quantized")
+
+
+def test_quantized_target_runs_kernels_and_decodes_losslessly(tiny_llama_dir):
+    require_kernels()
+    target = quantized_tiny_target(tiny_llama_dir)
+    linears = [m for m in target.model.modules() if isinstance(m, nn.Linear | PackedLinear)]
+    assert linears and all(isinstance(m, PackedLinear) for m in linears), target.numerics
+    assert "Q4_1" in target.numerics
+    ids = torch.tensor([chat_ids(target, PROMPTS[0])])
+    with torch.no_grad():
+        fast = target.model(ids).logits
+        with target.reference_numerics():
+            assert not any(isinstance(m, PackedLinear) for m in target.model.modules())
+            reference = target.model(ids).logits
+    assert any(isinstance(m, PackedLinear) for m in target.model.modules()), "the kernels are back after the block"
+    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(fast, reference), "the kernel path must really have run (its rounding differs from MKL's)"
+    for method in ("none", "eagle3", "confu"):
+        head = None if method == "none" else new_draft(target, method, draft_vocab_size=256)
+        for text in PROMPTS[:3]:
+            prompt = chat_ids(target, text)
+            ours = Decoder(target, head).generate(prompt, GenerationConfig(max_new_tokens=16, tree=TreeConfig(8, 4, 3)))
+            assert ours.tokens == hf_greedy(target, prompt, 16), (method, text)
