@@ -298,12 +298,15 @@ class Target:
 
     def _describe_numerics(self, numerics: str) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        if not self._swaps:
-            why = "" if numerics == "reference" else f" (no GGUF-exact kernels: {kernel_status().reason})"
-            return f"transformers {dtype} linear layers{why}" if numerics == "auto" else f"transformers {dtype}"
-        kinds = sorted({new.packed.kind.upper() for *_, new in self._swaps})
-        total = len(self._swaps) + sum(1 for m in self.model.modules() if type(m) is torch.nn.Linear)
-        return f"GGUF-exact {'/'.join(kinds)} CPU kernels on {len(self._swaps)} of {total} linear layers, fp32 activations"
+        if self._swaps:
+            kinds = "/".join(sorted({new.packed.kind.upper() for *_, new in self._swaps}))
+            total = len(self._swaps) + sum(1 for m in self.model.modules() if type(m) is torch.nn.Linear)
+            return f"{kinds} kernels on {len(self._swaps)} of {total} linear layers (exact GGUF weights, fp32 sums)"
+        if numerics == "reference" or self.device.type != "cpu":
+            return f"transformers {dtype}"
+        status = kernel_status()
+        why = "no weight is a GGUF block format" if status.library is not None else status.reason
+        return f"transformers {dtype} ({why})"
 
     @contextmanager
     def reference_numerics(self) -> Iterator[None]:
