@@ -12,9 +12,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="confu", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from confu.cli import bench, data, generate, train  # each registers its own sub-commands
+    from confu.cli import bench, convert, data, generate, serve, train  # each registers its own sub-commands
 
-    for module in (generate, data, train, bench):
+    for module in (generate, data, train, bench, convert, serve):
         module.add_parser(sub)
     return parser
 

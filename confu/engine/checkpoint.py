@@ -70,7 +70,14 @@ def check_compatible(cfg: DraftConfig, target) -> None:
 
 
 def load_draft(draft_dir: str | Path, target) -> Eagle3Head:
-    """Load a draft next to its target (the target's feature layers are set from the draft's config)."""
+    """Load a draft next to its target (the target's feature layers are set from the draft's config).
+
+    An official / SpecForge or speculators EAGLE-3 directory is imported in memory (`confu.engine.convert`).
+    """
+    from confu.engine.convert import foreign_layout, import_draft  # late: convert builds on this module
+
+    if foreign_layout(draft_dir):
+        return import_draft(draft_dir, target)
     cfg = read_config(draft_dir)
     if tuple(cfg.feature_layers) != tuple(target.feature_layers):
         target.feature_layers = tuple(cfg.feature_layers)  # the draft decides which features it reads
