@@ -37,7 +37,7 @@ def main() -> None:
         print(f"\n### {text}\n{target.tokenizer.decode(plain.tokens, skip_special_tokens=True)}")
         print(f"  plain          : {plain.tokens_per_s:6.1f} tok/s")
         for method, (head, kind) in heads.items():
-            res = Decoder(target, head).generate(ids, cfg)
+            res = Decoder.for_head(target, head).generate(ids, cfg)
             same = "identical" if res.tokens == plain.tokens else "DIFFERENT"
             print(f"  {method:6s} ({kind}): {res.tokens_per_s:6.1f} tok/s  tau {res.tau:.2f}  output {same}")
 

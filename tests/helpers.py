@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from confu.engine.drafter import Drafter
+from confu.engine.generate import Decoder
+from confu.engine.methods import DraftHeadProposer, method_for_head
 from confu.engine.target import Target
 from confu.engine.tree import DraftTree
 
@@ -97,35 +98,36 @@ def compare_greedy(target: Target, prompt_ids: list[int], ours: list[int], ref: 
         report.failures.append(f"prompt {idx}: diverged at token {j} (top-2 gap {gap:.2e}) ours={ours} ref={ref}")
 
 
-class _TrackingDrafter(Drafter):
-    """A Drafter that remembers every token it was caught up on (the prompt after its first token, then
-    every emitted token), so test drafters know where the round's root sits."""
+class _TrackingProposer(DraftHeadProposer):
+    """A draft-head proposer that remembers every token it observed (the prompt after its first token, then
+    every emitted token), so test proposers know where the round's root sits."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def begin(self, cfg, max_len):
+        super().begin(cfg, max_len)
+        self.tree_cfg = cfg.tree
         self.seen: list[int] = []
 
-    def catch_up(self, features, next_tokens, f=None):
+    def observe(self, features, next_tokens, future):
         self.seen.extend(next_tokens.tolist())
-        return super().catch_up(features, next_tokens, f)
+        super().observe(features, next_tokens, future)
 
 
-class OracleDrafter(_TrackingDrafter):
-    """A drafter whose trees contain the reference continuation, cut short at random and padded with
+class OracleProposer(_TrackingProposer):
+    """A proposer whose trees contain the reference continuation, cut short at random and padded with
     random siblings, so verification accepts long paths, partial paths and nothing at all."""
 
     reference: list[int] = []  # full token sequence the target will produce (prompt + greedy output)
     rng = random.Random(0)
 
-    def draft_tree(self, root_out, max_nodes=None):
+    def propose(self, max_nodes, depth):
         cfg = self.tree_cfg
         pos = len(self.seen) + 1  # prompt[0] + everything caught up = tokens up to and including the root
-        truth = self.reference[pos: pos + cfg.depth]
+        truth = self.reference[pos: pos + depth]
         vocab = self.head.cfg.vocab_size
         keep = self.rng.randint(0, len(truth))
         tokens, parents, scores = [], [], []
         parent = -1
-        for d in range(cfg.depth):
+        for d in range(depth):
             for _ in range(self.rng.randint(0, 2)):  # wrong siblings
                 tokens.append(self.rng.randrange(vocab))
                 parents.append(parent)
@@ -139,30 +141,30 @@ class OracleDrafter(_TrackingDrafter):
             parents.append(parent)
             scores.append(-float(d) - 1.0)
             parent = len(tokens) - 1
-        limit = min(cfg.total_nodes, max_nodes or cfg.total_nodes)
+        limit = min(cfg.total_nodes, max_nodes)
         order = [i for i in range(len(tokens)) if i < limit]
         return DraftTree.from_parents([tokens[i] for i in order], [parents[i] for i in order],
                                       [scores[i] for i in order])
 
 
-class TargetTopDrafter(_TrackingDrafter):
-    """A drafter that proposes the target's own likeliest tokens: a greedy chain with its runner-up siblings.
+class TargetTopProposer(_TrackingProposer):
+    """A proposer that proposes the target's own likeliest tokens: a greedy chain with its runner-up siblings.
 
     Under sampling such trees are accepted often and rejected often, so both sides of the rejection rule
     carry real weight in a distribution test (an untrained head's trees would almost always be rejected).
     """
 
     model = None  # the target's HF model, set by the test
-    first_token: int = 0  # prompt[0]: catch_up only ever sees the tokens after it
+    first_token: int = 0  # prompt[0]: observe only ever sees the tokens after it
 
     @torch.no_grad()
-    def draft_tree(self, root_out, max_nodes=None):
+    def propose(self, max_nodes, depth):
         cfg = self.tree_cfg
-        limit = min(cfg.total_nodes, max_nodes or cfg.total_nodes)
+        limit = min(cfg.total_nodes, max_nodes)
         seq = [self.first_token, *self.seen]  # up to and including the root
         tokens, parents, scores = [], [], []
         parent, path_logp = -1, 0.0
-        for _ in range(cfg.depth):
+        for _ in range(depth):
             logp = torch.log_softmax(self.model(torch.tensor([seq])).logits[0, -1].float(), -1)
             top = logp.topk(2)
             chain = None
@@ -220,3 +222,9 @@ def chi_square_p_value(counts: torch.Tensor, law: torch.Tensor) -> float:
     dof = obs.numel() - 1
     half = torch.tensor([dof / 2, stat / 2], dtype=torch.float64)
     return float(torch.special.gammaincc(half[0], half[1]))
+
+
+def decoder_with(target: Target, head, proposer_cls) -> Decoder:
+    """The decoder `head` stands for, with its proposer replaced by a test proposer on the same head."""
+    _, extension = method_for_head(head)
+    return Decoder(target, proposer_cls(head), extension)

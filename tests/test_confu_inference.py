@@ -6,17 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import confu.engine.generate as generate_mod
 from confu.engine.checkpoint import new_draft
-from confu.engine.contemplate import plan_contemplate_slots
 from confu.engine.generate import Decoder, GenerationConfig, RoundState
 from confu.engine.tree import DraftTree, TreeConfig
 from tests.helpers import (
     PROMPTS,
     GreedyReport,
-    OracleDrafter,
+    OracleProposer,
     chat_ids,
     compare_greedy,
+    decoder_with,
     hf_greedy,
     load_target,
     single_thread,
@@ -54,9 +53,11 @@ def _ordinary_outputs(target, head, prompt: torch.Tensor, tree: DraftTree, soft_
     with torch.no_grad():
         pre = target.forward(cache, torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril(), input_ids=prompt)
         cache.commit(None)
-        state = RoundState(root=int(pre.logits[-1].argmax()), root_out=None, con_features=pre.features[-1])
-        plan = plan_contemplate_slots(tree, None) if slots else None
-        out, rows = Decoder(target, head).verify_pass(cache, tree, state, plan)
+        state = RoundState(root=int(pre.logits[-1].argmax()), route=pre.features[-1])
+        decoder = Decoder.for_head(target, head) if slots else Decoder(target)
+        decoder.extension.begin(GenerationConfig())  # a contemplate slot on every verify row
+        out = decoder.verify_pass(cache, tree, state)
+    rows = len(tree) + 1
     return pre.logits.all(), pre.features, out.logits.all(), out.features[:rows], out.last_hidden[rows:]
 
 
@@ -100,17 +101,16 @@ def test_soft_prompt_and_slots_leave_ordinary_logits_bit_identical(model, reques
     assert gap < 1e-3
 
 
-class _RecordingOracle(OracleDrafter):
-    """Records, at every catch-up, the tokens the round's f should summarise and the f it was given."""
+class _RecordingOracle(OracleProposer):
+    """Records, at every observation, the tokens the round's f should summarise and the f it was given."""
 
     records: list[tuple[list[int], torch.Tensor, int]] = []
 
-    def catch_up(self, features, next_tokens, f=None):
-        out = super().catch_up(features, next_tokens, f)
+    def observe(self, features, next_tokens, future):
+        super().observe(features, next_tokens, future)
         # f sits after every token the target has verified, i.e. all but the newly emitted last one.
         seq = [self.reference[0], *self.seen[:-1]]
-        self.records.append((seq, f.clone(), len(next_tokens)))
-        return out
+        self.records.append((seq, future.clone(), len(next_tokens)))
 
 
 def test_future_is_contemplate_state_of_last_accepted_node(tiny_llama_dir, monkeypatch):
@@ -119,12 +119,12 @@ def test_future_is_contemplate_state_of_last_accepted_node(tiny_llama_dir, monke
     cons: list[torch.Tensor] = []
     embed_con = head.contemplate_embedding
     monkeypatch.setattr(head, "contemplate_embedding", lambda x: cons.append(embed_con(x)) or cons[-1])
-    monkeypatch.setattr(generate_mod, "Drafter", _RecordingOracle)
     _RecordingOracle.records = []
     for text in PROMPTS[:3]:
         ids = chat_ids(target, text)
         _RecordingOracle.reference = ids + hf_greedy(target, ids, 24)
-        Decoder(target, head).generate(ids, GenerationConfig(max_new_tokens=24, tree=TreeConfig(12, 5, 2)))
+        decoder_with(target, head, _RecordingOracle).generate(
+            ids, GenerationConfig(max_new_tokens=24, tree=TreeConfig(12, 5, 2), auto_tree=False))
     records = _RecordingOracle.records
     assert len(records) == len(cons) > 6
     assert max(n for _, _, n in records) >= 3, "some round should accept at least two draft nodes"
@@ -153,7 +153,7 @@ def test_confu_greedy_matches_hf_on_embedded_target(embedded_dir, record_propert
         ids = chat_ids(target, text)
         ref = hf_greedy(target, ids, 12)
         cfg = GenerationConfig(max_new_tokens=12, tree=TreeConfig(16, 4, 4), contemplate=budgets[i % len(budgets)])
-        res = Decoder(target, head).generate(ids, cfg)
+        res = Decoder.for_head(target, head).generate(ids, cfg)
         assert all(s.contemplate_slots == 1 + min(cfg.contemplate or s.tree_nodes, s.tree_nodes) for s in res.steps)
         compare_greedy(target, ids, res.tokens, ref, i, report)
     record_property("greedy_exact", report.exact)

@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import confu.engine.generate as generate_mod
 from confu.engine.checkpoint import load_draft, new_draft
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.tree import TreeConfig
 from tests.helpers import (
     PROMPTS,
     GreedyReport,
-    OracleDrafter,
+    OracleProposer,
     chat_ids,
     compare_greedy,
+    decoder_with,
     hf_greedy,
     load_target,
 )
@@ -46,25 +46,25 @@ def test_greedy_matches_hf_on_tiny_models(tiny_model_dirs, method, record_proper
         ids = chat_ids(target, text)
         ref = hf_greedy(target, ids, 20)
         tree = TREE_SHAPES[i % len(TREE_SHAPES)]
-        ours = Decoder(target, head).generate(ids, GenerationConfig(max_new_tokens=20, tree=tree)).tokens
+        ours = Decoder.for_head(target, head).generate(ids, GenerationConfig(max_new_tokens=20, tree=tree)).tokens
         compare_greedy(target, ids, ours, ref, i, report)
     _assert_report(report, record_property, min_exact=len(PROMPTS) - 2)
 
 
 @pytest.mark.parametrize("method", ["eagle3", "confu"])
 @pytest.mark.parametrize("tree", TREE_SHAPES, ids=lambda t: f"n{t.total_nodes}d{t.depth}k{t.topk}")
-def test_greedy_with_accepting_drafts(tiny_llama_dir, monkeypatch, method, tree, record_property):
+def test_greedy_with_accepting_drafts(tiny_llama_dir, method, tree, record_property):
     """Trees that contain the true continuation: long, partial and empty acceptances, cache compaction."""
     target = load_target(tiny_llama_dir)
     head = new_draft(target, method, draft_vocab_size=256)
-    monkeypatch.setattr(generate_mod, "Drafter", OracleDrafter)
     report = GreedyReport()
     total_accepted = 0
     for i, text in enumerate(PROMPTS[:8]):
         ids = chat_ids(target, text)
         ref = hf_greedy(target, ids, 30)
-        OracleDrafter.reference = ids + ref
-        res = Decoder(target, head).generate(ids, GenerationConfig(max_new_tokens=30, tree=tree, contemplate=2))
+        OracleProposer.reference = ids + ref
+        res = decoder_with(target, head, OracleProposer).generate(
+            ids, GenerationConfig(max_new_tokens=30, tree=tree, auto_tree=False, contemplate=2))
         total_accepted += sum(s.accepted for s in res.steps)
         compare_greedy(target, ids, res.tokens, ref, i, report)
     _assert_report(report, record_property, min_exact=7)
@@ -81,7 +81,7 @@ def test_greedy_matches_hf_on_embedded_target(embedded_dir, record_property):
         plain = Decoder(target).generate(ids, GenerationConfig(max_new_tokens=12)).tokens
         compare_greedy(target, ids, plain, ref, i, report)
         tree = TREE_SHAPES[i % len(TREE_SHAPES)]
-        spec = Decoder(target, eagle).generate(ids, GenerationConfig(max_new_tokens=12, tree=tree)).tokens
+        spec = Decoder.for_head(target, eagle).generate(ids, GenerationConfig(max_new_tokens=12, tree=tree)).tokens
         compare_greedy(target, ids, spec, ref, i, report)
     _assert_report(report, record_property, min_exact=36)
 
@@ -91,8 +91,8 @@ def test_stream_yields_what_generate_returns(tiny_llama_dir):
     head = new_draft(target, "eagle3", draft_vocab_size=256)
     ids = chat_ids(target, PROMPTS[0])
     cfg = GenerationConfig(max_new_tokens=15, tree=TreeConfig(8, 3, 2))
-    chunks = list(Decoder(target, head).stream(ids, cfg))
-    assert [t for c in chunks for t in c] == Decoder(target, head).generate(ids, cfg).tokens
+    chunks = list(Decoder.for_head(target, head).stream(ids, cfg))
+    assert [t for c in chunks for t in c] == Decoder.for_head(target, head).generate(ids, cfg).tokens
 
 
 def test_stops_at_eos_and_budget(tiny_llama_dir):
@@ -112,7 +112,7 @@ def test_stops_at_context_limit(tiny_llama_dir):
     head = new_draft(target, "eagle3", draft_vocab_size=256)
     ids = chat_ids(target, PROMPTS[2])
     room = target.max_context - len(ids)
-    res = Decoder(target, head).generate(ids, GenerationConfig(max_new_tokens=10 * room, stop_at_eos=False,
+    res = Decoder.for_head(target, head).generate(ids, GenerationConfig(max_new_tokens=10 * room, stop_at_eos=False,
                                                               tree=TreeConfig(10, 4, 3)))
     assert res.stop_reason == "context"
     assert len(ids) + len(res.tokens) == target.max_context + 1  # the last token is emitted, never forwarded
@@ -170,12 +170,12 @@ def test_shipped_drafts_are_trained_and_lossless_on_the_embedded_target(embedded
     but for near-ties, as everywhere in this file), and accepts more than an untrained head of its kind."""
     assert len(SHIPPED) >= 2, "drafts/ should hold the shipped EAGLE-3 and ConFu drafts"
     target = load_target(embedded_dir)
-    cfg = GenerationConfig(max_new_tokens=24, tree=TreeConfig(16, 6, 8))
+    cfg = GenerationConfig(max_new_tokens=24, tree=TreeConfig(16, 6, 8), auto_tree=False)  # tau of fixed trees
     prompts = [chat_ids(target, text) for text in PROMPTS[:4]]
     plain = [Decoder(target).generate(ids, cfg).tokens for ids in prompts]
 
     def pooled_tau(head) -> tuple[float, list[list[int]]]:
-        results = [Decoder(target, head).generate(ids, cfg) for ids in prompts]
+        results = [Decoder.for_head(target, head).generate(ids, cfg) for ids in prompts]
         lengths = [n for r in results for n in r.accept_lengths]
         return sum(lengths) / len(lengths), [r.tokens for r in results]
 

@@ -13,10 +13,18 @@ import torch
 
 import confu.engine.generate as generate_mod
 from confu.engine.checkpoint import new_draft
-from confu.engine.generate import Decoder, GenerationConfig
+from confu.engine.generate import GenerationConfig
 from confu.engine.sampling import SamplingConfig, logits_to_probs
 from confu.engine.tree import TreeConfig
-from tests.helpers import PROMPTS, TargetTopDrafter, biased_verify, chat_ids, chi_square_p_value, load_target
+from tests.helpers import (
+    PROMPTS,
+    TargetTopProposer,
+    biased_verify,
+    chat_ids,
+    chi_square_p_value,
+    decoder_with,
+    load_target,
+)
 
 K = 3  # tokens per sample: the first comes from the prefill, the others from tree verification
 N = 500  # samples per setting
@@ -53,13 +61,13 @@ def cell_counts(samples: list[tuple[int, ...]], law: dict[tuple[int, ...], float
 
 
 def speculative_samples(target, head, prompt: list[int], sampling: SamplingConfig) -> list[tuple[int, ...]]:
-    TargetTopDrafter.model = target.model
-    TargetTopDrafter.first_token = prompt[0]
+    TargetTopProposer.model = target.model
+    TargetTopProposer.first_token = prompt[0]
     out = []
     for seed in range(N):
-        cfg = GenerationConfig(max_new_tokens=K, sampling=sampling, tree=TreeConfig(6, 3, 2), seed=seed,
+        cfg = GenerationConfig(max_new_tokens=K, sampling=sampling, tree=TreeConfig(6, 3, 2), auto_tree=False, seed=seed,
                                stop_at_eos=False)
-        res = Decoder(target, head).generate(prompt, cfg)
+        res = decoder_with(target, head, TargetTopProposer).generate(prompt, cfg)
         assert len(res.tokens) == K
         out.append(tuple(res.tokens))
     return out
@@ -73,8 +81,7 @@ SETTINGS = [
 
 
 @pytest.fixture
-def sampling_setup(tiny_llama_dir, monkeypatch):
-    monkeypatch.setattr(generate_mod, "Drafter", TargetTopDrafter)
+def sampling_setup(tiny_llama_dir):
     target = load_target(tiny_llama_dir)
     with torch.no_grad():
         # Sharper than the random init (whose next-token law is near uniform over 512 tokens): the law of

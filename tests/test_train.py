@@ -119,9 +119,9 @@ def test_trained_head_drafts_longer(eagle3_run: Path, tiny_data: Path, tiny_targ
     trained = load_draft(eagle3_run, tiny_target)
     untrained = new_draft(tiny_target, "eagle3", trained.d2t, trained.t2d, seed=0)
     cfg = GenerationConfig(max_new_tokens=32, sampling=SamplingConfig(), tree=TreeConfig(20, 5, 4),
-                           stop_at_eos=False)
+                           auto_tree=False, stop_at_eos=False)
     prompts = [ids[:PROMPT_LEN] for ids, _ in _train_split(tiny_data)[:6]]
-    taus = {name: sum(Decoder(tiny_target, head).generate(p, cfg).tau for p in prompts) / len(prompts)
+    taus = {name: sum(Decoder.for_head(tiny_target, head).generate(p, cfg).tau for p in prompts) / len(prompts)
             for name, head in (("trained", trained), ("untrained", untrained))}
     assert taus["trained"] > taus["untrained"] + 0.3, taus
 

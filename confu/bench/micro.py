@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from confu.bench.specbench import hf_generate
 from confu.bench.timing import measure_interleaved
 from confu.chat import encode_prompt
+from confu.engine.tree import TreeConfig
 from confu.errors import InputError
 
 if TYPE_CHECKING:
@@ -57,12 +58,12 @@ def _our_tokens(decoder: Decoder, prompt_ids: list[int], cfg: GenerationConfig) 
 
 def run_bench_ar(target: Target | str, prompts: Sequence[str] = AR_PROMPTS, max_new_tokens: int = 64,
                  repeats: int = 3, warmup: int = 1, profile: bool = False) -> dict[str, Any]:
-    """Greedy tokens/s of `Decoder(target, None)` vs `model.generate(do_sample=False)`, interleaved."""
+    """Greedy tokens/s of `Decoder.for_head(target, None)` vs `model.generate(do_sample=False)`, interleaved."""
     from confu.engine.generate import Decoder, GenerationConfig
     from confu.engine.sampling import SamplingConfig
 
     target = _load_target(target)
-    decoder = Decoder(target, None)
+    decoder = Decoder.for_head(target, None)
     gcfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(0.0))
     greedy = SamplingConfig(0.0)
     ids = [encode_prompt(target.tokenizer, p, raw=False) for p in prompts]
@@ -133,91 +134,84 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
                      budgets: Sequence[int | None] = (None, 1, 4, 8), repeats: int = 5, warmup: int = 1,
                      eagle3_dir: str | None = None, confu_dir: str | None = None, depth: int = 6,
                      topk: int = 8, prompt: str = VERIFY_PROMPT, seed: int = 0) -> dict[str, Any]:
-    """Median wall time of `Decoder.verify_pass` for trees of each size, plain vs with contemplate slots.
+    """Median wall time of one verification (target pass + greedy acceptance) for trees of each size, plain
+    vs with contemplate slots, against a one-token step (the same, with no tree).
 
-    One tree per size, drafted on a real prompt, is shared by every column, so the columns differ only in
-    the contemplate slots the pass carries. Untrained heads (`new_draft`) stand in for missing checkpoints:
-    the pass's cost depends on the number of rows, not on how good the draft is.
+    Acceptance is timed too because logits are computed per row on first read: a pass's cost includes the
+    rows verification reads. One tree per size, drafted on a real prompt, is shared by every column, so the
+    columns differ only in the contemplate slots the pass carries. Untrained heads (`new_draft`) stand in for
+    missing checkpoints: the pass's cost depends on the number of rows, not on how good the draft is.
     """
     import torch
 
     from confu.engine.checkpoint import load_draft, new_draft
     from confu.engine.contemplate import plan_contemplate_slots
-    from confu.engine.drafter import Drafter
     from confu.engine.generate import Decoder, GenerationConfig, RoundState
-    from confu.engine.tree import TreeConfig
 
     target = _load_target(target)
     vocab = min(8192, target.vocab_size)
-    base_layers = tuple(target.feature_layers)
 
     def head_for(method: str, path: str | None):
-        target.feature_layers = base_layers
-        if path:
-            head = load_draft(path, target)
-        else:
-            head = new_draft(target, method, draft_vocab_size=vocab, seed=seed)
-        layers = tuple(target.feature_layers)
-        target.feature_layers = base_layers
-        return head, layers
+        return load_draft(path, target) if path else new_draft(target, method, draft_vocab_size=vocab, seed=seed)
 
-    eagle, eagle_layers = head_for("eagle3", eagle3_dir)
-    confu, confu_layers = head_for("confu", confu_dir)
+    eagle, confu = head_for("eagle3", eagle3_dir), head_for("confu", confu_dir)
     if eagle.is_confu or not confu.is_confu:
         raise InputError("--draft-eagle3 must hold an eagle3 draft and --draft-confu a confu draft")
-    prompt_ids = torch.tensor(encode_prompt(target.tokenizer, prompt, raw=False))
-    gcfg = GenerationConfig(max_new_tokens=1)
-    tree_cfg = TreeConfig(total_nodes=max(nodes), depth=depth, topk=topk)
+    prompt_ids = torch.tensor(encode_prompt(target.tokenizer, prompt, raw=False), device=target.device)
+    gcfg = GenerationConfig(max_new_tokens=1, tree=TreeConfig(total_nodes=max(nodes), depth=depth, topk=topk))
     with torch.no_grad():
-        # The plain pass (EAGLE-3 column) and its tree, from the eagle3 head.
-        target.feature_layers = eagle_layers
-        plain = Decoder(target, None)
+        # The plain pass (EAGLE-3 column) and its trees, from the eagle3 head.
+        plain = Decoder.for_head(target, eagle)
         plain_cache = target.new_cache()
         first, features, _ = plain.prefill(plain_cache, prompt_ids, gcfg, None)
-        drafter = Drafter(eagle, tree_cfg, target.max_context + 1)
-        root_out = drafter.catch_up(features, torch.cat([prompt_ids[1:], torch.tensor([first])]))
-        trees = {n: drafter.draft_tree(root_out, max_nodes=n) for n in nodes}
-        plain_state = RoundState(first, root_out, features[-1])
+        plain.proposer.begin(gcfg, target.max_context + 1)
+        plain.proposer.observe(features, torch.cat([prompt_ids[1:], prompt_ids.new_tensor([first])]), None)
+        trees = {n: plain.proposer.propose(max_nodes=n) for n in nodes}
+        plain_state = RoundState(first, features[-1])
         # The ConFu side: its own cache with the soft prompt, and the [con] router's features.
-        target.feature_layers = confu_layers
-        con = Decoder(target, confu)
-        con_cache = target.new_cache(confu.soft_prompt_kv())
+        con = Decoder.for_head(target, confu)
+        con.extension.begin(gcfg)
+        con_cache = target.new_cache(con.extension.soft_prompt())
         con_first, con_features, _ = con.prefill(con_cache, prompt_ids, gcfg, None)
-        con_state = RoundState(con_first, None, con_features[-1])
+        con_state = RoundState(con_first, con_features[-1])
+
+    def verification(decoder: Decoder, cache, tree, state) -> None:
+        out = decoder.verify_pass(cache, tree, state)
+        decoder._accept(tree, out.logits, gcfg, None)
 
     columns = ["ar (1 token)", "eagle3"] + [budget_name(b) for b in budgets]
-    fns, rows_of, layers_of, cache_of = {}, {}, {}, {}
+    fns, rows_of, cache_of = {}, {}, {}
     for n in nodes:
         tree = trees[n]
         for col in columns:
             key = (n, col)
             if col.startswith("confu"):
                 budget = budgets[[budget_name(b) for b in budgets].index(col)]
-                plan = plan_contemplate_slots(tree, budget)
-                fns[key] = partial(con.verify_pass, con_cache, tree, con_state, plan)
-                rows_of[key] = len(tree) + 1 + plan.num_slots
-                layers_of[key], cache_of[key] = confu_layers, con_cache
+                fns[key] = partial(_with_budget, con, budget, verification, con_cache, tree, con_state)
+                rows_of[key] = len(tree) + 1 + plan_contemplate_slots(tree, budget).num_slots
+                cache_of[key] = con_cache
             else:
                 t = None if col.startswith("ar") else tree
-                fns[key] = partial(plain.verify_pass, plain_cache, t, plain_state, None)
-                rows_of[key] = 1 + (0 if t is None else len(t))
-                layers_of[key], cache_of[key] = eagle_layers, plain_cache
+                fns[key] = partial(verification, plain, plain_cache, t, plain_state)
+                rows_of[key], cache_of[key] = 1 + (0 if t is None else len(t)), plain_cache
 
     def reset(key) -> None:
         cache_of[key].rollback()  # drop what the pass appended: every repeat sees the same cache
-        target.feature_layers = layers_of[next_key[key]]
 
-    # Interleave every (size, column) per repeat; feature layers are switched outside the timed region.
-    keys = list(fns)
-    next_key = {k: keys[(i + 1) % len(keys)] for i, k in enumerate(keys)}
-    target.feature_layers = layers_of[keys[0]]
     with torch.no_grad():
         timings = measure_interleaved(fns, warmup=warmup, repeats=repeats, reset=reset)
-    target.feature_layers = base_layers
     table = []
     for n in nodes:
         cells = {col: {"ms": 1000 * timings[(n, col)].median, "best_ms": 1000 * timings[(n, col)].min,
                        "tokens": rows_of[(n, col)], "spread": timings[(n, col)].spread} for col in columns}
         table.append({"nodes": n, "tree_nodes": len(trees[n]), "columns": cells})
     return {"prompt_tokens": len(prompt_ids), "repeats": repeats, "columns": columns, "rows": table,
+            "numerics": target.numerics,
             "drafts": {"eagle3": eagle3_dir or "untrained", "confu": confu_dir or "untrained"}}
+
+
+def _with_budget(decoder, budget, fn, *args) -> None:
+    decoder.extension.budget = budget  # the columns share one ConFu decoder
+    fn(decoder, *args)
+
+

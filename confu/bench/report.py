@@ -114,7 +114,7 @@ def timing_breakdown(records: Sequence[dict]) -> dict[str, float | int | None]:
     The contemplate share of a verify pass is an estimate by token count (contemplate slots / rows of the
     pass): the pass is one forward, so its time cannot be split exactly. The root's slot counts too.
     """
-    draft, verify, slots, rows, nodes = [], [], [], [], []
+    draft, verify, slots, rows, nodes, depths = [], [], [], [], [], []
     wall = sum(r["wall_s"] for r in records)
     for rec in records:
         steps = rec.get("steps")
@@ -125,8 +125,10 @@ def timing_breakdown(records: Sequence[dict]) -> dict[str, float | int | None]:
         slots.extend(steps["contemplate_slots"])
         rows.extend(steps["verify_tokens"])
         nodes.extend(steps["tree_nodes"])
+        depths.extend(steps.get("depth", []))  # records from before tree sizing have none
     if not verify:
-        return {"rounds": 0, "draft_ms": None, "verify_ms": None, "tree_nodes": None, "verify_tokens": None,
+        return {"rounds": 0, "draft_ms": None, "verify_ms": None, "tree_nodes": None, "depth": None,
+                "no_draft_share": None, "verify_tokens": None,
                 "contemplate_slots": None, "contemplate_share_est": None, "contemplate_ms_est": None,
                 "rounds_share_of_wall": None}
     share = [s / r if r else 0.0 for s, r in zip(slots, rows, strict=True)]
@@ -135,6 +137,8 @@ def timing_breakdown(records: Sequence[dict]) -> dict[str, float | int | None]:
         "draft_ms": 1000 * fmean(draft),
         "verify_ms": 1000 * fmean(verify),
         "tree_nodes": fmean(nodes),
+        "depth": fmean(depths) if depths else None,
+        "no_draft_share": sum(d == 0 for d in depths) / len(depths) if depths else None,
         "verify_tokens": fmean(rows),
         "contemplate_slots": fmean(slots),
         "contemplate_share_est": fmean(share),
@@ -319,8 +323,8 @@ def tokens_per_s_table(summary: dict[str, Any]) -> str:
 
 def timing_table(summary: dict[str, Any]) -> str:
     header = ["Method", "Nodes", "T", "rounds", "τ", "draft ms/round", "verify ms/round", "tree nodes",
-              "verify tokens", "contemplate slots", "contemplate share (est.)", "contemplate ms (est.)",
-              "rounds / wall"]
+              "depth", "rounds without draft", "verify tokens", "contemplate slots", "contemplate share (est.)",
+              "contemplate ms (est.)", "rounds / wall"]
     rows = []
     for s in summary["settings"]:
         t = s["timing"]
@@ -329,7 +333,9 @@ def timing_table(summary: dict[str, Any]) -> str:
         share = t["contemplate_share_est"]
         rows.append(_row_head(s) + [
             str(t["rounds"]), _fmt(s["avg"]["tau"]), _fmt(t["draft_ms"], 1), _fmt(t["verify_ms"], 1),
-            _fmt(t["tree_nodes"], 1), _fmt(t["verify_tokens"], 1), _fmt(t["contemplate_slots"], 1),
+            _fmt(t["tree_nodes"], 1), _fmt(t.get("depth"), 1),
+            "-" if t.get("no_draft_share") is None else f"{100 * t['no_draft_share']:.0f}%",
+            _fmt(t["verify_tokens"], 1), _fmt(t["contemplate_slots"], 1),
             "-" if share is None else f"{100 * share:.0f}%", _fmt(t["contemplate_ms_est"], 1),
             "-" if t["rounds_share_of_wall"] is None else f"{100 * t['rounds_share_of_wall']:.0f}%",
         ])
@@ -362,6 +368,8 @@ def render_report(summary: dict[str, Any], run_info: dict[str, Any], plots: Sequ
         f"- machine: {run_info.get('machine', '?')}; torch threads {run_info.get('torch_threads', '?')}; "
         f"batch size 1; warm-up {run_info.get('warmup', '?')} untimed run(s) of the first question per "
         "method and setting; methods interleaved per question",
+        f"- target numerics: {run_info.get('numerics', '?')} (every method but `hf`, which runs transformers' own "
+        "modules)",
         "",
         "Metrics (Spec-Bench / the ConFu paper): τ = mean accepted draft tokens + 1 per verification step, "
         "pooled over all steps of all questions; a question's tokens/s = new tokens / generation wall time, "

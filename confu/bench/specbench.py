@@ -37,7 +37,7 @@ RUN_NAME = "run.json"
 # Decoding options that change what a record means: a resumed run must use the same ones.
 PINNED_OPTIONS = ("target", "max_new_tokens", "top_p", "top_k", "depth", "topk", "contemplate", "seed")
 # Per-round fields of `StepRecord` kept in a record, as parallel lists over rounds.
-STEP_FIELDS = ("accepted", "tree_nodes", "contemplate_slots", "verify_tokens", "draft_s", "verify_s")
+STEP_FIELDS = ("accepted", "tree_nodes", "depth", "contemplate_slots", "verify_tokens", "draft_s", "verify_s")
 
 
 # -- methods and questions -----------------------------------------------------------------------------------
@@ -176,19 +176,17 @@ def hf_generate(target: Target, prompt_ids: list[int], max_new_tokens: int, samp
 class LoadedMethod:
     spec: MethodSpec
     decoder: Decoder | None  # None for hf
-    feature_layers: tuple[int, ...]  # a draft decides which target features it reads; restored per run
 
 
 def load_methods(target: Target, specs: Sequence[MethodSpec]) -> list[LoadedMethod]:
     from confu.engine.checkpoint import load_draft, read_config
     from confu.engine.generate import Decoder
 
-    default_layers = tuple(target.feature_layers)
     loaded = []
     for spec in specs:
         if spec.kind in ("ar", "hf"):
-            dec = Decoder(target, None) if spec.kind == "ar" else None
-            loaded.append(LoadedMethod(spec, dec, default_layers))
+            dec = Decoder.for_head(target, None) if spec.kind == "ar" else None
+            loaded.append(LoadedMethod(spec, dec))
             continue
         method = read_config(spec.draft_dir).method
         if method != spec.kind:
@@ -196,8 +194,7 @@ def load_methods(target: Target, specs: Sequence[MethodSpec]) -> list[LoadedMeth
                 f"--methods: {spec.kind}:{spec.draft_dir} holds a {method!r} draft, not {spec.kind!r}"
             )
         head = load_draft(spec.draft_dir, target)
-        loaded.append(LoadedMethod(spec, Decoder(target, head), tuple(target.feature_layers)))
-        target.feature_layers = default_layers
+        loaded.append(LoadedMethod(spec, Decoder.for_head(target, head)))
     return loaded
 
 
@@ -213,7 +210,7 @@ class BenchConfig:
     categories: list[str] | None = None
     limit_per_category: int | None = None
     temperatures: list[float] = field(default_factory=lambda: [0.0])
-    tree_nodes: list[int] = field(default_factory=lambda: [60])
+    tree_nodes: list[int | str] = field(default_factory=lambda: ["auto"])  # counts and/or "auto"
     max_new_tokens: int = 128
     top_p: float = 1.0
     top_k: int = 0
@@ -229,8 +226,8 @@ class BenchConfig:
             self.methods = parse_methods(self.methods)
         if not self.temperatures or not self.tree_nodes:
             raise InputError("--temperatures and --tree-nodes need at least one value each")
-        if any(n < 1 for n in self.tree_nodes):
-            raise InputError(f"--tree-nodes must be >= 1 (got {self.tree_nodes})")
+        if any(n != "auto" and (not isinstance(n, int) or n < 1) for n in self.tree_nodes):
+            raise InputError(f"--tree-nodes must be 'auto' or >= 1 (got {self.tree_nodes})")
         if self.warmup < 0 or (self.limit_per_category is not None and self.limit_per_category < 1):
             raise InputError("--warmup must be >= 0 and --limit-per-category >= 1")
 
@@ -309,16 +306,17 @@ class BenchRunner:
         self.target = target
         self.cfg = cfg
 
-    def generation_config(self, temperature: float, tree_nodes: int | None, seed: int) -> GenerationConfig:
-        from confu.engine.generate import GenerationConfig
+    def generation_config(self, temperature: float, tree_nodes: int | str | None, seed: int) -> GenerationConfig:
+        from confu.engine.generate import GenerationConfig, tree_setting
         from confu.engine.sampling import SamplingConfig
-        from confu.engine.tree import TreeConfig
 
         c = self.cfg
+        tree, auto = tree_setting(tree_nodes or 1, c.depth, c.topk)
         return GenerationConfig(
             max_new_tokens=c.max_new_tokens,
             sampling=SamplingConfig(temperature, c.top_p, c.top_k),
-            tree=TreeConfig(total_nodes=tree_nodes or 1, depth=c.depth, topk=c.topk),
+            tree=tree,
+            auto_tree=auto,
             contemplate=c.contemplate,
             seed=seed,
         )
@@ -328,7 +326,6 @@ class BenchRunner:
         from confu.engine.sampling import SamplingConfig
 
         lm, tok = run.method, self.target.tokenizer
-        self.target.feature_layers = lm.feature_layers
         history: list[tuple[str, str]] = []
         turns: list[dict] = []
         steps: dict[str, list] | None = None if lm.spec.kind == "hf" else {k: [] for k in STEP_FIELDS}
@@ -415,7 +412,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "temperatures": cfg.temperatures, "tree_nodes": cfg.tree_nodes, "max_new_tokens": cfg.max_new_tokens,
         "top_p": cfg.top_p, "top_k": cfg.top_k, "depth": cfg.depth, "topk": cfg.topk,
         "contemplate": "all" if cfg.contemplate is None else cfg.contemplate, "seed": cfg.seed,
-        "warmup": cfg.warmup, "machine": _machine(), "torch": torch.__version__,
+        "warmup": cfg.warmup, "machine": _machine(), "numerics": runner.target.numerics, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "ran": n_todo, "resumed": len(questions) * len(runs) - n_todo,
     }

@@ -11,7 +11,7 @@ from confu.bench.micro import AR_PROMPTS, parse_budgets, run_bench_ar, run_bench
 from confu.bench.report import compact_summary, render_ar_console, render_bench_console, render_verify_console
 from confu.bench.specbench import BenchConfig, parse_methods, run_bench
 from confu.chat import read_prompts_file
-from confu.cli.common import add_decoding_args, add_target_args, comma_list
+from confu.cli.common import add_decoding_args, add_target_args, comma_list, parse_tree_nodes
 
 
 def cmd_bench(args) -> None:
@@ -46,7 +46,8 @@ def _add_bench(subparsers: Any) -> None:
     b.add_argument("--limit-per-category", type=int, help="first K questions of each category")
     b.add_argument("--temperatures", type=comma_list(float, "--temperatures"),
                    help="comma-separated (default: --temperature)")
-    b.add_argument("--tree-nodes", type=comma_list(int, "--tree-nodes"), default=[60], help="comma-separated")
+    b.add_argument("--tree-nodes", type=comma_list(parse_tree_nodes, "--tree-nodes"), default=["auto"],
+                   help="comma-separated: 'auto' (sized per round for this machine) and/or node counts")
     b.add_argument("--out", required=True, help="output directory; re-running with it resumes")
     b.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the first question per method and setting")

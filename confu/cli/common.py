@@ -14,14 +14,27 @@ def parse_contemplate(value: str) -> int | None:
         raise argparse.ArgumentTypeError("--contemplate takes 'all' or a number of slots") from err
 
 
-def comma_list(kind: type, flag: str):
+def parse_tree_nodes(value: str) -> int | str:
+    """`--tree-nodes`: 'auto' (sized per round for this machine) or a fixed node count >= 1."""
+    if value == "auto":
+        return value
+    try:
+        nodes = int(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError("--tree-nodes takes 'auto' or a number of nodes") from err
+    if nodes < 1:
+        raise argparse.ArgumentTypeError(f"--tree-nodes must be 'auto' or >= 1 (got {nodes})")
+    return nodes
+
+
+def comma_list(kind, flag: str):
     """argparse type for `1,2,3`-style option values."""
 
     def parse(text: str) -> list:
         try:
             values = [kind(p) for p in text.split(",") if p.strip()]
         except ValueError as err:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {kind.__name__} values") from err
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {getattr(kind, '__name__', 'values')}") from err
         if not values:
             raise argparse.ArgumentTypeError(f"{flag} is empty")
         return values
@@ -40,7 +53,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--depth", type=int, default=6, help="draft tree depth")
+    p.add_argument("--depth", type=int, default=6, help="draft tree depth (under --tree-nodes auto: the most)")
     p.add_argument("--topk", type=int, default=8, help="children expanded per draft node")
     p.add_argument("--contemplate", type=parse_contemplate, default=None,
                    help="ConFu: 'all' (default) or the number of contemplate slots besides the root")

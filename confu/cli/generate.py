@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from confu.chat import encode_prompt, read_prompts_file
-from confu.cli.common import add_decoding_args, add_target_args
+from confu.cli.common import add_decoding_args, add_target_args, parse_tree_nodes
 
 
 def load_decoder(target_spec: str, draft: str):
@@ -18,18 +18,19 @@ def load_decoder(target_spec: str, draft: str):
 
     target = Target.load(target_spec)
     head = None if draft == "none" else load_draft(draft, target)
-    return Decoder(target, head)
+    return Decoder.for_head(target, head)
 
 
-def generation_config(args, tree_nodes: int):
-    from confu.engine.generate import GenerationConfig
+def generation_config(args, tree_nodes: int | str):
+    from confu.engine.generate import GenerationConfig, tree_setting
     from confu.engine.sampling import SamplingConfig
-    from confu.engine.tree import TreeConfig
 
+    tree, auto = tree_setting(tree_nodes, args.depth, args.topk)
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(args.temperature, args.top_p, args.top_k),
-        tree=TreeConfig(total_nodes=tree_nodes, depth=args.depth, topk=args.topk),
+        tree=tree,
+        auto_tree=auto,
         contemplate=args.contemplate,
         seed=args.seed,
     )
@@ -44,8 +45,15 @@ def result_record(decoder, res) -> dict:
         "tokens_per_s": round(res.tokens_per_s, 3),
         "accept_lengths": res.accept_lengths,
         "stop_reason": res.stop_reason,
+        "numerics": decoder.target.numerics,
     }
-    if decoder.confu:
+    drafted = [s for s in res.steps if s.depth]
+    if res.steps and decoder.proposer is not None:
+        # the tree shape each round verified: under --tree-nodes auto it is chosen per round
+        record["tree"] = {"nodes": [s.tree_nodes for s in res.steps], "depth": [s.depth for s in res.steps],
+                          "rounds_without_draft": len(res.steps) - len(drafted),
+                          "mean_nodes": round(sum(s.tree_nodes for s in res.steps) / len(res.steps), 2)}
+    if any(s.contemplate_slots for s in res.steps):
         record["contemplate_slots"] = [s.contemplate_slots for s in res.steps]
         record["verify_tokens"] = [s.verify_tokens for s in res.steps]
     return record
@@ -102,7 +110,8 @@ def add_parser(subparsers: Any) -> None:
     prompt.add_argument("--prompt", help="one prompt")
     prompt.add_argument("--prompt-file", help="prompts, one per line: prints a JSON line each and a pooled summary")
     g.add_argument("--raw", action="store_true", help="skip the chat template")
-    g.add_argument("--tree-nodes", type=int, default=60)
+    g.add_argument("--tree-nodes", type=parse_tree_nodes, default="auto",
+                   help="'auto' (default: depth and nodes chosen per round from measured costs) or a fixed count")
     add_decoding_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)

@@ -28,20 +28,15 @@ class ContemplatePlan:
     def num_slots(self) -> int:
         return len(self.slot_rows)
 
-    def extend_inputs(self, embeds: Tensor, positions: Tensor, mask: Tensor, head, con_features: Tensor):
-        """Append the slots to the verify rows: (embeds, positions, mask) over rows + slots."""
-        rows, n = len(positions), self.num_slots
-        slot_rows = torch.tensor(self.slot_rows)
-        con = head.contemplate_embedding(con_features).to(embeds.dtype)  # one [con] shared by every slot
-        full = torch.zeros(rows + n, rows + n, dtype=torch.bool)
-        full[:rows, :rows] = mask
-        full[rows:, :rows] = mask[slot_rows]  # what the slot's row sees: root, ancestors, the row itself
-        full[rows:, rows:] = torch.eye(n, dtype=torch.bool)
-        return (
-            torch.cat([embeds, con.expand(n, -1)]),
-            torch.cat([positions, positions[slot_rows] + 1]),
-            full,
-        )
+    def slot_inputs(self, positions: Tensor, mask: Tensor, head, con_features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The slots' rows after the verify rows: ([con] embeddings (n, H), positions (n,), mask (n, rows + n)
+        over the verify rows and the slots)."""
+        slot_rows = torch.tensor(self.slot_rows, device=positions.device)
+        n = len(slot_rows)
+        con = head.contemplate_embedding(con_features)  # one [con] shared by every slot
+        own = torch.eye(n, dtype=torch.bool, device=mask.device)
+        # a slot sees what its row sees (root, ancestors, the row itself) and itself
+        return con.expand(n, -1), positions[slot_rows] + 1, torch.cat([mask[slot_rows], own], dim=1)
 
     def future_of(self, last_hidden: Tensor, accepted: list[int]) -> Tensor:
         """f of the last accepted row, or of its deepest ancestor with a slot (the root always has one)."""

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from confu.engine.contemplate import ContemplatePlan, plan_contemplate_slots
 from confu.engine.draft import Eagle3Head
-from confu.engine.drafter import Drafter
+from confu.engine.methods import PlainVerify, Proposer, method_for_head
 from confu.engine.sampling import SamplingConfig, logits_to_probs, sample_token
-from confu.engine.target import Target, TargetCache
+from confu.engine.sizing import AutoSizer, VerifyCosts, load_verify_costs
+from confu.engine.target import Target, TargetCache, TargetOutput, check_feature_layers
 from confu.engine.tree import DraftTree, TreeConfig
 from confu.engine.verify import MappedRows, Rows, verify_greedy, verify_sampling
 from confu.errors import InputError
@@ -29,6 +29,9 @@ class GenerationConfig:
     max_new_tokens: int = 128
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
+    # auto: `tree` gives upper bounds and each round picks its depth and node count from measured costs and
+    # observed acceptance (`confu.engine.sizing`), drafting nothing where plain decoding is faster
+    auto_tree: bool = True
     contemplate: int | None = None  # ConFu: None = a slot on every node, N = the N likeliest round ends
     seed: int | None = None
     stop_at_eos: bool = True
@@ -40,12 +43,24 @@ class GenerationConfig:
             raise InputError(f"--contemplate must be 'all' or a count >= 0 (got {self.contemplate})")
 
 
+AUTO_MAX_NODES = 60  # under auto sizing: the most nodes a round may verify (EAGLE-2's default tree)
+
+
+def tree_setting(nodes: int | str, depth: int, topk: int) -> tuple[TreeConfig, bool]:
+    """`--tree-nodes N|auto` -> (tree bounds, auto_tree): a fixed tree of N nodes, or per-round sizing under
+    AUTO_MAX_NODES nodes and `depth` levels."""
+    if nodes == "auto":
+        return TreeConfig(total_nodes=AUTO_MAX_NODES, depth=depth, topk=topk), True
+    return TreeConfig(total_nodes=int(nodes), depth=depth, topk=topk), False
+
+
 @dataclass
 class StepRecord:
     """One verification round. tau counts `accepted + 1` (the bonus / corrected token)."""
 
     accepted: int
     tree_nodes: int
+    depth: int  # levels the draft grew this round (0: no draft)
     contemplate_slots: int
     verify_tokens: int  # rows in the target pass: root + nodes + contemplate slots
     draft_s: float  # drafting the tree, plus the draft's catch-up on the tokens this round accepted
@@ -77,20 +92,34 @@ class RoundState:
     """What the next round starts from."""
 
     root: int  # the token the target has not seen yet (already emitted)
-    root_out: Tensor | None  # draft hidden of the last verified row (drafts level 1)
-    con_features: Tensor | None  # ConFu: features routing the next [con] embedding
+    route: Tensor  # features of the latest token the target has processed (ConFu routes [con] on them)
 
 
 class Decoder:
-    """Holds a target and an optional draft head; `stream` / `generate` decode one prompt."""
+    """The decoding loop, handed a method: a proposer (None: plain decoding) and a verify extension.
 
-    def __init__(self, target: Target, draft: Eagle3Head | None = None):
+    `Decoder.for_head(target, head)` builds the pair a draft head stands for (`confu.engine.methods`).
+    """
+
+    def __init__(self, target: Target, proposer: Proposer | None = None, extension: PlainVerify | None = None):
         self.target = target
-        self.draft = draft
+        self.proposer = proposer
+        self.extension = extension or PlainVerify()
+        self.feature_layers = proposer.feature_layers if proposer is not None else target.feature_layers
+        check_feature_layers(self.feature_layers, target.num_layers)
+        self._verify_costs: VerifyCosts | None = None
 
-    @property
-    def confu(self) -> bool:
-        return self.draft is not None and self.draft.is_confu
+    def sizer(self, cfg: GenerationConfig) -> AutoSizer | None:
+        """Per-sequence tree sizing under `auto_tree` (the cost curve is loaded, or measured, once)."""
+        if not cfg.auto_tree or self.proposer is None:
+            return None
+        if self._verify_costs is None:
+            self._verify_costs = load_verify_costs(self.target)
+        return AutoSizer(self._verify_costs, cfg.tree.depth, self.extension.extra_row_count)
+
+    @classmethod
+    def for_head(cls, target: Target, head: Eagle3Head | None) -> Decoder:
+        return cls(target, *method_for_head(head))
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -105,7 +134,7 @@ class Decoder:
         steps: list[StepRecord] = []
         start = time.perf_counter()
         stop_reason = "max_new_tokens"
-        for new, step, reason in self._run(prompt_ids, cfg):
+        for new, step, reason in self.rounds(prompt_ids, cfg):
             tokens.extend(new)
             if step is not None:
                 steps.append(step)
@@ -115,81 +144,88 @@ class Decoder:
 
     def stream(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[list[int]]:
         """Yields the tokens each round adds."""
-        for new, _, _ in self._run(prompt_ids, cfg):
+        for new, _, _ in self.rounds(prompt_ids, cfg):
             if new:
                 yield new
 
     # -- stages ---------------------------------------------------------------------------------------------
 
-    def _pick(self, logits: Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> int:
+    def _pick(self, logits: Tensor, cfg: GenerationConfig, gen) -> int:
         if cfg.sampling.greedy:
             return int(logits.argmax())
         return sample_token(logits_to_probs(logits, cfg.sampling), gen)
 
     def prefill(self, cache: TargetCache, prompt: Tensor, cfg: GenerationConfig, gen) -> tuple[int, Tensor, Tensor | None]:
-        """Prompt forward. Returns (first token, features of every prompt row, f or None).
+        """Prompt forward. Returns (first token, features of every prompt row, the extension's future or None).
 
-        ConFu runs the prompt in two parts, prompt[:-1] and then [last token, con], so that the [con]
-        router sees the features of the latest token the target already processed, as in every later round.
+        An extension that attaches rows to the round's root (ConFu's `[con]`) gets the prompt in two parts,
+        prompt[:-1] and then a draftless round on the last token, so its rows see what they see in every
+        later round, routed on the token before the root.
         """
         t = self.target
         n = len(prompt)
-        if not self.confu:
-            out = t.forward(cache, torch.arange(n), _causal(n), input_ids=prompt)
+        if not self.extension.root_round_in_prefill:
+            out = t.forward(cache, _arange(n, prompt), _causal(n, prompt), input_ids=prompt,
+                            feature_layers=self.feature_layers)
             cache.commit(None)
-            return self._pick(out.logits[-1], cfg, gen), out.features, None
+            return self._pick(out.logits[n - 1], cfg, gen), out.features, None
         features = []
+        route = torch.zeros(3 * t.hidden_size, dtype=t.dtype, device=t.device)
         if n > 1:
-            head_out = t.forward(cache, torch.arange(n - 1), _causal(n - 1), input_ids=prompt[:-1])
+            head_out = t.forward(cache, _arange(n - 1, prompt), _causal(n - 1, prompt), input_ids=prompt[:-1],
+                                 feature_layers=self.feature_layers)
             cache.commit(None)
             features.append(head_out.features)
             route = head_out.features[-1]
-        else:
-            route = torch.zeros(3 * t.hidden_size, dtype=t.dtype)
-        embeds = torch.cat([t.embed(prompt[-1:]), self.draft.contemplate_embedding(route)[None]])
-        mask = torch.ones(2, 2, dtype=torch.bool).tril()
-        out = t.forward(cache, torch.tensor([n - 1, n]), mask, inputs_embeds=embeds, contemplate_rows=1)
-        cache.commit(torch.tensor([0]))
+        out = self.verify_pass(cache, None, RoundState(int(prompt[-1]), route))
+        cache.commit(torch.zeros(1, dtype=torch.long, device=prompt.device))
         features.append(out.features[:1])
-        return self._pick(out.logits[0], cfg, gen), torch.cat(features), out.last_hidden[1]
+        return self._pick(out.logits[0], cfg, gen), torch.cat(features), self.extension.future(out.last_hidden, [])
 
-    def verify_pass(self, cache: TargetCache, tree: DraftTree | None, state: RoundState, plan: ContemplatePlan | None):
-        """One target pass over root + tree nodes (+ contemplate slots)."""
+    def verify_pass(self, cache: TargetCache, tree: DraftTree | None, state: RoundState) -> TargetOutput:
+        """One target pass over the root and the tree nodes, plus the extension's rows after them."""
         t = self.target
+        device = t.device
         pos0 = cache.num_tokens
-        n_nodes = 0 if tree is None else len(tree.tokens)
-        ids = torch.tensor([state.root])
-        positions = torch.tensor([pos0])
-        mask = torch.ones(1, 1, dtype=torch.bool)
+        n_nodes = 0 if tree is None else len(tree)
+        ids = torch.tensor([state.root], device=device)
+        positions = torch.tensor([pos0], device=device)
+        mask = torch.ones(1, 1, dtype=torch.bool, device=device)
         if n_nodes:
-            ids = torch.cat([ids, tree.tokens])
-            positions = torch.cat([positions, pos0 + tree.depths])
-            mask = torch.ones(n_nodes + 1, n_nodes + 1, dtype=torch.bool).tril()
-            mask[1:, 1:] = tree.ancestor_mask  # every node sees the root, its ancestors and itself
-            mask[0, 1:] = False
-        rows = n_nodes + 1
-        if plan is None:
-            return t.forward(cache, positions, mask, input_ids=ids), rows
-        embeds, positions, mask = plan.extend_inputs(t.embed(ids), positions, mask, self.draft, state.con_features)
-        out = t.forward(cache, positions, mask, inputs_embeds=embeds, contemplate_rows=plan.num_slots)
-        return out, rows
+            ids = torch.cat([ids, tree.tokens.to(device)])
+            positions = torch.cat([positions, pos0 + tree.depths.to(device)])
+            mask = torch.zeros(n_nodes + 1, n_nodes + 1, dtype=torch.bool, device=device)
+            mask[:, 0] = True  # every node sees the root
+            mask[1:, 1:] = tree.ancestor_mask.to(device)  # its ancestors and itself
+        extra = self.extension.extra_rows(tree, positions, mask, state.route)
+        if extra is None:
+            return t.forward(cache, positions, mask, input_ids=ids, feature_layers=self.feature_layers)
+        rows, c = len(ids), len(extra.positions)
+        full = torch.zeros(rows + c, rows + c, dtype=torch.bool, device=device)
+        full[:rows, :rows] = mask
+        full[rows:] = extra.mask
+        return t.forward(cache, torch.cat([positions, extra.positions]), full,
+                         inputs_embeds=torch.cat([t.embed(ids), extra.embeds.to(t.dtype)]),
+                         contemplate_rows=c, feature_layers=self.feature_layers)
 
-    def _run(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[tuple[list[int], StepRecord | None, str]]:
+    def rounds(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[tuple[list[int], StepRecord | None, str]]:
+        """Decode one prompt round by round: yields (tokens the round adds, its record or None, stop reason)."""
         self._check_prompt(prompt_ids)
         t = self.target
         gen = None
         if cfg.seed is not None:
-            gen = torch.Generator().manual_seed(cfg.seed)
-        prompt = torch.tensor(prompt_ids)
+            gen = torch.Generator(device=t.device).manual_seed(cfg.seed)
+        prompt = torch.tensor(prompt_ids, device=t.device)
+        proposer, extension = self.proposer, self.extension
+        sizer = self.sizer(cfg)
         with torch.no_grad():
-            cache = t.new_cache(self.draft.soft_prompt_kv() if self.confu else None)
-            first, features, f = self.prefill(cache, prompt, cfg, gen)
-            drafter = None
-            root_out = None
-            if self.draft is not None:
-                drafter = Drafter(self.draft, cfg.tree, t.max_context + 1)
-                root_out = drafter.catch_up(features, torch.cat([prompt[1:], torch.tensor([first])]), f)
-            state = RoundState(first, root_out, features[-1])
+            extension.begin(cfg)
+            cache = t.new_cache(extension.soft_prompt())
+            first, features, future = self.prefill(cache, prompt, cfg, gen)
+            if proposer is not None:
+                proposer.begin(cfg, t.max_context + 1)
+                proposer.observe(features, torch.cat([prompt[1:], prompt.new_tensor([first])]), future)
+            state = RoundState(first, features[-1])
             emitted = 0
             new, reason = self._clip([first], emitted, cfg)
             emitted += len(new)
@@ -200,33 +236,32 @@ class Decoder:
                     yield [], None, "context"
                     return
                 tic = time.perf_counter()
-                tree = None
-                if drafter is not None and room > 1:
-                    tree = drafter.draft_tree(state.root_out, max_nodes=room - 1)
-                plan = plan_contemplate_slots(tree, cfg.contemplate) if self.confu else None
+                depth = 0 if proposer is None or room < 2 else sizer.plan_round().depth if sizer else cfg.tree.depth
+                tree = proposer.propose(max_nodes=room - 1, depth=depth) if depth else None
+                if sizer is not None and tree is not None:
+                    tree = sizer.choose_nodes(tree, time.perf_counter() - tic)
                 toc = time.perf_counter()
-                out, rows = self.verify_pass(cache, tree, state, plan)
+                out = self.verify_pass(cache, tree, state)
                 accepted, bonus = self._accept(tree, out.logits, cfg, gen)
-                keep = torch.tensor([0] + [i + 1 for i in accepted])
+                keep = torch.tensor([0] + [i + 1 for i in accepted], device=t.device)
                 cache.commit(keep)
                 verified = time.perf_counter()
-                if drafter is not None:
-                    new_f = plan.future_of(out.last_hidden, accepted) if plan is not None else None
-                    path_tokens = [int(tree.tokens[i]) for i in accepted]
-                    next_tokens = torch.tensor(path_tokens + [bonus])
-                    state.root_out = drafter.catch_up(out.features[keep], next_tokens, new_f)
-                    state.con_features = out.features[keep[-1]]
-                    new_tokens = path_tokens + [bonus]
-                else:
-                    new_tokens = [bonus]
-                state.root = bonus
+                new_tokens = [int(tree.tokens[i]) for i in accepted] + [bonus]
+                if proposer is not None:
+                    proposer.observe(out.features[keep], torch.tensor(new_tokens, device=t.device),
+                                     extension.future(out.last_hidden, accepted))
+                state = RoundState(bonus, out.features[keep[-1]])
+                draft_s = (toc - tic) + (time.perf_counter() - verified)
+                if sizer is not None:
+                    sizer.observe(tree, depth, len(accepted), draft_s)
                 step = StepRecord(
                     accepted=len(accepted),
-                    tree_nodes=0 if tree is None else len(tree.tokens),
-                    contemplate_slots=0 if plan is None else plan.num_slots,
+                    tree_nodes=0 if tree is None else len(tree),
+                    depth=0 if tree is None else depth,
+                    contemplate_slots=len(out.last_hidden) - len(out.logits),
                     verify_tokens=len(out.features),
                     # the draft's catch-up on the accepted tokens is draft work, done after verification
-                    draft_s=(toc - tic) + (time.perf_counter() - verified),
+                    draft_s=draft_s,
                     verify_s=verified - toc,
                 )
                 new, reason = self._clip(new_tokens, emitted, cfg)
@@ -234,7 +269,7 @@ class Decoder:
                 yield new, step, reason
 
     def _accept(self, tree: DraftTree | None, logits: Rows, cfg: GenerationConfig, gen) -> tuple[list[int], int]:
-        if tree is None or len(tree.tokens) == 0:
+        if tree is None or len(tree) == 0:
             return [], self._pick(logits[0], cfg, gen)
         if cfg.sampling.greedy:
             return verify_greedy(tree, logits)
@@ -252,5 +287,9 @@ class Decoder:
         return new_tokens, ""
 
 
-def _causal(n: int) -> Tensor:
-    return torch.ones(n, n, dtype=torch.bool).tril()
+def _causal(n: int, like: Tensor) -> Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=like.device).tril()
+
+
+def _arange(n: int, like: Tensor) -> Tensor:
+    return torch.arange(n, device=like.device)

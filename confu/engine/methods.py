@@ -1,0 +1,134 @@
+"""Decoding methods as objects the decoding loop is handed.
+
+A method is a pair:
+- a `Proposer` drafts a tree of candidate tokens within a node budget and observes what the target verified;
+  it owns the target features it reads (`feature_layers`);
+- a `VerifyExtension` adds to the target's pass whatever the method needs there: a cache prefix, extra rows
+  after the verify rows, and the future state those rows produce for the proposer.
+
+Plain decoding is no proposer and `PlainVerify`; EAGLE-3 is a `DraftHeadProposer` and `PlainVerify`; ConFu is a
+`DraftHeadProposer` (whose head reads `f`) and `ContemplateSlots`. Tests hand the loop oracle proposers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from torch import Tensor
+
+from confu.engine.contemplate import ContemplatePlan, plan_contemplate_slots
+from confu.engine.draft import ConFuHead, Eagle3Head
+from confu.engine.drafter import Drafter
+from confu.engine.tree import DraftTree
+
+if TYPE_CHECKING:
+    from confu.engine.generate import GenerationConfig
+
+
+class Proposer(Protocol):
+    feature_layers: tuple[int, ...]  # hidden-state indices of the target features `observe` receives
+
+    def begin(self, cfg: GenerationConfig, max_len: int) -> None:
+        """A new sequence of at most `max_len` tokens."""
+
+    def observe(self, features: Tensor, next_tokens: Tensor, future: Tensor | None) -> None:
+        """Rows the target has verified: their features (m, 3H) and the token after each (m,); `future` is the
+        verify extension's prediction for the next round, if it makes one."""
+
+    def propose(self, max_nodes: int, depth: int) -> DraftTree | None:
+        """A tree of at most `max_nodes` nodes and `depth` levels below the last observed token (None: nothing
+        to propose)."""
+
+
+class DraftHeadProposer:
+    """An EAGLE-3 or ConFu draft head growing EAGLE-2 dynamic trees (`confu.engine.drafter`)."""
+
+    def __init__(self, head: Eagle3Head):
+        self.head = head
+        self.feature_layers = tuple(head.cfg.feature_layers)
+        self.drafter: Drafter | None = None
+        self.root_out: Tensor | None = None  # the draft's output hidden of the last observed row
+
+    def begin(self, cfg: GenerationConfig, max_len: int) -> None:
+        self.drafter = Drafter(self.head, cfg.tree, max_len)
+        self.root_out = None
+
+    def observe(self, features: Tensor, next_tokens: Tensor, future: Tensor | None) -> None:
+        self.root_out = self.drafter.catch_up(features, next_tokens, future)
+
+    def propose(self, max_nodes: int, depth: int) -> DraftTree | None:
+        return self.drafter.draft_tree(self.root_out, max_nodes=max_nodes, depth=depth)
+
+
+@dataclass
+class ExtraRows:
+    """Rows a verify extension appends after the verify rows (they attend in their own call)."""
+
+    embeds: Tensor  # (c, H)
+    positions: Tensor  # (c,)
+    mask: Tensor  # (c, rows + c) over the verify rows and the extra rows
+
+
+class PlainVerify:
+    """Verification with nothing added: the target's pass over the root and the tree nodes."""
+
+    root_round_in_prefill = False  # the whole prompt goes in one pass
+
+    def begin(self, cfg: GenerationConfig) -> None:
+        pass
+
+    def soft_prompt(self) -> list[tuple[Tensor, Tensor]] | None:
+        return None
+
+    def extra_rows(self, tree: DraftTree | None, positions: Tensor, mask: Tensor, route: Tensor) -> ExtraRows | None:
+        """Rows to append to a verify pass over (positions, mask); `route` is the features of the latest token
+        the target has processed."""
+        return None
+
+    def future(self, last_hidden: Tensor, accepted: list[int]) -> Tensor | None:
+        return None
+
+    def extra_row_count(self, nodes: int) -> int:
+        """Rows `extra_rows` adds to a pass over `nodes` tree nodes (what tree sizing must pay for)."""
+        return 0
+
+
+class ContemplateSlots(PlainVerify):
+    """ConFu's target side: the soft prompt at the head of the cache, `[con]` rows attached to verify rows,
+    and `f`, the `[con]` state of the accepted path's end (`confu.engine.contemplate`)."""
+
+    # The last prompt token is the root of a first, draftless round: its [con] row then sees exactly what
+    # every later round's root slot sees, and is routed on the token before it.
+    root_round_in_prefill = True
+
+    def __init__(self, head: ConFuHead):
+        self.head = head
+        self.budget: int | None = None
+        self.plan: ContemplatePlan | None = None
+
+    def begin(self, cfg: GenerationConfig) -> None:
+        self.budget = cfg.contemplate
+        self.plan = None
+
+    def soft_prompt(self) -> list[tuple[Tensor, Tensor]]:
+        return self.head.soft_prompt_kv()
+
+    def extra_rows(self, tree: DraftTree | None, positions: Tensor, mask: Tensor, route: Tensor) -> ExtraRows:
+        self.plan = plan_contemplate_slots(tree, self.budget)
+        return ExtraRows(*self.plan.slot_inputs(positions, mask, self.head, route))
+
+    def future(self, last_hidden: Tensor, accepted: list[int]) -> Tensor:
+        return self.plan.future_of(last_hidden, accepted)
+
+    def extra_row_count(self, nodes: int) -> int:
+        return 1 + (nodes if self.budget is None else min(self.budget, nodes))
+
+
+def method_for_head(head: Eagle3Head | None) -> tuple[Proposer | None, PlainVerify]:
+    """The (proposer, verify extension) pair a draft head stands for; None is plain decoding."""
+    if head is None:
+        return None, PlainVerify()
+    if isinstance(head, ConFuHead):
+        return DraftHeadProposer(head), ContemplateSlots(head)
+    return DraftHeadProposer(head), PlainVerify()

@@ -1,0 +1,211 @@
+"""Hardware-aware tree sizing (`--tree-nodes auto`): whether to draft, how deep, and how many nodes to verify.
+
+What a round costs comes from measurements on this machine: the target's verify pass against its row count,
+measured once per target, numerics, device and thread count (`measure_verify_costs`, cached under
+`$CONFU_CACHE/costs`), and the draft's cost per depth level, timed online. What a round yields comes from
+acceptance observed online:
+- a node's cumulative draft score estimates the log-probability that the target accepts it, so a tree's
+  expected accepted length is the sum of exp(score) over its nodes; a calibration factor (accepted / predicted,
+  both averaged over recent rounds) corrects the draft's over- or under-confidence;
+- `gain[d]`, the recent mean of min(accepted, d), is what drafting d levels deep has been worth.
+
+Each round `AutoSizer` picks the depth with the best expected tokens per second, or no draft at all when
+plain decoding is expected to be faster (re-checking the draft every `explore_every` rounds, so a draft that
+improves mid-sequence is noticed), then keeps the number of nodes whose calibrated expected gain pays for
+their verify rows. A draft that cannot pay therefore costs a catch-up per token, not a tree per token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from confu.engine.tree import DraftTree
+
+COST_ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
+DECAY = 0.9  # weight of the past in the running means: about the last ten rounds count
+
+
+@dataclass
+class VerifyCosts:
+    """Seconds of a verify pass (target forward, reading two logits rows, commit) against its row count."""
+
+    rows: list[int]
+    seconds: list[float]
+
+    def __call__(self, n: int) -> float:
+        """Piecewise-linear in the row count; beyond the last point, linear in the last segment's slope."""
+        rows, secs = self.rows, self.seconds
+        if n <= rows[0]:
+            return secs[0]
+        for (r0, s0), (r1, s1) in zip(zip(rows, secs, strict=True), zip(rows[1:], secs[1:], strict=True),
+                                      strict=False):
+            if n <= r1:
+                return s0 + (s1 - s0) * (n - r0) / (r1 - r0)
+        slope = (secs[-1] - secs[-2]) / (rows[-1] - rows[-2])
+        return secs[-1] + slope * (n - rows[-1])
+
+
+def cost_key(target) -> str:
+    """Identity of a cost curve: the model, its numerics, the device, the thread count and the machine."""
+    cfg = target.model.config
+    parts = [target.name, cfg.model_type, str(cfg.hidden_size), str(cfg.num_hidden_layers), str(target.vocab_size),
+             str(target.dtype), str(target.device), target.numerics, str(torch.get_num_threads()),
+             platform.machine(), platform.processor() or _cpu_model()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def measure_verify_costs(target, rows: tuple[int, ...] = COST_ROWS, repeats: int = 5, context: int = 64) -> VerifyCosts:
+    """Time verify passes of each row count after a `context`-token prompt (median of `repeats`)."""
+    device = target.device
+    n_ctx = min(context, target.max_context // 2)
+    rows = tuple(r for r in rows if n_ctx + r <= target.max_context)
+    ids = torch.arange(n_ctx, device=device) % target.vocab_size
+    cache = target.new_cache()
+    with torch.no_grad():
+        target.forward(cache, torch.arange(n_ctx, device=device), _causal(n_ctx, device), input_ids=ids)
+        cache.commit(None)
+        seconds = []
+        for r in rows:
+            new = torch.arange(r, device=device) % target.vocab_size
+            pos = n_ctx + torch.arange(r, device=device)
+            times = []
+            for i in range(repeats + 1):
+                tic = time.perf_counter()
+                out = target.forward(cache, pos, _causal(r, device), input_ids=new)
+                out.logits[0], out.logits[r - 1]  # verification reads about this many rows
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i:  # the first is a warm-up
+                    times.append(time.perf_counter() - tic)
+                cache.rollback()
+            seconds.append(statistics.median(times))
+    # a pass over more rows never costs less: keep the curve monotone against timing noise
+    for i in range(1, len(seconds)):
+        seconds[i] = max(seconds[i], seconds[i - 1])
+    return VerifyCosts(list(rows), seconds)
+
+
+def _causal(n: int, device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def load_verify_costs(target) -> VerifyCosts:
+    """The cached cost curve of this target on this machine, measured on first use (a few seconds)."""
+    from confu.hub import cache_dir
+
+    path = cache_dir() / "costs" / f"{cost_key(target)}.json"
+    try:
+        data = json.loads(path.read_text())
+        return VerifyCosts(data["rows"], data["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    costs = measure_verify_costs(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"rows": costs.rows, "seconds": costs.seconds, "target": target.name,
+                               "numerics": target.numerics, "threads": torch.get_num_threads()}))
+    tmp.replace(path)
+    return costs
+
+
+@dataclass
+class RoundPlan:
+    depth: int  # 0: do not draft this round
+
+
+@dataclass
+class AutoSizer:
+    """Per-sequence sizing state. `extra_rows(n)` is what the verify extension adds to a pass over n nodes."""
+
+    costs: VerifyCosts
+    max_depth: int
+    extra_rows: object = None  # callable n -> int
+    explore_every: int = 8
+    warmup_rounds: int = 3
+    gain: list[float] = field(default_factory=list)  # gain[d - 1]: running mean of min(accepted, d)
+    level_s: float = 0.0  # running mean of draft seconds per depth level (catch-up included)
+    predicted: float = 0.0  # running sums behind the calibration factor
+    observed: float = 0.0
+    rounds: int = 0
+    skipped: int = 0
+    last_nodes: int = 0
+
+    def __post_init__(self) -> None:
+        self.gain = [0.0] * self.max_depth
+
+    def _rows(self, nodes: int) -> int:
+        return nodes + 1 + (self.extra_rows(nodes) if self.extra_rows else 0)
+
+    @property
+    def calibration(self) -> float:
+        return self.observed / self.predicted if self.predicted > 0 else 1.0
+
+    def plan_round(self) -> RoundPlan:
+        """Depth to draft this round (0 = no draft)."""
+        self.rounds += 1
+        if self.rounds <= self.warmup_rounds or self.rounds % self.explore_every == 0:
+            return RoundPlan(self.max_depth)
+        plain = 1.0 / self.costs(self._rows(0))
+        best, best_rate = 0, plain
+        nodes = max(1, self.last_nodes)
+        for d in range(1, self.max_depth + 1):
+            rate = (1.0 + self.gain[d - 1]) / (d * self.level_s + self.costs(self._rows(nodes)))
+            if rate > best_rate:
+                best, best_rate = d, rate
+        if best == 0:
+            self.skipped += 1
+        return RoundPlan(best)
+
+    def choose_nodes(self, tree: DraftTree, draft_s: float) -> DraftTree:
+        """Keep the top-n nodes by score (a valid tree: a parent never scores below its child) for the n with
+        the best expected tokens per second."""
+        if len(tree) == 0:
+            return tree
+        order = sorted(range(len(tree)), key=lambda i: -float(tree.scores[i]))  # stable: ties keep index order
+        gains = (tree.scores.double().exp() * self.calibration)[order].cumsum(0).tolist()
+        best_n, best_rate = 1, -1.0
+        for n in range(1, len(tree) + 1):
+            rate = (1.0 + gains[n - 1]) / (draft_s + self.costs(self._rows(n)))
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        self.last_nodes = best_n
+        return prune(tree, sorted(order[:best_n]))
+
+    def observe(self, tree: DraftTree | None, depth: int, accepted: int, draft_s: float) -> None:
+        """Update the running means with a verified round."""
+        if tree is None or depth == 0:
+            return
+        for d in range(1, depth + 1):
+            self.gain[d - 1] = DECAY * self.gain[d - 1] + (1 - DECAY) * min(accepted, d)
+        self.level_s = draft_s / depth if self.level_s == 0 else DECAY * self.level_s + (1 - DECAY) * draft_s / depth
+        self.predicted = DECAY * self.predicted + float(tree.scores.double().exp().sum())
+        self.observed = DECAY * self.observed + accepted
+
+
+def prune(tree: DraftTree, keep: list[int]) -> DraftTree:
+    """The subtree of the nodes `keep` (ascending, closed under parents), renumbered in the same order."""
+    if len(keep) == len(tree):
+        return tree
+    new_index = {old: new for new, old in enumerate(keep)}
+    parents = [-1 if int(tree.parents[i]) < 0 else new_index[int(tree.parents[i])] for i in keep]
+    index = torch.tensor(keep)
+    return DraftTree.from_parents(tree.tokens[index], parents, tree.scores[index])

@@ -1,0 +1,86 @@
+"""Hardware-aware tree sizing: cost curves, the per-round decisions, and lossless decoding under `auto`."""
+
+from __future__ import annotations
+
+from confu.engine.checkpoint import new_draft
+from confu.engine.generate import Decoder, GenerationConfig
+from confu.engine.sizing import AutoSizer, VerifyCosts, load_verify_costs, prune
+from confu.engine.tree import DraftTree, TreeConfig
+from tests.helpers import PROMPTS, OracleProposer, chat_ids, decoder_with, hf_greedy, load_target
+
+# A CPU-like curve: a pass over 1 row 40 ms, flat up to 5 rows, then about 2.5 ms a row.
+COSTS = VerifyCosts([1, 5, 9, 17, 33], [0.040, 0.044, 0.054, 0.074, 0.114])
+
+
+def test_cost_curve_interpolates_and_extrapolates():
+    assert COSTS(1) == 0.040 and COSTS(0) == 0.040
+    assert abs(COSTS(7) - 0.049) < 1e-12
+    assert abs(COSTS(41) - (0.114 + 8 * 0.040 / 16)) < 1e-12
+    assert all(COSTS(n) <= COSTS(n + 1) for n in range(1, 60))
+
+
+def _round(sizer: AutoSizer, accepted: int, tree: DraftTree, draft_s: float = 0.006):
+    plan = sizer.plan_round()
+    if plan.depth:
+        sizer.observe(sizer.choose_nodes(tree, draft_s), plan.depth, accepted, draft_s)
+    return plan.depth
+
+
+def _chain_tree(depth: int, logp: float) -> DraftTree:
+    return DraftTree.from_parents(list(range(depth)), list(range(-1, depth - 1)), [logp * (i + 1) for i in range(depth)])
+
+
+def test_useless_draft_is_skipped_but_rechecked():
+    sizer = AutoSizer(COSTS, max_depth=6, explore_every=8)
+    depths = [_round(sizer, accepted=0, tree=_chain_tree(6, -2.0)) for _ in range(40)]
+    assert depths[:3] == [6, 6, 6], "the first rounds measure the draft at full depth"
+    later = depths[3:]
+    assert sum(d == 0 for d in later) >= 30, f"a draft that never hits must mostly be skipped: {depths}"
+    assert any(d > 0 for d in later), "it must still be re-checked now and then"
+
+
+def test_good_draft_is_used_deep_and_wide():
+    sizer = AutoSizer(COSTS, max_depth=6)
+    wide = DraftTree.from_parents(list(range(12)), [-1, 0, 1, 2, 3, 4, -1, 0, 1, 2, 3, 4],
+                                  [-0.05 * (i % 6 + 1) - (i >= 6) for i in range(12)])
+    depths = [_round(sizer, accepted=5, tree=wide) for _ in range(20)]
+    assert all(d >= 5 for d in depths), depths
+    kept = sizer.choose_nodes(wide, 0.006)
+    assert 6 <= len(kept) <= 12 and sizer.calibration > 0.5
+
+
+def test_node_choice_keeps_a_valid_top_scored_subtree():
+    sizer = AutoSizer(VerifyCosts([1, 2, 64], [0.040, 0.060, 0.060 + 62 * 0.020]), max_depth=3)
+    tree = DraftTree.from_parents([5, 6, 7, 8, 9], [-1, -1, 0, 0, 2], [-0.1, -3.0, -0.3, -4.0, -0.6])
+    kept = sizer.choose_nodes(tree, 0.0)
+    assert 1 <= len(kept) < len(tree), "expensive rows: only the likeliest nodes are worth verifying"
+    assert kept.tokens.tolist() == [5, 7, 9][: len(kept)]
+    sub = prune(tree, [0, 2, 4])
+    assert sub.parents.tolist() == [-1, 0, 1] and sub.tokens.tolist() == [5, 7, 9]
+
+
+def test_cost_curve_is_measured_once_and_cached(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONFU_CACHE", str(tmp_path))
+    target = load_target(tiny_llama_dir)
+    first = load_verify_costs(target)
+    assert first.rows[0] == 1 and len(first.rows) == len(first.seconds) and all(s > 0 for s in first.seconds)
+    assert all(a <= b for a, b in zip(first.seconds, first.seconds[1:], strict=False))
+    assert len(list((tmp_path / "costs").glob("*.json"))) == 1
+    assert load_verify_costs(target).seconds == first.seconds  # read back, not re-measured
+
+
+def test_auto_sizing_is_lossless_and_uses_an_accepting_proposer(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONFU_CACHE", str(tmp_path))
+    target = load_target(tiny_llama_dir)
+    for method in ("eagle3", "confu"):
+        head = new_draft(target, method, draft_vocab_size=256)
+        for text in PROMPTS[:3]:
+            ids = chat_ids(target, text)
+            ref = hf_greedy(target, ids, 24)
+            OracleProposer.reference = ids + ref
+            cfg = GenerationConfig(max_new_tokens=24, tree=TreeConfig(12, 5, 2))
+            res = decoder_with(target, head, OracleProposer).generate(ids, cfg)
+            assert res.tokens == ref, (method, text)
+            untrained = Decoder.for_head(target, head).generate(ids, cfg)
+            assert untrained.tokens == ref, (method, text)
+            assert all(s.tree_nodes <= 12 and s.depth <= 5 for s in res.steps + untrained.steps)
