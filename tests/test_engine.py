@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from confu.engine.checkpoint import load_draft, new_draft
+from confu.engine.checkpoint import load_draft, new_draft, save_draft
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.tree import TreeConfig
+from confu.errors import DraftMismatchError
 from tests.helpers import (
     PROMPTS,
     GreedyReport,
@@ -195,3 +196,31 @@ def test_shipped_drafts_are_trained_and_lossless_on_the_embedded_target(embedded
         record_property(f"tau_{draft_dir.name}", round(trained, 3))
         print(f"{draft_dir.name}: tau {trained:.3f} (untrained {untrained:.3f})")
         assert trained > untrained + 0.2, f"{draft_dir.name}: tau {trained:.3f} vs untrained {untrained:.3f}"
+
+
+def test_a_draft_reads_its_own_feature_layers_without_changing_the_target(tiny_llama_dir, tmp_path):
+    """Two drafts with different feature layers decode side by side; each proposer observes its own layers."""
+    target = load_target(tiny_llama_dir)
+    head = new_draft(target, "eagle3", draft_vocab_size=256)
+    head.cfg.feature_layers = [1, 3, 6]
+    save_draft(head, tmp_path / "d")
+    loaded = load_draft(tmp_path / "d", target)
+    assert target.feature_layers == (2, 4, 5), "loading a draft must not rewire the target"
+    ids = chat_ids(target, PROMPTS[1])
+    seen = []
+
+    class Recording(OracleProposer):
+        def observe(self, features, next_tokens, future):
+            seen.append(features)
+            super().observe(features, next_tokens, future)
+
+    OracleProposer.reference = ids + hf_greedy(target, ids, 6)
+    res = decoder_with(target, loaded, Recording).generate(ids, GenerationConfig(max_new_tokens=6, auto_tree=False))
+    assert res.tokens == OracleProposer.reference[len(ids):]
+    hs = target.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    # the prompt's rows: the features of token t, paired with token t + 1
+    torch.testing.assert_close(seen[0], torch.cat([hs[i][0] for i in (1, 3, 6)], -1), atol=1e-5, rtol=1e-4)
+    head.cfg.feature_layers = [1, 3, 99]
+    save_draft(head, tmp_path / "bad")
+    with pytest.raises(DraftMismatchError, match="feature layers"):
+        load_draft(tmp_path / "bad", target)

@@ -54,9 +54,10 @@ def check_compatible(cfg: DraftConfig, target) -> None:
         "hidden size": (cfg.target.get("hidden_size"), target.hidden_size),
         "number of layers": (cfg.target.get("num_hidden_layers"), target.num_layers),
         "vocabulary size": (cfg.target.get("vocab_size"), target.vocab_size),
-        "feature layer ids": (list(cfg.feature_layers), list(target.feature_layers)),
     }
     problems = [f"{name}: draft {a}, target {b}" for name, (a, b) in want.items() if a != b]
+    if not (len(cfg.feature_layers) == 3 and all(0 <= i <= target.num_layers for i in cfg.feature_layers)):
+        problems.append(f"feature layers: draft reads {list(cfg.feature_layers)}, target has {target.num_layers} layers")
     if cfg.method == "confu":
         if (cfg.target_num_kv_heads, cfg.target_head_dim) != (target.num_kv_heads, target.head_dim):
             problems.append(
@@ -70,7 +71,7 @@ def check_compatible(cfg: DraftConfig, target) -> None:
 
 
 def load_draft(draft_dir: str | Path, target) -> Eagle3Head:
-    """Load a draft next to its target (the target's feature layers are set from the draft's config).
+    """Load a draft next to its target (the draft decides which target features it reads: `cfg.feature_layers`).
 
     An official / SpecForge or speculators EAGLE-3 directory is imported in memory (`confu.engine.convert`).
     """
@@ -79,12 +80,6 @@ def load_draft(draft_dir: str | Path, target) -> Eagle3Head:
     if foreign_layout(draft_dir):
         return import_draft(draft_dir, target)
     cfg = read_config(draft_dir)
-    if tuple(cfg.feature_layers) != tuple(target.feature_layers):
-        target.feature_layers = tuple(cfg.feature_layers)  # the draft decides which features it reads
-        if not all(0 <= i <= target.num_layers for i in cfg.feature_layers):
-            raise DraftMismatchError(
-                f"draft reads feature layers {cfg.feature_layers}, target has {target.num_layers} layers"
-            )
     check_compatible(cfg, target)
     weights_path = Path(draft_dir) / WEIGHTS_NAME
     if not weights_path.is_file():

@@ -220,7 +220,7 @@ def batch_forward(target, head, seqs: Sequence[Seq], keys: Sequence[str], cfg: T
 
     device = head.fc.weight.device
     input_ids, lengths, loss_mask = collate(seqs, device)
-    tb = run_target(target.model, target.feature_layers, head, input_ids, lengths, loss_mask,
+    tb = run_target(target.model, head.cfg.feature_layers, head, input_ids, lengths, loss_mask,
                     keep_kv=head.is_confu)
     valid = step_validity(tb, cfg.ttt_steps)
     if not head.is_confu:
