@@ -33,18 +33,20 @@ def _chain_tree(depth: int, logp: float) -> DraftTree:
 def test_useless_draft_is_skipped_but_rechecked():
     sizer = AutoSizer(COSTS, max_depth=6, explore_every=8)
     depths = [_round(sizer, accepted=0, tree=_chain_tree(6, -2.0)) for _ in range(40)]
-    assert depths[:3] == [6, 6, 6], "the first rounds measure the draft at full depth"
-    later = depths[3:]
-    assert sum(d == 0 for d in later) >= 30, f"a draft that never hits must mostly be skipped: {depths}"
+    assert depths[0] == 2, "the first round measures a shallow draft"
+    later = depths[1:]
+    assert sum(d == 0 for d in later) >= 33, f"a draft that never hits must mostly be skipped: {depths}"
     assert any(d > 0 for d in later), "it must still be re-checked now and then"
+    assert max(depths) <= 2, "a draft that misses at level 1 is never drafted deeper"
 
 
 def test_good_draft_is_used_deep_and_wide():
     sizer = AutoSizer(COSTS, max_depth=6)
     wide = DraftTree.from_parents(list(range(12)), [-1, 0, 1, 2, 3, 4, -1, 0, 1, 2, 3, 4],
                                   [-0.05 * (i % 6 + 1) - (i >= 6) for i in range(12)])
-    depths = [_round(sizer, accepted=5, tree=wide) for _ in range(20)]
-    assert all(d >= 5 for d in depths), depths
+    depths = [_round(sizer, accepted=6, tree=wide) for _ in range(20)]
+    assert depths[:5] == [2, 3, 4, 5, 6], f"a draft accepted to its full depth is drafted deeper each round: {depths}"
+    assert all(d == 6 for d in depths[5:]), depths
     kept = sizer.choose_nodes(wide, 0.006)
     assert 6 <= len(kept) <= 12 and sizer.calibration > 0.5
 

@@ -12,14 +12,17 @@ Plain decoding is no proposer and `PlainVerify`; EAGLE-3 is a `DraftHeadProposer
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import torch
 from torch import Tensor
 
 from confu.engine.contemplate import ContemplatePlan, plan_contemplate_slots
 from confu.engine.draft import ConFuHead, Eagle3Head
 from confu.engine.drafter import Drafter
+from confu.engine.quant import pack_model
 from confu.engine.tree import DraftTree
 
 if TYPE_CHECKING:
@@ -42,10 +45,19 @@ class Proposer(Protocol):
 
 
 class DraftHeadProposer:
-    """An EAGLE-3 or ConFu draft head growing EAGLE-2 dynamic trees (`confu.engine.drafter`)."""
+    """An EAGLE-3 or ConFu draft head growing EAGLE-2 dynamic trees (`confu.engine.drafter`).
+
+    On the CPU it drafts with a copy of the head whose linear layers run the Q8_0 kernels (`pack_model(...,
+    lossy=True)`): a draft level is a handful of small-row matmuls, which MKL runs several times slower than
+    one row, and a draft's numerics only change which tokens are proposed, never what the target emits.
+    """
 
     def __init__(self, head: Eagle3Head):
         self.head = head
+        if head.fc.weight.device.type == "cpu" and head.fc.weight.dtype == torch.float32:
+            fast = copy.deepcopy(head)  # the caller's head stays float32 (it may be trained further)
+            if pack_model(fast, lossy=True):
+                self.head = fast
         self.feature_layers = tuple(head.cfg.feature_layers)
         self.drafter: Drafter | None = None
         self.root_out: Tensor | None = None  # the draft's output hidden of the last observed row

@@ -136,6 +136,19 @@ def pack_q8_0(w: Tensor) -> PackedWeight | None:
     return PackedWeight("q8_0", q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous(), None)
 
 
+def quantize_q8_0(w: Tensor) -> PackedWeight:
+    """Round `w` to Q8_0 (llama.cpp's rule: per 32 weights, d = max |w| / 127 in fp16, q = round(w / d)).
+
+    Lossy, unlike `pack_exact`: for the draft head only, whose outputs are proposals the target accepts or
+    rejects, so its numerics never reach the output distribution.
+    """
+    n, k = w.shape
+    blocks = w.detach().float().reshape(n, k // BLOCK, BLOCK)
+    d = (blocks.abs().amax(-1) / 127).half().float()
+    q = (blocks / torch.where(d > 0, d, 1)[..., None]).round().clamp(-127, 127)
+    return PackedWeight("q8_0", q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous(), None)
+
+
 def pack_exact(w: Tensor) -> PackedWeight | None:
     """The smallest GGUF block format that reproduces `w` bit for bit (float32 CPU weights only)."""
     if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[1] % BLOCK:
@@ -193,15 +206,20 @@ def _linear_children(model: nn.Module):
                 yield parent, name, child
 
 
-def pack_model(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear, PackedLinear]]:
-    """Swap every linear layer whose weight is GGUF-exact for a `PackedLinear`; returns the swaps made
-    (parent, attribute, original, packed) so they can be undone. Nothing is swapped without the kernels."""
+def pack_model(model: nn.Module, lossy: bool = False) -> list[tuple[nn.Module, str, nn.Linear, PackedLinear]]:
+    """Swap every linear layer whose weight is GGUF-exact (with `lossy`, every float32 CPU layer at least 32
+    wide: rounded to Q8_0) for a `PackedLinear`; returns the swaps made (parent, attribute, original, packed)
+    so they can be undone. Nothing is swapped without the kernels."""
     lib = kernel_status().library
     if lib is None:
         return []
     swaps = []
     for parent, name, linear in list(_linear_children(model)):
-        packed = pack_exact(linear.weight)
+        w = linear.weight
+        packed = pack_exact(w)
+        if packed is None and lossy and w.dtype == torch.float32 and w.device.type == "cpu" \
+                and w.shape[1] % BLOCK == 0 and w.shape[0] >= BLOCK:
+            packed = quantize_q8_0(w)
         if packed is not None:
             swaps.append((parent, name, linear, PackedLinear(linear, packed, lib)))
     for parent, name, _, new in swaps:

@@ -10,9 +10,10 @@ acceptance observed online:
 - `gain[d]`, the recent mean of min(accepted, d), is what drafting d levels deep has been worth.
 
 Each round `AutoSizer` picks the depth with the best expected tokens per second, or no draft at all when
-plain decoding is expected to be faster (re-checking the draft every `explore_every` rounds, so a draft that
-improves mid-sequence is noticed), then keeps the number of nodes whose calibrated expected gain pays for
-their verify rows. A draft that cannot pay therefore costs a catch-up per token, not a tree per token.
+plain decoding is expected to be faster; it drafts one level deeper than that as soon as the deepest level
+keeps being accepted, and every `explore_every` rounds to re-check (so a draft that improves mid-sequence is
+noticed). It then keeps the number of nodes whose calibrated expected gain pays for their verify rows. A draft
+that cannot pay therefore costs a catch-up per token and a shallow tree now and then, not a tree per token.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,15 +140,16 @@ class AutoSizer:
 
     costs: VerifyCosts
     max_depth: int
-    extra_rows: object = None  # callable n -> int
+    extra_rows: Callable[[int], int] | None = None
     explore_every: int = 8
-    warmup_rounds: int = 3
+    first_depth: int = 2  # the first round's depth: cheap, and enough to see whether level 2 ever hits
+    deepen_at: float = 0.3  # draft one level deeper as soon as this share of rounds accepts the whole depth
     gain: list[float] = field(default_factory=list)  # gain[d - 1]: running mean of min(accepted, d)
+    observed_depth: int = 0  # the deepest depth drafted so far: gain is known up to it
     level_s: float = 0.0  # running mean of draft seconds per depth level (catch-up included)
     predicted: float = 0.0  # running sums behind the calibration factor
     observed: float = 0.0
     rounds: int = 0
-    skipped: int = 0
     last_nodes: int = 0
 
     def __post_init__(self) -> None:
@@ -159,20 +162,28 @@ class AutoSizer:
     def calibration(self) -> float:
         return self.observed / self.predicted if self.predicted > 0 else 1.0
 
+    def reach(self, d: int) -> float:
+        """Share of recent rounds that accepted at least d tokens (gain[d] - gain[d - 1])."""
+        return self.gain[d - 1] - (self.gain[d - 2] if d > 1 else 0.0)
+
     def plan_round(self) -> RoundPlan:
-        """Depth to draft this round (0 = no draft)."""
+        """Depth to draft this round (0 = no draft): the best expected tokens per second among the depths
+        measured so far, one level deeper when the deepest level keeps being accepted or, every
+        `explore_every` rounds, to re-check (so a draft that starts hitting later is noticed)."""
         self.rounds += 1
-        if self.rounds <= self.warmup_rounds or self.rounds % self.explore_every == 0:
-            return RoundPlan(self.max_depth)
-        plain = 1.0 / self.costs(self._rows(0))
-        best, best_rate = 0, plain
+        if self.observed_depth == 0:
+            return RoundPlan(min(self.first_depth, self.max_depth))
         nodes = max(1, self.last_nodes)
-        for d in range(1, self.max_depth + 1):
+        best, best_rate = 0, 1.0 / self.costs(self._rows(0))
+        for d in range(1, self.observed_depth + 1):
             rate = (1.0 + self.gain[d - 1]) / (d * self.level_s + self.costs(self._rows(nodes)))
             if rate > best_rate:
                 best, best_rate = d, rate
-        if best == 0:
-            self.skipped += 1
+        deeper = min(self.max_depth, max(best, 1) + 1)
+        if best == self.observed_depth and best and self.reach(best) >= self.deepen_at:
+            return RoundPlan(deeper)
+        if self.rounds % self.explore_every == 0:
+            return RoundPlan(deeper)
         return RoundPlan(best)
 
     def choose_nodes(self, tree: DraftTree, draft_s: float) -> DraftTree:
@@ -194,8 +205,10 @@ class AutoSizer:
         """Update the running means with a verified round."""
         if tree is None or depth == 0:
             return
-        for d in range(1, depth + 1):
-            self.gain[d - 1] = DECAY * self.gain[d - 1] + (1 - DECAY) * min(accepted, d)
+        for d in range(1, depth + 1):  # a level's first observation is its mean; later ones decay into it
+            first = d > self.observed_depth
+            self.gain[d - 1] = min(accepted, d) if first else DECAY * self.gain[d - 1] + (1 - DECAY) * min(accepted, d)
+        self.observed_depth = max(self.observed_depth, depth)
         self.level_s = draft_s / depth if self.level_s == 0 else DECAY * self.level_s + (1 - DECAY) * draft_s / depth
         self.predicted = DECAY * self.predicted + float(tree.scores.double().exp().sum())
         self.observed = DECAY * self.observed + accepted
