@@ -182,8 +182,11 @@ class Decoder:
         features.append(out.features[:1])
         return self._pick(out.logits[0], cfg, gen), torch.cat(features), self.extension.future(out.last_hidden, [])
 
-    def verify_pass(self, cache: TargetCache, tree: DraftTree | None, state: RoundState) -> TargetOutput:
-        """One target pass over the root and the tree nodes, plus the extension's rows after them."""
+    def verify_pass(self, cache: TargetCache, tree: DraftTree | None, state: RoundState,
+                    extend: bool = True) -> TargetOutput:
+        """One target pass over the root and the tree nodes, plus the extension's rows after them (unless
+        `extend` is False: tree sizing drafts nothing this round, so a future for the next one is unlikely
+        to be used and not worth its rows)."""
         t = self.target
         device = t.device
         pos0 = cache.num_tokens
@@ -197,7 +200,7 @@ class Decoder:
             mask = torch.zeros(n_nodes + 1, n_nodes + 1, dtype=torch.bool, device=device)
             mask[:, 0] = True  # every node sees the root
             mask[1:, 1:] = tree.ancestor_mask.to(device)  # its ancestors and itself
-        extra = self.extension.extra_rows(tree, positions, mask, state.route)
+        extra = self.extension.extra_rows(tree, positions, mask, state.route) if extend else None
         if extra is None:
             return t.forward(cache, positions, mask, input_ids=ids, feature_layers=self.feature_layers)
         rows, c = len(ids), len(extra.positions)
@@ -241,15 +244,16 @@ class Decoder:
                 if sizer is not None and tree is not None:
                     tree = sizer.choose_nodes(tree, time.perf_counter() - tic)
                 toc = time.perf_counter()
-                out = self.verify_pass(cache, tree, state)
+                extend = sizer is None or depth > 0
+                out = self.verify_pass(cache, tree, state, extend)
                 accepted, bonus = self._accept(tree, out.logits, cfg, gen)
                 keep = torch.tensor([0] + [i + 1 for i in accepted], device=t.device)
                 cache.commit(keep)
                 verified = time.perf_counter()
                 new_tokens = [int(tree.tokens[i]) for i in accepted] + [bonus]
                 if proposer is not None:
-                    proposer.observe(out.features[keep], torch.tensor(new_tokens, device=t.device),
-                                     extension.future(out.last_hidden, accepted))
+                    future = extension.future(out.last_hidden, accepted) if extend else None
+                    proposer.observe(out.features[keep], torch.tensor(new_tokens, device=t.device), future)
                 state = RoundState(bonus, out.features[keep[-1]])
                 draft_s = (toc - tic) + (time.perf_counter() - verified)
                 if sizer is not None:

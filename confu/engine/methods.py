@@ -61,15 +61,25 @@ class DraftHeadProposer:
         self.feature_layers = tuple(head.cfg.feature_layers)
         self.drafter: Drafter | None = None
         self.root_out: Tensor | None = None  # the draft's output hidden of the last observed row
+        # Observations not yet run through the draft: catching up is deferred to the next proposal, so rounds
+        # that draft nothing (tree sizing) cost no draft forward, and several rows catch up in one.
+        self.pending: list[tuple[Tensor, Tensor]] = []
+        self.future: Tensor | None = None
 
     def begin(self, cfg: GenerationConfig, max_len: int) -> None:
         self.drafter = Drafter(self.head, cfg.tree, max_len)
         self.root_out = None
+        self.pending = []
 
     def observe(self, features: Tensor, next_tokens: Tensor, future: Tensor | None) -> None:
-        self.root_out = self.drafter.catch_up(features, next_tokens, future)
+        self.pending.append((features, next_tokens))
+        self.future = future  # only the latest future prediction is ever used
 
     def propose(self, max_nodes: int, depth: int) -> DraftTree | None:
+        if self.pending:
+            features, tokens = zip(*self.pending, strict=True)
+            self.root_out = self.drafter.catch_up(torch.cat(features), torch.cat(tokens), self.future)
+            self.pending = []
         return self.drafter.draft_tree(self.root_out, max_nodes=max_nodes, depth=depth)
 
 
