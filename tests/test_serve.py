@@ -1,35 +1,51 @@
-"""`confu serve` on 127.0.0.1 against a tiny random target: endpoints, SSE framing, usage, greedy output equal
-to `Decoder.generate`, bad requests, a full queue, concurrent clients, a disconnect mid-stream, and /metrics
-counters equal to the sum of the per-response statistics."""
+"""`confu serve` on 127.0.0.1 (uvicorn on a background thread, port 0) against a tiny random target and draft:
+the official `openai` client, streaming and not, with greedy output equal to `confu generate`; SSE framing and
+usage; stop sequences and seeds; every malformed input; a full queue; concurrent clients; a client leaving
+mid-generation; /metrics counters equal to the sum of the per-response statistics; the load run."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
-from confu.engine.checkpoint import new_draft
-from confu.engine.generate import Decoder, GenerationConfig
+from confu.bench.serve_load import LoadConfig, run_load, scrape_metrics
+from confu.cli import main
+from confu.cli.generate import load_decoder
+from confu.engine.checkpoint import new_draft, save_draft
+from confu.engine.generate import Decoder, GenerationConfig, GenerationResult
+from confu.engine.target import Target
 from confu.engine.tree import TreeConfig
+from confu.serve.generation import ServeConfig
 from confu.serve.protocol import Defaults
-from confu.serve.server import ServeConfig, make_server
-from tests.helpers import load_target
+from confu.serve.server import make_server, serve_in_thread
 
 MODEL = "tiny"
 TREE = TreeConfig(total_nodes=8, depth=3, topk=3)
 MAX_TOKENS = 24
+PROMPT = "Why is the sky blue?"
+MESSAGES = [{"role": "user", "content": PROMPT}]
 
 
 @pytest.fixture(scope="module")
-def decoder(tiny_llama_dir) -> Decoder:
-    target = load_target(tiny_llama_dir)
-    return Decoder.for_head(target, new_draft(target, "eagle3", draft_vocab_size=256, seed=0))
+def draft_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    target = Target.load(str(tiny_llama_dir))
+    return save_draft(new_draft(target, "eagle3", draft_vocab_size=256, seed=0),
+                      tmp_path_factory.mktemp("serve") / "draft")
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_llama_dir, draft_dir) -> Decoder:
+    """The decoder `confu generate --target TINY --draft DRAFT` builds."""
+    return load_decoder(str(tiny_llama_dir), str(draft_dir))
 
 
 def serve_config(max_queue: int = 16) -> ServeConfig:
@@ -38,184 +54,177 @@ def serve_config(max_queue: int = 16) -> ServeConfig:
 
 
 @contextmanager
-def running(decoder: Decoder, cfg: ServeConfig) -> Iterator:
-    server = make_server(decoder, cfg, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+def running(decoder: Decoder, cfg: ServeConfig) -> Iterator[str]:
+    with serve_in_thread(make_server(decoder, cfg, "127.0.0.1", 0)) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
-def server(decoder):
-    with running(decoder, serve_config()) as srv:
-        yield srv
+def server(decoder) -> Iterator[str]:
+    with running(decoder, serve_config()) as base_url:
+        yield base_url
 
 
-def request(server, method: str, path: str, body: dict | bytes | None = None,
-            headers: dict | None = None) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    payload = resp.read()
-    conn.close()
-    return resp.status, dict(resp.getheaders()), payload
+def client_for(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def post(server, path: str, body: dict | bytes) -> tuple[int, dict]:
-    status, _, payload = request(server, "POST", path, body)
-    return status, json.loads(payload)
+def post(base_url: str, path: str, body: dict | bytes) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(base_url + path, content=content, headers={"Content-Type": "application/json"}, timeout=120)
 
 
-def sse_events(payload: bytes) -> list[str]:
+def sse_events(payload: str) -> list[str]:
     """The data of each event; asserts the framing: `data: ...` lines, one blank line after each event."""
-    text = payload.decode()
-    assert text.endswith("\n\n")
-    events = text[:-2].split("\n\n")
+    assert payload.endswith("\n\n")
+    events = payload[:-2].split("\n\n")
     assert all(e.startswith("data: ") and "\n" not in e for e in events)
     return [e[len("data: "):] for e in events]
 
 
-def greedy_result(decoder: Decoder, prompt_ids: list[int], max_tokens: int = MAX_TOKENS):
+def address(base_url: str) -> tuple[str, int]:
+    host, port = base_url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def raw_post(base_url: str, path: str, body: dict) -> socket.socket:
+    """A POST on a bare socket, which the test can close whenever it likes."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(address(base_url), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def confu_generate(capsys, tiny_llama_dir, draft_dir, prompt: str, raw: bool, max_tokens: int = MAX_TOKENS) -> dict:
+    """`confu generate --json` with the server's tree and budget."""
+    capsys.readouterr()
+    argv = ["generate", "--target", str(tiny_llama_dir), "--draft", str(draft_dir), "--prompt", prompt, "--json",
+            "--max-new-tokens", str(max_tokens), "--tree-nodes", str(TREE.total_nodes), "--depth", str(TREE.depth),
+            "--topk", str(TREE.topk)] + (["--raw"] if raw else [])
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def reference(decoder: Decoder, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> GenerationResult:
     return decoder.generate(prompt_ids, GenerationConfig(max_new_tokens=max_tokens, tree=TREE))
 
 
-def greedy_reference(decoder: Decoder, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> list[int]:
-    return greedy_result(decoder, prompt_ids, max_tokens).tokens
+def text_of(decoder: Decoder, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
+    ids = decoder.target.tokenizer(prompt).input_ids
+    return decoder.target.tokenizer.decode(reference(decoder, ids, max_tokens).tokens, skip_special_tokens=True)
 
 
-def chat_ids(decoder: Decoder, messages: list[dict]) -> list[int]:
-    return list(decoder.target.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                             return_dict=False))
+def wait_for(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
-def decode(decoder: Decoder, tokens: list[int]) -> str:
-    return decoder.target.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def metrics(server) -> dict[str, float]:
-    status, headers, payload = request(server, "GET", "/metrics")
-    assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    values = {}
-    for line in payload.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
-MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}]
-
-
-# -- endpoints ------------------------------------------------------------------------------------------------
+# -- endpoints, through the official client ---------------------------------------------------------------------
 
 
 def test_health_models_and_unknown_routes(server):
-    status, _, payload = request(server, "GET", "/health")
-    assert status == 200 and json.loads(payload)["status"] == "ok"
-    status, _, payload = request(server, "GET", "/v1/models")
-    assert status == 200 and [m["id"] for m in json.loads(payload)["data"]] == [MODEL]
-    status, _, payload = request(server, "GET", "/v1/nothing")
-    assert status == 404 and "error" in json.loads(payload)
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    assert [m.id for m in client_for(server).models.list()] == [MODEL]
+    for reply in (httpx.get(server + "/v1/nothing"), post(server, "/v1/nothing", {})):
+        assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
+    reply = httpx.get(server + "/v1/completions")
+    assert reply.status_code == 405 and reply.json()["error"]["message"]
 
 
-def test_chat_greedy_equals_generate(server, decoder):
-    status, body = post(server, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES})
-    assert status == 200 and body["object"] == "chat.completion"
-    ref = greedy_result(decoder, chat_ids(decoder, MESSAGES))
-    tokens = ref.tokens
-    choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": decode(decoder, tokens)}
-    assert choice["finish_reason"] in ("stop", "length")
-    assert body["usage"] == {"prompt_tokens": len(chat_ids(decoder, MESSAGES)), "completion_tokens": len(tokens),
-                             "total_tokens": len(chat_ids(decoder, MESSAGES)) + len(tokens)}
-    spec = body["spec_decode"]  # the generation's own step records
-    drafted = [s for s in ref.steps if s.tree_nodes]
+@pytest.mark.parametrize("chat", [True, False])
+def test_openai_client_greedy_equals_confu_generate(server, decoder, tiny_llama_dir, draft_dir, capsys, chat):
+    expected = confu_generate(capsys, tiny_llama_dir, draft_dir, PROMPT, raw=not chat)
+    client = client_for(server)
+    if chat:
+        plain = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        text, stream = plain.choices[0].message.content, client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+    else:
+        plain = client.completions.create(model=MODEL, prompt=PROMPT)
+        text, stream = plain.choices[0].text, client.completions.create(
+            model=MODEL, prompt=PROMPT, stream=True, stream_options={"include_usage": True})
+    assert text == expected["text"]
+    assert plain.usage.completion_tokens == expected["new_tokens"]
+    assert plain.choices[0].finish_reason == ("stop" if expected["stop_reason"] == "eos" else "length")
+    parts, usage = [], None
+    for chunk in stream:
+        parts.extend((c.delta.content if chat else c.text) or "" for c in chunk.choices)
+        usage = chunk.usage or usage
+    assert "".join(parts) == expected["text"]
+    assert usage.completion_tokens == expected["new_tokens"] and usage.prompt_tokens == plain.usage.prompt_tokens
+    spec = plain.model_extra["spec_decode"]  # confu's extra field reaches the client
+    assert sum(spec["acceptance_length_histogram"].values()) == spec["num_drafts"] > 0
+
+
+def test_spec_decode_statistics_are_the_step_records(server, decoder):
+    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}).json()
+    ids = list(decoder.target.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                            return_dict=False))
+    drafted = [s for s in reference(decoder, ids).steps if s.tree_nodes]
+    spec = reply["spec_decode"]
     assert spec["num_drafts"] == len(drafted) > 0
     assert spec["num_draft_tokens"] == sum(s.tree_nodes for s in drafted)
     assert spec["num_accepted_tokens"] == sum(s.accepted for s in drafted)
     assert spec["num_accepted_tokens_per_pos"] == [sum(s.accepted > i for s in drafted) for i in range(TREE.depth)]
     assert spec["mean_acceptance_length"] == pytest.approx(1 + spec["num_accepted_tokens"] / spec["num_drafts"],
                                                            abs=1e-4)
-    assert sum(spec["acceptance_length_histogram"].values()) == spec["num_drafts"]
+
+
+def test_openai_client_errors(server):
+    client = client_for(server)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=-1)
+
+
+# -- SSE framing, usage, stop, seed ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("chat", [True, False])
-def test_stream_equals_generate_with_usage(server, decoder, chat):
+def test_sse_framing_and_usage(server, chat):
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    prompt = "Number 3 plus 4 equals"
     body = {"model": MODEL, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 16,
-            **({"messages": MESSAGES} if chat else {"prompt": prompt})}
-    status, headers, payload = request(server, "POST", path, body)
-    assert status == 200 and headers["Content-Type"] == "text/event-stream"
-    events = sse_events(payload)
+            **({"messages": MESSAGES} if chat else {"prompt": PROMPT})}
+    reply = post(server, path, body)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(reply.text)
     assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    *content, closing, usage = chunks
+    *content, closing, usage = [json.loads(e) for e in events[:-1]]
     assert usage["choices"] == [] and all(c["usage"] is None for c in content + [closing])
     assert closing["choices"][0]["finish_reason"] in ("stop", "length") and "spec_decode" in closing
+    assert {c["id"] for c in content + [closing, usage]} == {closing["id"]}
     if chat:
+        assert content[0]["object"] == "chat.completion.chunk"
         assert content[0]["choices"][0]["delta"]["role"] == "assistant"
-        text = "".join(c["choices"][0]["delta"].get("content", "") for c in content)
-        ids = chat_ids(decoder, MESSAGES)
-    else:
-        text = "".join(c["choices"][0]["text"] for c in content)
-        ids = decoder.target.tokenizer(prompt).input_ids
-    tokens = greedy_reference(decoder, ids, 16)
-    assert text == decode(decoder, tokens)
-    assert usage["usage"]["completion_tokens"] == len(tokens) and usage["usage"]["prompt_tokens"] == len(ids)
+    assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + usage["usage"]["completion_tokens"]
 
-
-def test_stream_without_include_usage_has_no_usage(server):
-    status, _, payload = request(server, "POST", "/v1/completions",
-                                 {"prompt": "The cat writes", "stream": True, "max_tokens": 4})
-    chunks = [json.loads(e) for e in sse_events(payload)[:-1]]
-    assert status == 200 and all("usage" not in c for c in chunks)
+    without = post(server, path, {**body, "stream_options": None})
+    assert all("usage" not in json.loads(e) for e in sse_events(without.text)[:-1])
 
 
 def test_stop_sequences_cut_plain_and_streamed_text(server, decoder):
-    ids = decoder.target.tokenizer("Number 3 plus 4 equals").input_ids
-    full = decode(decoder, greedy_reference(decoder, ids, 16))
+    prompt = "Number 3 plus 4 equals"
+    full = text_of(decoder, prompt, 16)
     stop = full[len(full) // 2: len(full) // 2 + 3]
     assert stop.strip(), full
     expected = full[: full.find(stop)]
-    body = {"prompt": "Number 3 plus 4 equals", "max_tokens": 16, "stop": [stop]}
-    status, plain = post(server, "/v1/completions", body)
-    assert status == 200 and plain["choices"][0] == {"index": 0, "text": expected, "logprobs": None,
-                                                     "finish_reason": "stop"}
-    _, _, payload = request(server, "POST", "/v1/completions", {**body, "stream": True})
-    chunks = [json.loads(e) for e in sse_events(payload)[:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    client = client_for(server)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, stop=[stop])
+    assert plain.choices[0].text == expected and plain.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_is_reproducible(server):
     body = {"prompt": "My friend reads", "max_tokens": 12, "temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 7}
-    first, second = post(server, "/v1/completions", body), post(server, "/v1/completions", body)
-    assert first[0] == 200 and first[1]["choices"][0]["text"] == second[1]["choices"][0]["text"]
-
-
-def test_openai_client(server, decoder):
-    openai = pytest.importorskip("openai")
-    host, port = server.server_address[:2]
-    client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0)
-    expected = decode(decoder, greedy_reference(decoder, chat_ids(decoder, MESSAGES)))
-    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES)
-    assert resp.choices[0].message.content == expected
-    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
-                                            stream_options={"include_usage": True})
-    parts, usage = [], None
-    for chunk in stream:
-        parts.extend(c.delta.content or "" for c in chunk.choices)
-        usage = chunk.usage or usage
-    assert "".join(parts) == expected and usage.completion_tokens == resp.usage.completion_tokens
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    first, second = post(server, "/v1/completions", body).json(), post(server, "/v1/completions", body).json()
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
 
 
 # -- bad requests ---------------------------------------------------------------------------------------------
@@ -241,108 +250,131 @@ def test_openai_client(server, decoder):
     ("/v1/completions", {}, "prompt"),
 ])
 def test_bad_requests_are_openai_style_400s(server, path, body, param):
-    status, reply = post(server, path, body)
-    assert status == 400, reply
-    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
-    assert reply["error"]["param"] == param
-    assert request(server, "GET", "/health")[0] == 200  # the server is still up
+    reply = post(server, path, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+    assert httpx.get(server + "/health").status_code == 200  # the server is still up
 
 
 def test_missing_content_length_is_refused(server):
-    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+    with socket.create_connection(address(server), timeout=30) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 411")
 
 
-def test_full_queue_answers_429(decoder):
-    with running(decoder, serve_config(max_queue=0)) as srv:
-        with srv.app.slot.hold(lambda: False):  # the engine is busy
-            status, headers, payload = request(srv, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
-        assert status == 429 and headers["Retry-After"] == "1"
-        assert json.loads(payload)["error"]["code"] == "queue_full"
-        assert post(srv, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+# -- queue, concurrency, cancellation, metrics ------------------------------------------------------------------
 
 
-# -- concurrency, cancellation, metrics ---------------------------------------------------------------------
+class SlowDecoder:
+    """A decoder that sleeps between rounds, so a client can leave, or another arrive, while a generation runs.
+    (The server uses a decoder's `target` and `rounds` only.)"""
 
-
-def test_concurrent_clients_each_get_their_solo_output(server):
-    bodies = [{"prompt": p, "max_tokens": 10, **extra} for p in ("The cat writes", "Our team builds")
-              for extra in ({}, {"temperature": 0.8, "seed": 3})]
-    solo = [post(server, "/v1/completions", b)[1]["choices"][0]["text"] for b in bodies]
-    results: dict[int, str] = {}
-
-    def client(i: int) -> None:
-        body = bodies[i % len(bodies)]
-        if i % 2:
-            _, _, payload = request(server, "POST", "/v1/completions", {**body, "stream": True})
-            results[i] = "".join(json.loads(e)["choices"][0]["text"] for e in sse_events(payload)[:-1])
-        else:
-            results[i] = post(server, "/v1/completions", body)[1]["choices"][0]["text"]
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert {i: results.get(i) for i in range(8)} == {i: solo[i % len(bodies)] for i in range(8)}
-
-
-class SlowDecoder(Decoder):
-    """Sleeps between rounds, so a client can leave while its generation is still running."""
+    def __init__(self, decoder: Decoder):
+        self.decoder, self.target = decoder, decoder.target
 
     def rounds(self, prompt_ids, cfg):
-        for round_ in super().rounds(prompt_ids, cfg):
+        for round_ in self.decoder.rounds(prompt_ids, cfg):
             time.sleep(0.05)
             yield round_
 
 
-def test_disconnect_mid_stream_cancels_the_generation(decoder):
-    slow = SlowDecoder(decoder.target, decoder.proposer, decoder.extension)
-    with running(slow, serve_config()) as srv:
-        body = json.dumps({"prompt": "The cat writes", "max_tokens": 200, "stream": True,
-                           "stop": ["\u2603"]}).encode()  # a stop string that never comes: no early end
-        with socket.create_connection(srv.server_address[:2], timeout=30) as sock:
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            received = b""
-            while b"data: " not in received:
-                received += sock.recv(4096)
-        deadline = time.time() + 60
-        while time.time() < deadline and metrics(srv).get('confu:request_success_total{finished_reason="abort"}') != 1:
-            time.sleep(0.1)
-        values = metrics(srv)
-        assert values['confu:request_success_total{finished_reason="abort"}'] == 1
-        assert values["confu:generation_tokens_total"] < 200
-        assert values["confu:num_requests_running"] == 0
-        assert post(srv, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the engine is free
+@pytest.fixture(scope="module")
+def slow(decoder) -> SlowDecoder:
+    return SlowDecoder(decoder)
+
+
+# A stop string that never comes: the generation runs its whole budget unless cancelled.
+LONG = {"prompt": "The cat writes", "max_tokens": 200, "stop": ["\u2603"]}
+
+
+def metric(base_url: str, name: str) -> float:
+    return scrape_metrics(LoadConfig(base_url=base_url, model=MODEL)).get(name, 0.0)
+
+
+def test_full_queue_answers_429_with_retry_after(slow):
+    with running(slow, serve_config(max_queue=0)) as base_url:
+        with raw_post(base_url, "/v1/completions", {**LONG, "stream": True}) as busy:
+            assert busy.recv(4096).startswith(b"HTTP/1.1 200")  # the engine is generating
+            reply = post(base_url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
+            assert reply.json()["error"]["code"] == "queue_full"
+        wait_for(lambda: metric(base_url, "confu:num_requests_running") == 0)
+        assert post(base_url, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_concurrent_clients_each_get_their_solo_output(server):
+    requests = [{"prompt": p, "max_tokens": 10, **extra} for p in ("The cat writes", "Our team builds")
+                for extra in ({}, {"temperature": 0.8, "seed": 3})]
+    client = client_for(server)
+    solo = [client.completions.create(model=MODEL, **r).choices[0].text for r in requests]
+    results: dict[int, str] = {}
+
+    def one_client(i: int) -> None:
+        kwargs = requests[i % len(requests)]
+        if i % 2:
+            chunks = client.completions.create(model=MODEL, stream=True, **kwargs)
+            results[i] = "".join(c.choices[0].text for c in chunks)
+        else:
+            results[i] = client.completions.create(model=MODEL, **kwargs).choices[0].text
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert {i: results.get(i) for i in range(8)} == {i: solo[i % len(requests)] for i in range(8)}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_cancels_the_generation(slow, stream):
+    with running(slow, serve_config()) as base_url:
+        with raw_post(base_url, "/v1/completions", {**LONG, "stream": stream}) as sock:
+            if stream:
+                received = b""
+                while b"data: " not in received:
+                    received += sock.recv(4096)
+            else:
+                wait_for(lambda: metric(base_url, "confu:num_requests_running") == 1)
+        wait_for(lambda: metric(base_url, 'confu:request_success_total{finished_reason="abort"}') == 1)
+        assert metric(base_url, "confu:generation_tokens_total") < 200
+        assert metric(base_url, "confu:num_requests_running") == 0
+        assert post(base_url, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
 def test_metrics_counters_equal_the_sum_of_responses(server):
-    before = metrics(server)
+    reply = httpx.get(server + "/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    load = LoadConfig(base_url=server, model=MODEL)
+    before = scrape_metrics(load)
     stats = []
-    for i, prompt in enumerate(["The river finds", "A small robot solves", "Two plus three is"]):
-        body = {"prompt": prompt, "max_tokens": 12 + i, "stream": bool(i % 2)}
-        if body["stream"]:
-            _, _, payload = request(server, "POST", "/v1/completions", body)
-            stats.append(json.loads(sse_events(payload)[-2])["spec_decode"])
-        else:
-            stats.append(post(server, "/v1/completions", body)[1]["spec_decode"])
-    after = metrics(server)
+    for i, prompt in enumerate(["The river finds", "A small robot solves", "Two plus three is", "Hello there"]):
+        chat, stream = i >= 2, bool(i % 2)
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        body = {"max_tokens": 12 + i, "stream": stream,
+                **({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})}
+        reply = post(server, path, body)
+        stats.append(json.loads(sse_events(reply.text)[-2])["spec_decode"] if stream else reply.json()["spec_decode"])
+    after = scrape_metrics(load)
 
-    def delta(name: str) -> float:
+    def growth(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     assert sum(s["num_drafts"] for s in stats) > 0
     for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
-        assert delta(f"confu:spec_decode_{key}_total") == sum(s[key] for s in stats)
+        assert growth(f"confu:spec_decode_{key}_total") == sum(s[key] for s in stats)
     for pos in range(TREE.depth):
         name = f'confu:spec_decode_num_accepted_tokens_per_pos_total{{position="{pos}"}}'
-        assert delta(name) == sum(s["num_accepted_tokens_per_pos"][pos] for s in stats)
-    finished = sum(v for k, v in after.items() if k.startswith("confu:request_success_total"))
-    finished -= sum(v for k, v in before.items() if k.startswith("confu:request_success_total"))
-    assert finished == 3
-    assert delta("confu:e2e_request_latency_seconds_count") == 3
-    assert delta("confu:time_to_first_token_seconds_count") == 3
-    assert delta('confu:time_to_first_token_seconds_bucket{le="+Inf"}') == 3
+        assert growth(name) == sum(s["num_accepted_tokens_per_pos"][pos] for s in stats)
+    finished = [k for k in after if k.startswith("confu:request_success_total")]
+    assert sum(after[k] - before.get(k, 0.0) for k in finished) == len(stats)
+    assert growth("confu:e2e_request_latency_seconds_count") == len(stats)
+    assert growth('confu:time_to_first_token_seconds_bucket{le="+Inf"}') == len(stats)
     assert after["confu:num_requests_running"] == 0 and after["confu:num_requests_waiting"] == 0
+
+
+def test_load_run_has_no_errors_and_consistent_counters(server):
+    report = run_load(LoadConfig(base_url=server, model=MODEL, clients=3, requests_per_client=2, max_tokens=8))
+    assert report["requests"] == 6 and report["streaming"] == 3 and report["errors"] == 0
+    assert report["counters_consistent"], report["counters"]
+    assert report["ttft_s"]["p50"] is not None and report["latency_s"]["p95"] >= report["latency_s"]["p50"]

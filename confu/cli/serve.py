@@ -1,48 +1,78 @@
-"""`confu serve`: the OpenAI-compatible server (`confu.serve`). The engine is imported inside the handler:
-`confu --help` must stay fast."""
+"""`confu serve`: the OpenAI-compatible server (`confu.serve`), and `confu bench-serve`: a bounded load run against
+it (`confu.bench.serve_load`). The engine and the server are imported inside the handlers: `confu --help` must
+stay fast."""
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
 from typing import Any
 
 from confu.cli.common import add_decoding_args, add_target_args
 
 
-def cmd_serve(args) -> None:
-    from confu.cli.generate import load_decoder
+def serve_config(args, model_name: str, max_queue: int):
     from confu.engine.tree import TreeConfig
     from confu.errors import InputError
+    from confu.serve.generation import ServeConfig
     from confu.serve.protocol import Defaults
-    from confu.serve.server import ServeConfig, make_server
 
-    if args.max_queue < 0:
-        raise InputError(f"--max-queue must be >= 0 (got {args.max_queue})")
-    decoder = load_decoder(args.target, args.draft)
-    cfg = ServeConfig(
-        model_name=args.served_model_name or args.target,
+    if max_queue < 0:
+        raise InputError(f"--max-queue must be >= 0 (got {max_queue})")
+    return ServeConfig(
+        model_name=model_name,
         defaults=Defaults(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k),
         tree=TreeConfig(total_nodes=args.tree_nodes, depth=args.depth, topk=args.topk),
         contemplate=args.contemplate,
-        max_queue=args.max_queue,
+        max_queue=max_queue,
     )
-    try:
-        server = make_server(decoder, cfg, args.host, args.port, verbose=args.verbose)
-    except OSError as err:
-        raise InputError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from err
-    host, port = server.server_address[:2]
+
+
+def cmd_serve(args) -> None:
+    from confu.cli.generate import load_decoder
+    from confu.serve.server import make_server
+
+    cfg = serve_config(args, args.served_model_name or args.target, args.max_queue)
+    decoder = load_decoder(args.target, args.draft)
     kind = "plain decoding" if args.draft == "none" else f"draft {args.draft}"
-    print(f"serving {cfg.model_name!r} ({kind}) on http://{host}:{port}/v1", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    print(f"serving {cfg.model_name!r} ({kind}); OpenAI API under /v1", flush=True)
+    # uvicorn prints the address it bound (the chosen port for --port 0) and, on failure, why it could not.
+    make_server(decoder, cfg, args.host, args.port, log_level="info", access_log=args.verbose).run()
+
+
+def cmd_bench_serve(args) -> None:
+    from confu.bench.serve_load import LoadConfig, render_load_console, run_load
+    from confu.cli.generate import load_decoder
+    from confu.serve.server import make_server, serve_in_thread
+
+    if args.url:  # a server already running: its model is the one it lists
+        from urllib.request import urlopen
+
+        from confu.errors import InputError
+
+        try:
+            with urlopen(args.url.rstrip("/") + "/v1/models", timeout=30) as resp:
+                model = json.load(resp)["data"][0]["id"]
+        except (OSError, ValueError, KeyError, IndexError) as err:
+            raise InputError(f"no confu server answers at {args.url}: {err}") from err
+        server = nullcontext(args.url.rstrip("/"))
+    else:
+        model = args.target
+        # Room in the queue for every client: a 429 would count as an error of the run.
+        cfg = serve_config(args, model, max_queue=args.clients)
+        server = serve_in_thread(make_server(load_decoder(args.target, args.draft), cfg))
+    with server as base_url:
+        report = run_load(LoadConfig(base_url=base_url, model=model, clients=args.clients,
+                                     requests_per_client=args.requests, max_tokens=args.max_tokens))
+    report["server"] = args.url or {"target": args.target, "draft": args.draft, "tree_nodes": args.tree_nodes,
+                                    "depth": args.depth, "topk": args.topk}
+    print(render_load_console(report))
+    print(json.dumps(report))
 
 
 def add_parser(subparsers: Any) -> None:
-    """`confu serve`."""
+    """`confu serve` and `confu bench-serve`."""
     s = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (chat / completions, streaming, /metrics)",
         description="The decoding flags are the defaults of requests that leave a parameter out. Requests are "
@@ -58,3 +88,18 @@ def add_parser(subparsers: Any) -> None:
     add_decoding_args(s)
     s.add_argument("--verbose", action="store_true", help="log every request")
     s.set_defaults(func=cmd_serve)
+
+    b = subparsers.add_parser(
+        "bench-serve", help="load run: concurrent clients against confu serve (requests/s, latency, TTFT)",
+        description="Starts a server on 127.0.0.1 (or targets --url) and sends --clients concurrent clients x "
+                    "--requests requests each, half of them streaming, to both completion endpoints; checks the "
+                    "/metrics counters against the per-response statistics.")
+    add_target_args(b)
+    b.add_argument("--draft", default="none", help="a draft directory, or 'none'")
+    b.add_argument("--url", help="a running server (http://host:port) instead of starting one")
+    b.add_argument("--clients", type=int, default=8)
+    b.add_argument("--requests", type=int, default=5, help="requests per client, one after another")
+    b.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
+    b.add_argument("--tree-nodes", type=int, default=60)
+    add_decoding_args(b)
+    b.set_defaults(func=cmd_bench_serve)

@@ -1,336 +1,204 @@
-"""`confu serve`: an OpenAI-compatible HTTP server over one `Decoder`.
+"""`confu serve`'s HTTP layer: a FastAPI app over one `Engine`, run by uvicorn.
 
-The engine decodes one request at a time (batch 1), so requests queue on one lock; the queue is bounded and a
-full one answers 429 with Retry-After. Each request decodes through `Decoder.rounds`, round by round (its step
-records give the spec-decode statistics): between rounds the server checks whether the client is still
-connected and cancels the generation when it is not, streaming or not. Stop sequences are matched on the
-decoded text; streamed text holds back what could still become a stop sequence or is an incomplete UTF-8
-character.
+Routes: `/v1/chat/completions` and `/v1/completions` (a JSON body, or an SSE stream that ends with
+`data: [DONE]`), `/v1/models`, `/health`, `/metrics`. Request bodies are read raw and validated by
+`confu.serve.protocol`, not by FastAPI's pydantic models: every mistake must be an OpenAI-style 400, which is
+what OpenAI clients parse. Unknown routes and methods get the same error shape.
 
-The HTTP layer is the standard library's `ThreadingHTTPServer` (one thread per connection, HTTP/1.1
-keep-alive; SSE streams close their connection at `data: [DONE]`).
+A request waits for the engine slot before its response starts, so a full queue is a plain 429 and a stream's
+200 means its generation has begun. A plain request asks between rounds whether its client is still connected; a
+streaming one is cancelled by Starlette when its client disconnects. Either way the generation stops at the end of
+the round in flight.
 """
 
 from __future__ import annotations
 
 import json
-import select
-import socket
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import Any
 
-from confu.engine.generate import Decoder, GenerationConfig
-from confu.engine.tree import TreeConfig
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
+
+from confu.engine.generate import Decoder
 from confu.errors import ConfuError
-from confu.serve.metrics import ServerMetrics, SpecDecodeStats
-from confu.serve.protocol import (
-    CompletionRequest,
-    Defaults,
-    RequestError,
-    ResponseIds,
-    full_response,
-    parse_request,
-    stream_chunk,
-    usage,
-    usage_chunk,
-)
+from confu.serve.generation import ClientGone, Engine, Generation, ServeConfig
+from confu.serve.protocol import RequestError, ResponseIds, full_response, stream_chunk, usage_chunk
 
 MAX_BODY_BYTES = 4 << 20
 RETRY_AFTER_S = 1
-# How often a queued request checks that its client is still there.
-QUEUE_POLL_S = 0.2
+# A status nobody reads (the client is gone); nginx's "client closed request", which access logs understand.
+CLIENT_CLOSED_REQUEST = 499
+
+log = logging.getLogger("confu.serve")
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    model_name: str
-    defaults: Defaults
-    tree: TreeConfig
-    contemplate: int | None = None
-    max_queue: int = 16  # requests waiting beyond the one generating
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n"
 
 
-class ClientGone(Exception):
-    """The client closed its connection: its generation is cancelled."""
+class EventStream(StreamingResponse):
+    """An SSE response that holds the engine slot until it ends: its event generator is closed however the
+    response ends (a client that left included), which ends the generation, and the slot is released after."""
 
+    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.release = release
 
-class EngineSlot:
-    """The one generation lock, with a bounded number of waiters."""
-
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.running = 0
-        self.waiting = 0
-        self._engine = threading.Lock()
-        self._counts = threading.Lock()
-
-    @contextmanager
-    def hold(self, client_gone: Callable[[], bool]) -> Iterator[None]:
-        with self._counts:
-            if self.running + self.waiting >= 1 + self.max_queue:
-                raise RequestError(f"the server is busy ({self.waiting} requests queued); retry shortly", status=429,
-                                   error_type="rate_limit_exceeded", code="queue_full")
-            self.waiting += 1
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            while not self._engine.acquire(timeout=QUEUE_POLL_S):
-                if client_gone():
-                    raise ClientGone
+            async with aclosing(self.body_iterator):
+                await super().__call__(scope, receive, send)
         finally:
-            with self._counts:
-                self.waiting -= 1
-        with self._counts:
-            self.running += 1
-        try:
-            yield
-        finally:
-            with self._counts:
-                self.running -= 1
-            self._engine.release()
+            self.release()
 
 
-class StopText:
-    """Decoded text of the generated tokens, released up to what is final (stop sequences cut the text)."""
-
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.tokens: list[int] = []
-        self.sent = 0  # characters released
-        self.stopped = False
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-
-    def add(self, new_tokens: list[int]) -> str:
-        """Text released by `new_tokens`; sets `stopped` when a stop sequence appeared."""
-        self.tokens.extend(new_tokens)
-        text = self._text()
-        longest = max((len(s) for s in self.stops), default=0)
-        hits = [i for i in (text.find(s, max(0, self.sent - longest)) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            return self._release(text, min(hits))
-        end = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character decodes as U+FFFD until it completes
-        held = max((k for s in self.stops for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
-        return self._release(text, end - held)
-
-    def flush(self) -> str:
-        """Everything not yet released (the generation ended)."""
-        return self._release(self._text(), None)
-
-    def _release(self, text: str, end: int | None) -> str:
-        end = len(text) if end is None else end
-        piece = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return piece
+def error_response(engine: Engine, err: RequestError) -> JSONResponse:
+    engine.metrics.error(err.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-class Generation:
-    """One request's decoding: yields text pieces; afterwards holds the outcome for the response."""
-
-    def __init__(self, app: ServerApp, req: CompletionRequest, arrival: float):
-        self.app, self.req, self.arrival = app, req, arrival
-        self.stats = SpecDecodeStats(depth=app.cfg.tree.depth)
-        self.completion_tokens = 0
-        self.finish_reason = "abort"
-        self.ttft_s: float | None = None
-        self.text = StopText(app.decoder.target.tokenizer, req.stop)
-
-    def pieces(self, client_gone: Callable[[], bool]) -> Iterator[str]:
-        app, req = self.app, self.req
-        cfg = GenerationConfig(max_new_tokens=req.max_tokens, sampling=req.sampling, tree=app.cfg.tree,
-                               contemplate=app.cfg.contemplate, seed=req.seed)
-        rounds = app.decoder.rounds(req.prompt_ids, cfg)
-        try:
-            for tokens, step, reason in rounds:
-                if step is None and self.ttft_s is None:  # the prefill's token
-                    self.ttft_s = time.perf_counter() - self.arrival
-                if step is not None and step.tree_nodes:
-                    self.stats.observe_round(step.accepted, step.tree_nodes)
-                self.completion_tokens += len(tokens)
-                piece = self.text.add(tokens)
-                if piece:
-                    yield piece
-                if self.text.stopped:
-                    self.finish_reason = "stop"
-                    return
-                if reason:  # the engine's: "eos" ends the turn; "max_new_tokens" and "context" are the length
-                    self.finish_reason = "stop" if reason == "eos" else "length"
-                elif client_gone():
-                    raise ClientGone
-            tail = self.text.flush()
-            if tail:
-                yield tail
-        finally:
-            rounds.close()
-            app.metrics.record(self.finish_reason, len(req.prompt_ids), self.completion_tokens, self.stats,
-                               time.perf_counter() - self.arrival, self.ttft_s)
-
-    def usage(self) -> dict[str, int]:
-        return usage(len(self.req.prompt_ids), self.completion_tokens)
+def engine_error(err: Exception) -> RequestError:
+    """What a failure during generation tells the client: the engine's refusal is the request's fault (400),
+    anything else is a bug that costs this request only (500)."""
+    if isinstance(err, ConfuError):
+        return RequestError(str(err))
+    log.error("generation failed", exc_info=err)
+    return RequestError(f"internal error: {type(err).__name__}: {err}", status=500, error_type="internal_error")
 
 
-class ServerApp:
-    """What every handler thread shares: the decoder, its slot, the metrics."""
-
-    def __init__(self, decoder: Decoder, cfg: ServeConfig):
-        self.decoder, self.cfg = decoder, cfg
-        self.slot = EngineSlot(cfg.max_queue)
-        self.metrics = ServerMetrics(cfg.tree.depth, lambda: self.slot.running, lambda: self.slot.waiting)
-        self.started = int(time.time())
-
-    def parse(self, raw: bytes, chat: bool) -> CompletionRequest:
-        t = self.decoder.target
-        return parse_request(raw, chat, self.cfg.model_name, t.tokenizer, t.vocab_size, t.max_context,
-                             self.cfg.defaults)
-
-    def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": self.started,
-                                            "owned_by": "confu"}]}
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: ConfuHTTPServer
-    streaming = False  # an SSE response has begun: errors can only be events now
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        if self.server.verbose:
-            super().log_message(format, *args)
-
-    # -- plumbing -------------------------------------------------------------------------------------------
-
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json", headers)
-
-    def _error(self, err: RequestError) -> None:
-        self.server.app.metrics.request_errors.inc(1, str(err.status))
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
-        self._json(err.status, err.body(), headers)
-
-    def _client_gone(self) -> bool:
-        """True once the client closed its side (readable with nothing to read)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True  # an unread body would be taken for the next request
-            raise RequestError("a request body with Content-Length is required", status=411)
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
+async def read_body(request: Request) -> bytes:
+    if "content-length" not in request.headers and "chunked" not in request.headers.get("transfer-encoding", ""):
+        raise RequestError("a request body (with Content-Length, or chunked) is required", status=411)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
             raise RequestError(f"the request body is larger than {MAX_BODY_BYTES} bytes", status=413)
-        return self.rfile.read(int(length))
+    return bytes(body)
 
-    # -- routes ---------------------------------------------------------------------------------------------
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        app = self.server.app
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
-            self._json(200, {"status": "ok"})
-        elif path == "/v1/models":
-            self._json(200, app.models())
-        elif path == "/metrics":
-            self._send(200, app.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
-        else:
-            self._error(RequestError(f"no route GET {path}", status=404, code="not_found"))
+async def complete(gen: Generation, request: Request) -> Response:
+    ids = ResponseIds(gen.req.chat, gen.req.model)
+    async with aclosing(gen.pieces(request.is_disconnected)) as pieces:
+        text = "".join([piece async for piece in pieces])
+    return JSONResponse(full_response(ids, text, gen.finish_reason, gen.usage(), gen.stats.to_json()))
 
-    def do_POST(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0]
-        routes = {"/v1/chat/completions": True, "/v1/completions": False}
-        if path not in routes:
-            self.close_connection = True
-            self._error(RequestError(f"no route POST {path}", status=404, code="not_found"))
-            return
-        arrival = time.perf_counter()
-        self.streaming = False
-        try:
-            req = self.server.app.parse(self._body(), chat=routes[path])
-            with self.server.app.slot.hold(self._client_gone):
-                gen = Generation(self.server.app, req, arrival)
-                if req.stream:
-                    self._stream(gen)
-                else:
-                    self._complete(gen)
-        except (ClientGone, BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # nobody to answer: the generation is already cancelled
-        except RequestError as err:
-            self._fail(err)
-        except ConfuError as err:  # the engine refused the request
-            self._fail(RequestError(str(err)))
-        except Exception as err:  # a bug must cost one request, not the server
-            self.log_error("generation failed: %r", err)
-            self._fail(RequestError(f"internal error: {type(err).__name__}: {err}", status=500,
-                                    error_type="internal_error"))
 
-    def _fail(self, err: RequestError) -> None:
-        """An error response, or an error event when a stream has already begun."""
-        if not self.streaming:
-            self._error(err)
-            return
-        self.server.app.metrics.request_errors.inc(1, str(err.status))
-        self._event(err.body())
-        self._event("[DONE]")
-
-    def _complete(self, gen: Generation) -> None:
-        ids = ResponseIds(gen.req.chat, gen.req.model)
-        with closing(gen.pieces(self._client_gone)) as pieces:
-            text = "".join(pieces)
-        self._json(200, full_response(ids, text, gen.finish_reason, gen.usage(), gen.stats.to_json()))
-
-    def _event(self, payload: dict[str, Any] | str) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        self.wfile.write(f"data: {data}\n\n".encode())
-        self.wfile.flush()
-
-    def _stream(self, gen: Generation) -> None:
-        req, ids = gen.req, ResponseIds(gen.req.chat, gen.req.model)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream's end is the connection's end
-        self.end_headers()
-        self.close_connection = True
-        self.streaming = True
+async def stream_events(gen: Generation) -> AsyncIterator[str]:
+    req, ids = gen.req, ResponseIds(gen.req.chat, gen.req.model)
+    try:
         first = True
-        with closing(gen.pieces(self._client_gone)) as pieces:
-            for piece in pieces:
-                self._event(stream_chunk(ids, piece, first=first, include_usage=req.include_usage))
+        async with aclosing(gen.pieces()) as pieces:
+            async for piece in pieces:
+                yield sse(stream_chunk(ids, piece, first=first, include_usage=req.include_usage))
                 first = False
         closing_chunk = stream_chunk(ids, None, gen.finish_reason, first=first, include_usage=req.include_usage)
-        self._event({**closing_chunk, "spec_decode": gen.stats.to_json()})
+        yield sse({**closing_chunk, "spec_decode": gen.stats.to_json()})
         if req.include_usage:
-            self._event(usage_chunk(ids, gen.usage()))
-        self._event("[DONE]")
+            yield sse(usage_chunk(ids, gen.usage()))
+    except Exception as err:  # the stream has begun: an error can only be an event now
+        failure = engine_error(err)
+        gen.engine.metrics.error(failure.status)
+        yield sse(failure.body())
+    yield sse("[DONE]")
 
 
-class ConfuHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+async def completion(engine: Engine, request: Request, chat: bool) -> Response:
+    arrival = time.perf_counter()
+    try:
+        req = engine.parse(await read_body(request), chat)
+        gen = Generation(engine, req, arrival)
+        await engine.slot.acquire(request.is_disconnected)
+    except RequestError as err:
+        return error_response(engine, err)
+    except ConfuError as err:  # the engine refused the request's settings
+        return error_response(engine, RequestError(str(err)))
+    except (ClientGone, ClientDisconnect):  # gone while queued, or before its body was read
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if req.stream:
+        return EventStream(stream_events(gen), release=engine.slot.release)
+    try:
+        return await complete(gen, request)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    except Exception as err:
+        return error_response(engine, engine_error(err))
+    finally:
+        engine.slot.release()
 
-    def __init__(self, address: tuple[str, int], app: ServerApp, verbose: bool = False):
-        self.app, self.verbose = app, verbose
-        super().__init__(address, Handler)
+
+def create_app(engine: Engine) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()
+
+    # The API is OpenAI's, validated by hand (see the module docstring): FastAPI's generated schema would be empty.
+    app = FastAPI(title="confu", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return error_response(engine, RequestError(str(exc.detail), status=exc.status_code, code=code))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return engine.models()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        body, content_type = engine.metrics.render(request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await completion(engine, request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await completion(engine, request, chat=False)
+
+    return app
 
 
 def make_server(decoder: Decoder, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
-                verbose: bool = False) -> ConfuHTTPServer:
-    """A bound server (port 0 picks a free one: `server.server_address`); run it with `serve_forever()`."""
-    return ConfuHTTPServer((host, port), ServerApp(decoder, cfg), verbose)
+                log_level: str = "warning", access_log: bool = False) -> uvicorn.Server:
+    """A uvicorn server for the app (port 0 picks a free one); `run()` it, or `serve_in_thread`."""
+    config = uvicorn.Config(create_app(Engine(decoder, cfg)), host=host, port=port, log_level=log_level,
+                            access_log=access_log, timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+@contextmanager
+def serve_in_thread(server: uvicorn.Server, start_timeout_s: float = 60.0) -> Iterator[str]:
+    """Runs `server` on a background thread; yields its base URL (the bound port) once it listens, and stops it
+    on exit."""
+    thread = threading.Thread(target=server.run, name="confu-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ConfuError(f"the server did not start on {server.config.host}:{server.config.port}")
+        time.sleep(0.01)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,210 @@
+"""The engine side of `confu serve`: one `Decoder`, the slot that serializes requests on it, and one request's
+decoding, round by round, as text pieces.
+
+The engine decodes one request at a time (batch 1). Requests wait for the `EngineSlot` in arrival order; the
+queue is bounded and a full one answers 429 with Retry-After. Decoding steps through `Decoder.rounds` on one
+dedicated engine thread: the event loop stays free to answer /health, /metrics and the queue, and every round of a
+generation runs on the same thread (torch's grad mode is per thread, and the decode generator enters
+`torch.no_grad()` on its first round). Between rounds a request whose client left is cancelled. Stop sequences
+are matched on the decoded text; streamed text holds back what could still become a stop sequence or is an
+incomplete UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+
+from confu.engine.generate import Decoder, GenerationConfig
+from confu.engine.tree import TreeConfig
+from confu.serve.metrics import ServerMetrics, SpecDecodeStats
+from confu.serve.protocol import CompletionRequest, Defaults, RequestError, parse_request, usage
+
+# How often a queued request checks that its client is still there.
+QUEUE_POLL_S = 0.2
+
+T = TypeVar("T")
+ClientGoneCheck = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str
+    defaults: Defaults
+    tree: TreeConfig
+    contemplate: int | None = None
+    max_queue: int = 16  # requests waiting beyond the one generating
+
+
+class ClientGone(Exception):
+    """The client closed its connection: its generation is cancelled."""
+
+
+class EngineSlot:
+    """The one generation slot, first come first served, with at most `max_queue` waiters.
+
+    It lives on the event loop (no thread touches it) and is not owned by a task: a streaming response releases
+    it from the task that sends the stream, not the one that acquired it.
+    """
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.running = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, client_gone: ClientGoneCheck) -> None:
+        if self.running + self.waiting >= 1 + self.max_queue:
+            raise RequestError(f"the server is busy ({self.waiting} requests queued); retry shortly", status=429,
+                               error_type="rate_limit_exceeded", code="queue_full")
+        if not self.running:
+            self.running = 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            while not turn.done():
+                await asyncio.wait([turn], timeout=QUEUE_POLL_S)
+                if not turn.done() and await client_gone():
+                    raise ClientGone
+        except BaseException:
+            if turn.done():  # handed the slot just as this request gave up: pass it on
+                self.release()
+            else:
+                self._waiters.remove(turn)
+                turn.cancel()
+            raise
+
+    def release(self) -> None:
+        """Hands the slot to the first waiter (`running` stays 1), or frees it."""
+        if self._waiters:
+            self._waiters.popleft().set_result(None)
+        else:
+            self.running = 0
+
+
+class StopText:
+    """Decoded text of the generated tokens, released up to what is final (stop sequences cut the text)."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []
+        self.sent = 0  # characters released
+        self.stopped = False
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def add(self, new_tokens: list[int]) -> str:
+        """Text released by `new_tokens`; sets `stopped` when a stop sequence appeared."""
+        self.tokens.extend(new_tokens)
+        text = self._text()
+        longest = max((len(s) for s in self.stops), default=0)
+        hits = [i for i in (text.find(s, max(0, self.sent - longest)) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._release(text, min(hits))
+        end = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character decodes as U+FFFD until it completes
+        held = max((k for s in self.stops for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
+        return self._release(text, end - held)
+
+    def flush(self) -> str:
+        """Everything not yet released (the generation ended)."""
+        return self._release(self._text(), None)
+
+    def _release(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        piece = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+
+class Engine:
+    """What every request shares: the decoder, its engine thread and slot, the metrics."""
+
+    def __init__(self, decoder: Decoder, cfg: ServeConfig):
+        self.decoder, self.cfg = decoder, cfg
+        self.slot = EngineSlot(cfg.max_queue)
+        self.metrics = ServerMetrics(cfg.tree.depth, lambda: self.slot.running, lambda: self.slot.waiting)
+        self.started = int(time.time())
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="confu-engine")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    def parse(self, raw: bytes, chat: bool) -> CompletionRequest:
+        t = self.decoder.target
+        return parse_request(raw, chat, self.cfg.model_name, t.tokenizer, t.vocab_size, t.max_context,
+                             self.cfg.defaults)
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": self.started,
+                                            "owned_by": "confu"}]}
+
+
+class Generation:
+    """One request's decoding: `pieces()` yields its text; afterwards this holds the outcome for the response."""
+
+    def __init__(self, engine: Engine, req: CompletionRequest, arrival: float):
+        self.engine, self.req, self.arrival = engine, req, arrival
+        self.config = GenerationConfig(max_new_tokens=req.max_tokens, sampling=req.sampling, tree=engine.cfg.tree,
+                                       contemplate=engine.cfg.contemplate, seed=req.seed)
+        self.stats = SpecDecodeStats(depth=engine.cfg.tree.depth)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # None while decoding; "abort" if it never finished
+        self.ttft_s: float | None = None
+        self.text = StopText(engine.decoder.target.tokenizer, req.stop)
+
+    def _advance(self, rounds) -> str:
+        """One round, on the engine thread: the text it releases. Sets `finish_reason` at the last round (the
+        engine names a reason on its last round, so `next` never runs past the end)."""
+        tokens, step, reason = next(rounds)
+        if step is None and self.ttft_s is None:  # the prefill's token
+            self.ttft_s = time.perf_counter() - self.arrival
+        if step is not None and step.tree_nodes:
+            self.stats.observe_round(step.accepted, step.tree_nodes)
+        self.completion_tokens += len(tokens)
+        piece = self.text.add(tokens)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif reason:  # the engine's: "eos" ends the turn; "max_new_tokens" and "context" are the length
+            self.finish_reason = "stop" if reason == "eos" else "length"
+            piece += self.text.flush()
+        return piece
+
+    async def pieces(self, client_gone: ClientGoneCheck | None = None) -> AsyncIterator[str]:
+        """The generated text in pieces. `client_gone` is asked between rounds; a cancelled task (a streaming
+        client that left) stops at the end of the round in flight."""
+        rounds = self.engine.decoder.rounds(self.req.prompt_ids, self.config)
+        try:
+            while self.finish_reason is None:
+                piece = await self.engine.run(self._advance, rounds)
+                if piece:
+                    yield piece
+                if self.finish_reason is None and client_gone is not None and await client_gone():
+                    raise ClientGone
+        finally:
+            # Shielded: a cancelled request still waits for its round in flight to end and its decode to close,
+            # so the next request starts on a free engine.
+            with anyio.CancelScope(shield=True):
+                await self.engine.run(rounds.close)
+            self.engine.metrics.record(self.finish_reason or "abort", len(self.req.prompt_ids),
+                                       self.completion_tokens, self.stats, time.perf_counter() - self.arrival,
+                                       self.ttft_s)
+
+    def usage(self) -> dict[str, int]:
+        return usage(len(self.req.prompt_ids), self.completion_tokens)
