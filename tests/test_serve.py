@@ -50,7 +50,7 @@ def decoder(tiny_llama_dir, draft_dir) -> Decoder:
 
 def serve_config(max_queue: int = 16) -> ServeConfig:
     return ServeConfig(model_name=MODEL, defaults=Defaults(max_tokens=MAX_TOKENS, temperature=0.0, top_p=1.0, top_k=0),
-                       tree=TREE, max_queue=max_queue)
+                       tree=TREE, auto_tree=False, max_queue=max_queue)  # fixed trees: every round drafts
 
 
 @contextmanager

@@ -8,22 +8,24 @@ import json
 from contextlib import nullcontext
 from typing import Any
 
-from confu.cli.common import add_decoding_args, add_target_args
+from confu.cli.common import add_decoding_args, add_target_args, parse_tree_nodes
 
 
 def serve_config(args, model_name: str, max_queue: int):
-    from confu.engine.tree import TreeConfig
+    from confu.engine.generate import tree_setting
     from confu.errors import InputError
     from confu.serve.generation import ServeConfig
     from confu.serve.protocol import Defaults
 
     if max_queue < 0:
         raise InputError(f"--max-queue must be >= 0 (got {max_queue})")
+    tree, auto = tree_setting(args.tree_nodes, args.depth, args.topk)
     return ServeConfig(
         model_name=model_name,
         defaults=Defaults(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k),
-        tree=TreeConfig(total_nodes=args.tree_nodes, depth=args.depth, topk=args.topk),
+        tree=tree,
+        auto_tree=auto,
         contemplate=args.contemplate,
         max_queue=max_queue,
     )
@@ -84,7 +86,7 @@ def add_parser(subparsers: Any) -> None:
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument("--served-model-name", default=None, help="the model id clients name (default: --target)")
     s.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the engine")
-    s.add_argument("--tree-nodes", type=int, default=60)
+    s.add_argument("--tree-nodes", type=parse_tree_nodes, default="auto", help="'auto' or a fixed node count")
     add_decoding_args(s)
     s.add_argument("--verbose", action="store_true", help="log every request")
     s.set_defaults(func=cmd_serve)
@@ -100,6 +102,6 @@ def add_parser(subparsers: Any) -> None:
     b.add_argument("--clients", type=int, default=8)
     b.add_argument("--requests", type=int, default=5, help="requests per client, one after another")
     b.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
-    b.add_argument("--tree-nodes", type=int, default=60)
+    b.add_argument("--tree-nodes", type=parse_tree_nodes, default="auto", help="'auto' or a fixed node count")
     add_decoding_args(b)
     b.set_defaults(func=cmd_bench_serve)

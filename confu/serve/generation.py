@@ -39,6 +39,7 @@ class ServeConfig:
     model_name: str
     defaults: Defaults
     tree: TreeConfig
+    auto_tree: bool = True  # `tree` bounds per-round sizing (`--tree-nodes auto`)
     contemplate: int | None = None
     max_queue: int = 16  # requests waiting beyond the one generating
 
@@ -162,7 +163,8 @@ class Generation:
     def __init__(self, engine: Engine, req: CompletionRequest, arrival: float):
         self.engine, self.req, self.arrival = engine, req, arrival
         self.config = GenerationConfig(max_new_tokens=req.max_tokens, sampling=req.sampling, tree=engine.cfg.tree,
-                                       contemplate=engine.cfg.contemplate, seed=req.seed)
+                                       auto_tree=engine.cfg.auto_tree, contemplate=engine.cfg.contemplate,
+                                       seed=req.seed)
         self.stats = SpecDecodeStats(depth=engine.cfg.tree.depth)
         self.completion_tokens = 0
         self.finish_reason: str | None = None  # None while decoding; "abort" if it never finished
