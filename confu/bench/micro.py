@@ -166,7 +166,7 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
         first, features, _ = plain.prefill(plain_cache, prompt_ids, gcfg, None)
         plain.proposer.begin(gcfg, target.max_context + 1)
         plain.proposer.observe(features, torch.cat([prompt_ids[1:], prompt_ids.new_tensor([first])]), None)
-        trees = {n: plain.proposer.propose(max_nodes=n) for n in nodes}
+        trees = {n: plain.proposer.propose(max_nodes=n, depth=depth) for n in nodes}
         plain_state = RoundState(first, features[-1])
         # The ConFu side: its own cache with the soft prompt, and the [con] router's features.
         con = Decoder.for_head(target, confu)
