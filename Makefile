@@ -43,5 +43,5 @@ bench: $(STAMP)
 	@test -n "$(QUESTIONS)" || { echo "usage: make bench QUESTIONS=path/to/question.jsonl"; exit 2; }
 	$(VENV)/bin/confu bench --target smollm2-135m \
 	  --methods ar,hf,eagle3:$(D)-eagle3=EAGLE-3,confu:$(D)-confu=ConFu,confu:$(D)-confu-nomoe=ConFu-MoE,confu:$(D)-confu-norep=ConFu-replicate \
-	  --questions $(QUESTIONS) --limit-per-category $(BENCH_LIMIT) --temperatures 0,0.7 --tree-nodes 16 \
+	  --questions $(QUESTIONS) --limit-per-category $(BENCH_LIMIT) --temperatures 0,0.7 --tree-nodes auto,16 \
 	  --depth 6 --topk 8 --contemplate 4 --max-new-tokens 48 --out $(BENCH_OUT)
