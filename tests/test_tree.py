@@ -203,3 +203,38 @@ def test_to_device_round_trip() -> None:
     moved = tree.to("cpu")
     assert torch.equal(moved.ancestor_mask, tree.ancestor_mask)
     assert moved.children == tree.children == [[0], [2, 1], [], []]
+
+
+def _naive_tree(parents: list[int], scores: list[float]) -> tuple[list[set[int]], list[int], list[list[int]]]:
+    """Ancestor sets (self included), depths and score-ordered children, one node at a time."""
+    ancestors: list[set[int]] = []
+    depths: list[int] = []
+    for i, p in enumerate(parents):
+        ancestors.append({i} | (ancestors[p] if p >= 0 else set()))
+        depths.append(len(ancestors[i]))
+    children = [sorted((c for c, q in enumerate(parents) if q == p), key=lambda c: -scores[c])
+                for p in range(-1, len(parents))]
+    return ancestors, depths, children
+
+
+def test_from_parents_matches_naive_construction() -> None:
+    gen = torch.Generator().manual_seed(1)
+    for n in list(range(12)) + [40, 60]:
+        parents = [int(torch.randint(-1, i, (1,), generator=gen)) if i else -1 for i in range(n)]
+        # Scores on a coarse grid (many ties) with -inf and 0 among them.
+        scores = [float(s) for s in torch.randint(-4, 1, (n,), generator=gen).double() / 2]
+        scores = [-math.inf if s == -2.0 else s for s in scores]
+        tree = DraftTree.from_parents(torch.arange(n) + 100, parents, scores)
+        ancestors, depths, children = _naive_tree(parents, scores)
+        assert tree.depths.tolist() == depths and tree.children == children
+        assert [set(torch.nonzero(row).flatten().tolist()) for row in tree.ancestor_mask] == ancestors
+        leaves = [i for i in range(n) if not children[i + 1]]
+        assert tree.retrieve.tolist() == [sorted(ancestors[i]) + [-1] * (max(depths) - depths[i]) for i in leaves]
+        _check_invariants(tree)
+
+
+def test_sibling_order_uses_the_scores_as_given() -> None:
+    # Python floats are ordered in float64; a float32 tensor rounds both to one value, a tie kept in index order.
+    scores = [-0.1 - 1e-12, -0.1]
+    assert DraftTree.from_parents([1, 2], [-1, -1], scores).children_of(-1) == [1, 0]
+    assert DraftTree.from_parents([1, 2], [-1, -1], torch.tensor(scores)).children_of(-1) == [0, 1]

@@ -1,9 +1,14 @@
 """Drafting at inference: the draft head's own KV cache and the EAGLE-2 dynamic tree expansion.
 
 Row t of the draft cache pairs the target's features of token t with the embedding of token t+1 and sits at
-RoPE position t. Only rows the target has verified are stored; tree nodes of a round live in a scratch list.
-For ConFu, the round's future token (token half [f], hidden half f) is one extra key every query of the round
-sees, at position last_row + 1; it is never stored, because the next round brings a new f.
+RoPE position t. Rows ``0..length-1`` hold what the target has verified. For ConFu, the round's future token
+(token half [f], hidden half f) is one extra key every query of the round sees, at position ``length``; it
+lives in the slot right after the verified rows, because the next round brings a new f (and new rows).
+
+A draft round grows the tree one level at a time with a single batched q / k / v and attention per level.
+The keys of the nodes it expands go into the same buffer after the verified rows (and the future slot), so
+each level attends to one contiguous slice of it and the draft cache is never concatenated or copied. The
+buffer rows a node may see are one boolean row per node, inherited from its parent plus its own column.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import Tensor
 
 from confu.engine.draft import Eagle3Head
 from confu.engine.tree import DraftTree, TreeBuilder, TreeConfig
+from confu.errors import InputError
 
 
 class Drafter:
@@ -22,11 +28,23 @@ class Drafter:
         cfg = head.cfg
         self.head = head
         self.tree_cfg = tree_cfg
-        shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.keys = torch.zeros(shape, dtype=head.fc.weight.dtype)
-        self.values = torch.zeros(shape, dtype=head.fc.weight.dtype)
+        self.max_len = max_len
+        # Only expanded nodes need keys: at most `topk` per level, on every level but the last.
+        tree_rows = (tree_cfg.depth - 1) * tree_cfg.topk
+        # max_len verified rows, then the future slot, then the round's tree rows.
+        shape = (1, cfg.num_key_value_heads, max_len + 1 + tree_rows, cfg.head_dim)
+        self.device = head.fc.weight.device
+        self.keys = torch.zeros(shape, dtype=head.fc.weight.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=head.fc.weight.dtype, device=self.device)
         self.length = 0
         self.future: tuple[Tensor, Tensor] | None = None
+        # Node j of a level adds its own column j to what it sees.
+        self._own_column = torch.eye(tree_cfg.topk, dtype=torch.bool, device=self.device)
+
+    @property
+    def _tree_start(self) -> int:
+        """Buffer row of the round's first tree key: after the verified rows and the future key, if any."""
+        return self.length + (self.future is not None)
 
     @torch.no_grad()
     def catch_up(self, features: Tensor, next_tokens: Tensor, f: Tensor | None = None) -> Tensor:
@@ -37,72 +55,69 @@ class Drafter:
         """
         head, layer = self.head, self.head.layer
         m, start = len(next_tokens), self.length
+        if start + m > self.max_len:
+            raise InputError(f"the draft cache holds {self.max_len} rows; {start} + {m} do not fit")
         hidden_in = head.project_features(features)[None]
-        q, k, v = layer.qkv(head.embed(next_tokens)[None], hidden_in, torch.arange(start, start + m)[None])
+        positions = torch.arange(start, start + m, device=self.device)[None]
+        q, k, v = layer.qkv(head.embed(next_tokens)[None], hidden_in, positions)
         self.keys[:, :, start : start + m] = k
         self.values[:, :, start : start + m] = v
         self.length += m
         self.future = None
         if f is not None and head.is_confu:
             f_token = head.future_embedding(hidden_in[:, -1:])
-            _, fk, fv = layer.qkv(f_token, f.view(1, 1, -1), torch.tensor([[self.length]]))
+            _, fk, fv = layer.qkv(f_token, f.view(1, 1, -1), torch.tensor([[self.length]], device=self.device))
+            self.keys[:, :, self.length : self.length + 1] = fk
+            self.values[:, :, self.length : self.length + 1] = fv
             self.future = (fk, fv)
         # Only the last row's output is used: it drafts the first tree level.
-        keys, values = self._keys_with_future(self.keys[:, :, : self.length], self.values[:, :, : self.length])
-        mask = torch.ones(1, 1, 1, keys.shape[2], dtype=torch.bool)
-        return layer.attend(hidden_in[:, -1:], q[:, :, -1:], keys, values, mask)
-
-    def _keys_with_future(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        if self.future is None:
-            return keys, values
-        return torch.cat([keys, self.future[0]], 2), torch.cat([values, self.future[1]], 2)
+        end = self._tree_start
+        mask = torch.ones(1, 1, 1, end, dtype=torch.bool, device=self.device)
+        return layer.attend(hidden_in[:, -1:], q[:, :, -1:], self.keys[:, :, :end], self.values[:, :, :end], mask)
 
     def _top_children(self, out_hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-k children (target ids, log-probs) of each row of out_hidden (n, H)."""
+        """Top-k children (target ids, log-probs) of each row of out_hidden (n, H), each (n, k)."""
         logp = torch.log_softmax(self.head.logits(out_hidden).float(), dim=-1)
         top = logp.topk(min(self.tree_cfg.topk, logp.shape[-1]), dim=-1)
         return self.head.to_target_ids(top.indices), top.values
 
     @torch.no_grad()
-    def draft_tree(self, root_out: Tensor, max_nodes: int | None = None) -> DraftTree:
+    def draft_tree(self, root_out: Tensor, max_nodes: int | None = None, depth: int | None = None) -> DraftTree:
         """Grow a tree from the last verified row's output hidden (1, 1, H); at most `max_nodes` nodes
-        (near the end of the context)."""
+        (near the end of the context) and `depth` levels (tree sizing may ask for fewer than configured)."""
         head, layer, cfg = self.head, self.head.layer, self.tree_cfg
         if max_nodes is not None and max_nodes < cfg.total_nodes:
             cfg = replace(cfg, total_nodes=max_nodes)
+        if depth is not None and depth < cfg.depth:
+            cfg = replace(cfg, depth=depth)
+        # A kept node at depth d brings its d - 1 ancestors along, so levels below total_nodes never make it.
+        levels = min(cfg.depth, cfg.total_nodes)
         builder = TreeBuilder(cfg)
-        tokens, logps = self._top_children(root_out[0])
-        frontier = builder.grow(None, tokens, logps)
-        out_of: dict[int, Tensor] = {}  # expanded candidate -> its output hidden (H,)
-        column_of: dict[int, int] = {}  # expanded candidate -> its column in the round's tree keys
-        tree_k: list[Tensor] = []
-        tree_v: list[Tensor] = []
-        root_pos = self.length - 1
-        for depth in range(1, cfg.depth):
-            if not frontier:
+        end = start = self._tree_start  # buffer rows in use: verified (+ future), then this round's tree
+        # Row j: the buffer rows expanded node j attends to (verified rows and future, its ancestors, itself).
+        # The root's row covers the verified part only; a child's row is its parent's plus its own column.
+        sees = torch.zeros(1, start + (levels - 1) * cfg.topk, dtype=torch.bool, device=self.device)
+        sees[:, :start] = True
+        parent_out = root_out[0]  # (n, H) outputs of the nodes being expanded, the root first
+        frontier: Tensor | None = None
+        for depth in range(1, levels + 1):
+            child_tokens, child_logps = self._top_children(parent_out)
+            first_child = len(builder)
+            frontier = builder.expand(frontier, child_tokens, child_logps)
+            if depth == levels:
                 break
-            node_tokens = torch.tensor([builder.token_of(i) for i in frontier])
-            parent_out = torch.stack(
-                [out_of[builder.parent_of(i)] if builder.parent_of(i) >= 0 else root_out[0, 0] for i in frontier]
-            )[None]
-            positions = torch.full((1, len(frontier)), root_pos + depth)
-            q, k, v = layer.qkv(head.embed(node_tokens)[None], parent_out, positions)
-            for j, i in enumerate(frontier):
-                column_of[i] = len(tree_k) + j
-            tree_k.extend(k.unbind(2))
-            tree_v.extend(v.unbind(2))
-            n_tree = len(tree_k)
-            tree_mask = torch.zeros(len(frontier), n_tree, dtype=torch.bool)
-            for j, i in enumerate(frontier):
-                tree_mask[j, [column_of[a] for a in builder.ancestors(i)] + [column_of[i]]] = True
-            keys = torch.cat([self.keys[:, :, : self.length], torch.stack(tree_k, 2)], 2)
-            values = torch.cat([self.values[:, :, : self.length], torch.stack(tree_v, 2)], 2)
-            keys, values = self._keys_with_future(keys, values)
-            mask = torch.ones(len(frontier), keys.shape[2], dtype=torch.bool)
-            mask[:, self.length : self.length + n_tree] = tree_mask
-            out = layer.attend(parent_out, q, keys, values, mask[None, None])[0]
-            for j, i in enumerate(frontier):
-                out_of[i] = out[j]
-            tokens, logps = self._top_children(out)
-            frontier = builder.grow(frontier, tokens, logps)
+            # Children are numbered row-major after the existing candidates, so a child's row is its parent's.
+            created = frontier - first_child
+            parent_rows = created // child_tokens.shape[1]
+            n = len(frontier)
+            sees = sees[parent_rows]
+            sees[:, end : end + n] = self._own_column[:n, :n]
+            hidden = parent_out[parent_rows][None]
+            positions = torch.full((1, n), self.length - 1 + depth, device=self.device)
+            q, k, v = layer.qkv(head.embed(child_tokens.flatten()[created])[None], hidden, positions)
+            self.keys[:, :, end : end + n] = k
+            self.values[:, :, end : end + n] = v
+            end += n
+            mask = sees[None, None, :, :end]
+            parent_out = layer.attend(hidden, q, self.keys[:, :, :end], self.values[:, :, :end], mask)[0]
         return builder.build()

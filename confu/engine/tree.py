@@ -8,13 +8,16 @@ After ``depth`` levels the ``total_nodes`` best candidates overall form the tree
 Indices: a ``TreeBuilder`` numbers candidates in creation order; a ``DraftTree`` numbers its kept nodes
 ``0..T-1`` with parents before children. The root (the last accepted token) is never a node; ``-1`` stands
 for it wherever a parent index is expected.
+
+Everything is tensor arithmetic on the CPU: candidate arrays grow by one concatenation per level, rankings
+are stable sorts (equal scores keep creation order), and the ancestor mask is propagated from parent rows.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -43,12 +46,55 @@ class TreeConfig:
                 raise InputError(f"tree {name} must be an integer >= 1, got {value!r}")
 
 
-def _as_int_list(values: Sequence[int] | Tensor, name: str) -> list[int]:
-    if isinstance(values, Tensor):
-        if values.dim() != 1:
-            raise InputError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
-        return [int(v) for v in values.tolist()]
-    return [int(v) for v in values]
+def _as_index_tensor(values: Sequence[int] | Tensor, name: str) -> Tensor:
+    """A 1-D long CPU tensor of ``values``."""
+    out = torch.as_tensor(values).to("cpu", torch.long)
+    if out.dim() != 1:
+        raise InputError(f"{name} must be 1-D, got shape {tuple(out.shape)}")
+    return out
+
+
+def rank_by_score(scores: Tensor) -> Tensor:
+    """Indices of ``scores`` best first; equal scores keep index (creation) order."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def ancestor_mask(parents: Tensor) -> Tensor:
+    """(T, T) bool, ``[i, j]`` iff ``j`` is ``i`` or one of its ancestors; ``parents`` (T,) with -1 = root.
+
+    Each pass copies every node's row from its parent's row and adds the node itself, so after pass ``d`` the
+    rows of all nodes at depth <= ``d`` are final; it stops at the first pass that changes nothing.
+    """
+    itself = torch.eye(len(parents), dtype=torch.bool)
+    has_parent = (parents >= 0)[:, None]
+    parent_rows = parents.clamp(min=0)
+    mask = itself
+    while True:
+        grown = itself | (mask[parent_rows] & has_parent)
+        if torch.equal(grown, mask):
+            return mask
+        mask = grown
+
+
+def root_to_leaf_paths(mask: Tensor, depths: Tensor, leaves: Tensor) -> Tensor:
+    """(n_leaves, max depth) node indices from depth 1 down to each leaf, padded with -1.
+
+    A leaf's ancestor-mask row holds exactly its path; each node on it goes to column ``depth - 1``.
+    """
+    width = int(depths.max()) if len(depths) else 0
+    paths = torch.full((len(leaves), width), -1, dtype=torch.long)
+    rows, nodes = mask[leaves].nonzero(as_tuple=True)
+    paths[rows, depths[nodes] - 1] = nodes
+    return paths
+
+
+def children_lists(parents: Tensor, scores: Tensor) -> list[list[int]]:
+    """``[i + 1]``: node ``i``'s children (``[0]``: the root's), by descending score, ties by index."""
+    by_score = rank_by_score(scores)
+    # A stable sort on the parent keeps the score order (and its tie order) inside each sibling group.
+    grouped = by_score[torch.sort(parents[by_score] + 1, stable=True).indices].tolist()
+    counts = torch.bincount(parents + 1, minlength=len(parents) + 1).tolist()
+    return [grouped[end - count : end] for count, end in zip(counts, accumulate(counts), strict=True)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,64 +149,46 @@ class DraftTree:
     ) -> DraftTree:
         """Build a tree from node arrays; ``parents[i]`` must be ``-1`` or an index ``< i``.
 
-        Without ``scores`` every node scores 0, so siblings are tried in index order.
+        Without ``scores`` every node scores 0, so siblings are tried in index order. Siblings are ordered on
+        the scores as given (float64 stays float64); the stored ``scores`` are float32.
         """
-        tok = _as_int_list(tokens, "tokens")
-        par = _as_int_list(parents, "parents")
+        tok = _as_index_tensor(tokens, "tokens")
+        par = _as_index_tensor(parents, "parents")
         n = len(tok)
         if len(par) != n:
             raise InputError(f"tokens and parents differ in length ({n} vs {len(par)})")
         if scores is None:
-            sc = [0.0] * n
-        elif isinstance(scores, Tensor):
-            sc = [float(s) for s in scores.reshape(-1).tolist()]
+            sc = torch.zeros(n, dtype=torch.float64)
         else:
-            sc = [float(s) for s in scores]
+            sc = torch.as_tensor(scores, dtype=torch.float64).to("cpu").reshape(-1)
         if len(sc) != n:
             raise InputError(f"scores has {len(sc)} entries for {n} nodes")
-        if any(math.isnan(s) for s in sc):
+        if sc.isnan().any():
             raise InputError("tree scores must not be NaN")
+        misplaced = ((par < -1) | (par >= torch.arange(n))).nonzero().flatten()
+        if len(misplaced):
+            i = int(misplaced[0])
+            raise InputError(f"node {i} has parent {int(par[i])}; parents must be -1 or precede their children")
 
-        depths: list[int] = []
-        paths: list[list[int]] = []  # root-excluded path to each node, itself included
-        children: list[list[int]] = [[] for _ in range(n + 1)]
-        for i, p in enumerate(par):
-            if not -1 <= p < i:
-                raise InputError(f"node {i} has parent {p}; parents must be -1 or precede their children")
-            depths.append(1 if p < 0 else depths[p] + 1)
-            paths.append(([] if p < 0 else paths[p]) + [i])
-            children[p + 1].append(i)
-        for kids in children:
-            # Python's sort is stable, so equal scores keep index (creation) order.
-            kids.sort(key=lambda c: -sc[c])
-
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        rows = [i for i in range(n) for _ in paths[i]]
-        cols = [j for i in range(n) for j in paths[i]]
-        if rows:
-            mask[rows, cols] = True
-
-        leaves = [i for i in range(n) if not children[i + 1]]
-        width = max(depths, default=0)
-        retrieve = torch.full((len(leaves), width), -1, dtype=torch.long)
-        for r, leaf in enumerate(leaves):
-            retrieve[r, : len(paths[leaf])] = torch.tensor(paths[leaf], dtype=torch.long)
-
+        mask = ancestor_mask(par)
+        depths = mask.sum(1)  # a node and its ancestors, one per level
+        children = children_lists(par, sc)
+        leaves = (torch.bincount(par + 1, minlength=n + 1)[1:] == 0).nonzero().flatten()
         return DraftTree(
-            tokens=torch.tensor(tok, dtype=torch.long, device=device),
-            parents=torch.tensor(par, dtype=torch.long, device=device),
-            depths=torch.tensor(depths, dtype=torch.long, device=device),
-            scores=torch.tensor(sc, dtype=torch.float32, device=device),
+            tokens=tok.to(device),
+            parents=par.to(device),
+            depths=depths.to(device),
+            scores=sc.to(device, torch.float32),
             ancestor_mask=mask.to(device),
-            retrieve=retrieve.to(device),
+            retrieve=root_to_leaf_paths(mask, depths, leaves).to(device),
             children=children,
         )
 
     @staticmethod
     def chain(tokens: Sequence[int] | Tensor, device: torch.device | str | None = None) -> DraftTree:
         """A single path ``tokens[0] -> tokens[1] -> ...`` below the root (a linear draft)."""
-        tok = _as_int_list(tokens, "tokens")
-        return DraftTree.from_parents(tok, list(range(-1, len(tok) - 1)), device=device)
+        tok = _as_index_tensor(tokens, "tokens")
+        return DraftTree.from_parents(tok, torch.arange(-1, len(tok) - 1), device=device)
 
 
 def path_to(tree: DraftTree, node: int) -> list[int]:
@@ -177,96 +205,107 @@ class TreeBuilder:
     Usage (drafter side)::
 
         b = TreeBuilder(cfg)
-        frontier = b.grow(None, tokens (1, k), logprobs (1, k))     # root's children, depth 1
-        while frontier and depth < cfg.depth:
+        frontier = b.expand(None, tokens (1, k), logprobs (1, k))     # root's children, depth 1
+        while depth < cfg.depth:
             ... run the draft head on the frontier nodes ...
-            frontier = b.grow(frontier, tokens (n, k), logprobs (n, k))
+            frontier = b.expand(frontier, tokens (n, k), logprobs (n, k))
         tree = b.build()
+
+    ``grow`` is the same step with Python lists in and out.
     """
 
     def __init__(self, config: TreeConfig) -> None:
         self.config = config
-        self._tokens: list[int] = []
-        self._parents: list[int] = []  # candidate index or -1 (root)
-        self._depths: list[int] = []
-        self._scores: list[float] = []  # python floats (float64): no accumulation ties from float32 rounding
+        self._tokens = torch.zeros(0, dtype=torch.long)
+        self._parents = torch.zeros(0, dtype=torch.long)  # candidate index or -1 (root)
+        self._depths = torch.zeros(0, dtype=torch.long)
+        # float64, as the drafter always had (python floats): float32 sums would create rounding ties.
+        self._scores = torch.zeros(0, dtype=torch.float64)
 
     def __len__(self) -> int:
         return len(self._tokens)
 
     @property
     def num_candidates(self) -> int:
-        return len(self._tokens)
+        return len(self)
 
     def token_of(self, i: int) -> int:
-        return self._tokens[self._check(i)]
+        return int(self._tokens[self._check(i)])
 
     def score_of(self, i: int) -> float:
-        return self._scores[self._check(i)]
+        return float(self._scores[self._check(i)])
 
     def parent_of(self, i: int) -> int:
         """Parent candidate index, ``-1`` for a child of the root."""
-        return self._parents[self._check(i)]
+        return int(self._parents[self._check(i)])
 
     def depth_of(self, i: int) -> int:
-        return self._depths[self._check(i)]
+        return int(self._depths[self._check(i)])
 
     def ancestors(self, i: int) -> list[int]:
         """Strict ancestors of candidate ``i`` (root and ``i`` excluded), outermost first."""
+        parents = self._parents.tolist()
         out: list[int] = []
-        p = self._parents[self._check(i)]
+        p = parents[self._check(i)]
         while p >= 0:
             out.append(p)
-            p = self._parents[p]
+            p = parents[p]
         out.reverse()
         return out
 
     def _check(self, i: int) -> int:
-        if not 0 <= i < len(self._tokens):
-            raise InputError(f"candidate {i} does not exist ({len(self._tokens)} candidates)")
+        if not 0 <= i < len(self):
+            raise InputError(f"candidate {i} does not exist ({len(self)} candidates)")
         return i
 
-    def grow(self, parents: list[int] | None, child_tokens: Tensor, child_logprobs: Tensor) -> list[int]:
-        """Add the k children of each of the n parents; return the next frontier.
+    def grow(self, parents: Sequence[int] | None, child_tokens: Tensor, child_logprobs: Tensor) -> list[int]:
+        """``expand`` with the parents and the returned frontier as lists of candidate indices."""
+        index = None if parents is None else _as_index_tensor([self._check(int(p)) for p in parents], "parents")
+        return self.expand(index, child_tokens, child_logprobs).tolist()
 
-        ``parents=None`` expands the root (n = 1; a 1-D ``(k,)`` row is accepted too). Child ``(r, c)`` scores
-        ``score(parents[r]) + child_logprobs[r, c]`` (the root scores 0). The returned frontier is the
-        ``topk`` best of the candidates added by this call, best first (ties: creation order).
+    def expand(self, parents: Tensor | None, child_tokens: Tensor, child_logprobs: Tensor) -> Tensor:
+        """Add the k children of each of the n parents; return the next frontier (candidate indices).
+
+        ``parents=None`` expands the root (n = 1; a 1-D ``(k,)`` row is accepted too); otherwise ``parents``
+        holds existing candidate indices (``grow`` checks them). Child ``(r, c)`` becomes candidate
+        ``len(self) + r * k + c`` and scores ``score(parents[r]) + child_logprobs[r, c]`` (the root scores
+        0). The returned frontier is the ``topk`` best of the candidates added by this call, best first (ties:
+        creation order).
         """
         if parents is None:
-            if self._tokens:
+            if len(self):
                 raise InputError("the root can only be expanded once, before any other expansion")
             if child_tokens.dim() == 1:
                 child_tokens, child_logprobs = child_tokens[None], child_logprobs.reshape(1, -1)
-            parent_list = [-1]
+            parents = torch.full((1,), -1, dtype=torch.long)
+            base = torch.zeros(1, dtype=torch.float64)
+            depth = torch.ones(1, dtype=torch.long)
         else:
-            parent_list = [self._check(int(p)) for p in parents]
+            base = self._scores[parents]
+            depth = self._depths[parents] + 1
         if child_tokens.dim() != 2 or child_tokens.shape != child_logprobs.shape:
             raise InputError(
                 f"child tokens {tuple(child_tokens.shape)} and log-probs {tuple(child_logprobs.shape)} "
                 "must both be (n, k)"
             )
-        if child_tokens.shape[0] != len(parent_list):
-            raise InputError(f"{child_tokens.shape[0]} rows of children for {len(parent_list)} parents")
+        if child_tokens.shape[0] != len(parents):
+            raise InputError(f"{child_tokens.shape[0]} rows of children for {len(parents)} parents")
+        if len(depth) and int(depth.max()) > self.config.depth:
+            too_deep = int(parents[depth > self.config.depth][0])
+            raise InputError(f"expanding candidate {too_deep} would exceed the tree depth {self.config.depth}")
+        logp = child_logprobs.to("cpu", torch.float64)
+        valid = logp <= _LOGPROB_SLACK  # NaN fails it too
+        if not bool(valid.all()):
+            raise InputError(f"child log-probabilities must be <= 0 (log_softmax output), got {float(logp[~valid][0])}")
 
-        toks: list[list[int]] = child_tokens.tolist()
-        logps: list[list[float]] = child_logprobs.double().tolist()
-        start = len(self._tokens)
-        for p, row_tokens, row_logps in zip(parent_list, toks, logps, strict=True):
-            depth = 1 if p < 0 else self._depths[p] + 1
-            if depth > self.config.depth:
-                raise InputError(f"expanding candidate {p} would exceed the tree depth {self.config.depth}")
-            base = 0.0 if p < 0 else self._scores[p]
-            for t, lp in zip(row_tokens, row_logps, strict=True):
-                if math.isnan(lp) or lp > _LOGPROB_SLACK:
-                    raise InputError(f"child log-probabilities must be <= 0 (log_softmax output), got {lp}")
-                self._tokens.append(int(t))
-                self._parents.append(p)
-                self._depths.append(depth)
-                self._scores.append(base + min(lp, 0.0))
-        new = range(start, len(self._tokens))
-        ranked = sorted(new, key=lambda i: -self._scores[i])
-        return ranked[: self.config.topk]
+        k = child_tokens.shape[1]
+        new_scores = (base[:, None] + logp.clamp(max=0.0)).flatten()
+        start = len(self)
+        self._tokens = torch.cat([self._tokens, child_tokens.to("cpu", torch.long).flatten()])
+        self._parents = torch.cat([self._parents, parents.repeat_interleave(k)])
+        self._depths = torch.cat([self._depths, depth.repeat_interleave(k)])
+        self._scores = torch.cat([self._scores, new_scores])
+        return start + rank_by_score(new_scores)[: self.config.topk]
 
     def build(self, device: torch.device | str | None = None) -> DraftTree:
         """Keep the ``total_nodes`` best candidates and return them as a ``DraftTree``.
@@ -275,20 +314,12 @@ class TreeBuilder:
         score is >= theirs (log-probs are <= 0), so it always ranks ahead of them: every kept node's parent is
         kept and the kept set is a tree. Creation order is then a valid parents-first order.
         """
-        n = len(self._tokens)
-        ranked = sorted(range(n), key=lambda i: -self._scores[i])
-        kept = sorted(ranked[: self.config.total_nodes])
-        new_index = {old: new for new, old in enumerate(kept)}
-        parents: list[int] = []
-        for old in kept:
-            p = self._parents[old]
-            if p >= 0 and p not in new_index:
-                # Unreachable given the score invariant enforced in grow(); guards future edits.
-                raise AssertionError(f"rerank dropped the parent {p} of kept candidate {old}")
-            parents.append(-1 if p < 0 else new_index[p])
-        return DraftTree.from_parents(
-            [self._tokens[i] for i in kept],
-            parents,
-            [self._scores[i] for i in kept],
-            device=device,
-        )
+        kept = rank_by_score(self._scores)[: self.config.total_nodes].sort().values
+        new_index = torch.full((len(self),), -1, dtype=torch.long)
+        new_index[kept] = torch.arange(len(kept))
+        old_parents = self._parents[kept]
+        parents = torch.where(old_parents >= 0, new_index[old_parents.clamp(min=0)], -1)
+        if ((old_parents >= 0) & (parents < 0)).any():
+            # Unreachable given the score invariant enforced in expand(); guards future edits.
+            raise AssertionError("rerank dropped the parent of a kept candidate")
+        return DraftTree.from_parents(self._tokens[kept], parents, self._scores[kept], device=device)
