@@ -49,9 +49,12 @@ static void q4_1_row_##R(const float* x, int K, const uint8_t* q, const float* d
     for (int r = 0; r < R; r++) out[(long)r * N] = hsum(acc[r]);                                       \
 }
 
-/* One Q8_0 weight row against R activation rows. */
+/* One Q8_0 weight row against R activation rows (the Q4_1 signature, `m` unused, so one driver serves both). */
 #define Q8_0_ROW(R)                                                                                    \
-static void q8_0_row_##R(const float* x, int K, const int8_t* q, const float* d, float* out, int N) { \
+static void q8_0_row_##R(const float* x, int K, const uint8_t* bytes, const float* d, const float* m,   \
+                         float* out, int N) {                                                         \
+    const int8_t* q = (const int8_t*)bytes;                                                            \
+    (void)m;                                                                                           \
     __m256 acc[R];                                                                                     \
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                          \
     for (int g = 0; g < (K >> 5); g++) {                                                               \
@@ -69,39 +72,36 @@ static void q8_0_row_##R(const float* x, int K, const int8_t* q, const float* d,
 Q4_1_ROW(1) Q4_1_ROW(2) Q4_1_ROW(3) Q4_1_ROW(4) Q4_1_ROW(5) Q4_1_ROW(6) Q4_1_ROW(7) Q4_1_ROW(8)
 Q8_0_ROW(1) Q8_0_ROW(2) Q8_0_ROW(3) Q8_0_ROW(4) Q8_0_ROW(5) Q8_0_ROW(6) Q8_0_ROW(7) Q8_0_ROW(8)
 
-typedef void (*q4_1_fn)(const float*, int, const uint8_t*, const float*, const float*, float*, int);
-typedef void (*q8_0_fn)(const float*, int, const int8_t*, const float*, float*, int);
-static const q4_1_fn Q4_1[MAX_ROWS + 1] = {0, q4_1_row_1, q4_1_row_2, q4_1_row_3, q4_1_row_4,
-                                           q4_1_row_5, q4_1_row_6, q4_1_row_7, q4_1_row_8};
-static const q8_0_fn Q8_0[MAX_ROWS + 1] = {0, q8_0_row_1, q8_0_row_2, q8_0_row_3, q8_0_row_4,
-                                           q8_0_row_5, q8_0_row_6, q8_0_row_7, q8_0_row_8};
+typedef void (*row_fn)(const float*, int, const uint8_t*, const float*, const float*, float*, int);
+static const row_fn Q4_1[MAX_ROWS + 1] = {0, q4_1_row_1, q4_1_row_2, q4_1_row_3, q4_1_row_4,
+                                          q4_1_row_5, q4_1_row_6, q4_1_row_7, q4_1_row_8};
+static const row_fn Q8_0[MAX_ROWS + 1] = {0, q8_0_row_1, q8_0_row_2, q8_0_row_3, q8_0_row_4,
+                                          q8_0_row_5, q8_0_row_6, q8_0_row_7, q8_0_row_8};
 
-/* x: M x K row-major; q: N x K/2 bytes; d, m: N x K/32; out: M x N. K must be a multiple of 32. */
-void q4_1_matmul(const float* x, int M, int K, const uint8_t* q, const float* d, const float* m, int N,
-                 float* out) {
+/* Weight rows split over the threads; each against the M activation rows in near-equal chunks of at most
+ * MAX_ROWS. `row_bytes` is one weight row's size in `q`; `m` may be NULL (Q8_0). */
+static void blocked_matmul(const row_fn* kernel, long row_bytes, const float* x, int M, int K, const uint8_t* q,
+                           const float* d, const float* m, int N, float* out) {
     const int groups = K >> 5, chunks = (M + MAX_ROWS - 1) / MAX_ROWS;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         int row = 0;
         for (int c = 0; c < chunks; c++) {
             int R = (M - row) / (chunks - c);
-            Q4_1[R](x + (long)row * K, K, q + (long)n * groups * 16, d + (long)n * groups,
-                    m + (long)n * groups, out + (long)row * N + n, N);
+            kernel[R](x + (long)row * K, K, q + n * row_bytes, d + (long)n * groups, m ? m + (long)n * groups : 0,
+                      out + (long)row * N + n, N);
             row += R;
         }
     }
 }
 
+/* x: M x K row-major; q: N x K/2 bytes; d, m: N x K/32; out: M x N. K must be a multiple of 32. */
+void q4_1_matmul(const float* x, int M, int K, const uint8_t* q, const float* d, const float* m, int N,
+                 float* out) {
+    blocked_matmul(Q4_1, K / 2, x, M, K, q, d, m, N, out);
+}
+
 /* x: M x K; q: N x K int8; d: N x K/32; out: M x N. */
 void q8_0_matmul(const float* x, int M, int K, const int8_t* q, const float* d, int N, float* out) {
-    const int groups = K >> 5, chunks = (M + MAX_ROWS - 1) / MAX_ROWS;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        int row = 0;
-        for (int c = 0; c < chunks; c++) {
-            int R = (M - row) / (chunks - c);
-            Q8_0[R](x + (long)row * K, K, q + (long)n * K, d + (long)n * groups, out + (long)row * N + n, N);
-            row += R;
-        }
-    }
+    blocked_matmul(Q8_0, K, x, M, K, (const uint8_t*)q, d, 0, N, out);
 }
