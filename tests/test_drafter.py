@@ -104,9 +104,11 @@ def _assert_same_tree(got: DraftTree, want: DraftTree) -> None:
     assert torch.equal(got.ancestor_mask, want.ancestor_mask) and torch.equal(got.retrieve, want.retrieve)
 
 
-def _rounds(method: str, seed: int, cfg: TreeConfig, max_nodes: int | None,
+def _rounds(method: str, seed: int, cfg: TreeConfig, max_nodes: int | None = None, depth: int | None = None,
             tweak: Callable[[Eagle3Head], None] | None = None) -> list[tuple[DraftTree, DraftTree]]:
     """Two draft rounds (the second after a catch-up of 3 rows): (drafter's tree, reference tree) each."""
+    ref_cfg = TreeConfig(min(max_nodes or cfg.total_nodes, cfg.total_nodes), min(depth or cfg.depth, cfg.depth),
+                         cfg.topk)
     head = _tiny_head(method, seed)
     if tweak is not None:
         tweak(head)
@@ -117,8 +119,8 @@ def _rounds(method: str, seed: int, cfg: TreeConfig, max_nodes: int | None,
         f = torch.randn(HIDDEN, generator=gen, dtype=torch.float64) if method == "confu" else None
         features = torch.randn(rows, 3 * HIDDEN, generator=gen, dtype=torch.float64)
         root_out = drafter.catch_up(features, torch.randint(0, VOCAB, (rows,), generator=gen), f)
-        ref_cfg = cfg if max_nodes is None else TreeConfig(min(max_nodes, cfg.total_nodes), cfg.depth, cfg.topk)
-        pairs.append((drafter.draft_tree(root_out, max_nodes=max_nodes), _reference_tree(drafter, root_out, ref_cfg)))
+        got = drafter.draft_tree(root_out, max_nodes=max_nodes, depth=depth)
+        pairs.append((got, _reference_tree(drafter, root_out, ref_cfg)))
     return pairs
 
 
@@ -136,7 +138,7 @@ SHAPES = [  # (total_nodes, depth, topk)
 @pytest.mark.parametrize("method", ["eagle3", "confu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}-{d}-{k}" for n, d, k in SHAPES])
 def test_drafter_matches_naive_growth(method: str, shape: tuple[int, int, int]) -> None:
-    for got, want in _rounds(method, seed=sum(shape), cfg=TreeConfig(*shape), max_nodes=None):
+    for got, want in _rounds(method, seed=sum(shape), cfg=TreeConfig(*shape)):
         _assert_same_tree(got, want)
 
 
@@ -147,12 +149,18 @@ def test_max_nodes_below_total_nodes(max_nodes: int) -> None:
         assert len(got) == max_nodes
 
 
+@pytest.mark.parametrize("depth", [1, 3, 9])
+def test_depth_below_configured(depth: int) -> None:
+    for got, want in _rounds("confu", seed=4, cfg=TreeConfig(30, 6, 5), depth=depth):
+        _assert_same_tree(got, want)
+        assert got.max_depth <= depth
+
+
 @pytest.mark.parametrize("scale", [2.0, 200.0])
 @pytest.mark.parametrize("method", ["eagle3", "confu"])
 def test_ties_keep_creation_order(method: str, scale: float) -> None:
     """Rounded logits: equal siblings at scale 2; at scale 200 top children of log-prob 0 tie their parents."""
-    for got, want in _rounds(method, seed=5, cfg=TreeConfig(30, 5, 6), max_nodes=None,
-                             tweak=lambda head: _round_logits(head, scale)):
+    for got, want in _rounds(method, seed=5, cfg=TreeConfig(30, 5, 6), tweak=lambda head: _round_logits(head, scale)):
         _assert_same_tree(got, want)
         if scale > 100:  # a top child of probability one scores exactly what its parent scores
             child = got.parents >= 0

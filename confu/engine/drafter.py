@@ -100,11 +100,11 @@ class Drafter:
         sees[:, :start] = True
         parent_out = root_out[0]  # (n, H) outputs of the nodes being expanded, the root first
         frontier: Tensor | None = None
-        for depth in range(1, levels + 1):
+        for level in range(1, levels + 1):
             child_tokens, child_logps = self._top_children(parent_out)
             first_child = len(builder)
             frontier = builder.expand(frontier, child_tokens, child_logps)
-            if depth == levels:
+            if level == levels:
                 break
             # Children are numbered row-major after the existing candidates, so a child's row is its parent's.
             created = frontier - first_child
@@ -113,7 +113,7 @@ class Drafter:
             sees = sees[parent_rows]
             sees[:, end : end + n] = self._own_column[:n, :n]
             hidden = parent_out[parent_rows][None]
-            positions = torch.full((1, n), self.length - 1 + depth, device=self.device)
+            positions = torch.full((1, n), self.length - 1 + level, device=self.device)
             q, k, v = layer.qkv(head.embed(child_tokens.flatten()[created])[None], hidden, positions)
             self.keys[:, :, end : end + n] = k
             self.values[:, :, end : end + n] = v
