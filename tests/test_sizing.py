@@ -20,10 +20,10 @@ def test_cost_curve_interpolates_and_extrapolates():
 
 
 def _round(sizer: AutoSizer, accepted: int, tree: DraftTree, draft_s: float = 0.006):
-    plan = sizer.plan_round()
-    if plan.depth:
-        sizer.observe(sizer.choose_nodes(tree, draft_s), plan.depth, accepted, draft_s)
-    return plan.depth
+    depth = sizer.plan_round()
+    if depth:
+        sizer.observe(sizer.choose_nodes(tree, draft_s), depth, accepted, draft_s)
+    return depth
 
 
 def _chain_tree(depth: int, logp: float) -> DraftTree:

@@ -239,7 +239,7 @@ class Decoder:
                     yield [], None, "context"
                     return
                 tic = time.perf_counter()
-                depth = 0 if proposer is None or room < 2 else sizer.plan_round().depth if sizer else cfg.tree.depth
+                depth = 0 if proposer is None or room < 2 else sizer.plan_round() if sizer else cfg.tree.depth
                 tree = proposer.propose(max_nodes=room - 1, depth=depth) if depth else None
                 if sizer is not None and tree is not None:
                     tree = sizer.choose_nodes(tree, time.perf_counter() - tic)

@@ -130,11 +130,6 @@ def load_verify_costs(target) -> VerifyCosts:
 
 
 @dataclass
-class RoundPlan:
-    depth: int  # 0: do not draft this round
-
-
-@dataclass
 class AutoSizer:
     """Per-sequence sizing state. `extra_rows(n)` is what the verify extension adds to a pass over n nodes."""
 
@@ -166,13 +161,13 @@ class AutoSizer:
         """Share of recent rounds that accepted at least d tokens (gain[d] - gain[d - 1])."""
         return self.gain[d - 1] - (self.gain[d - 2] if d > 1 else 0.0)
 
-    def plan_round(self) -> RoundPlan:
+    def plan_round(self) -> int:
         """Depth to draft this round (0 = no draft): the best expected tokens per second among the depths
         measured so far, one level deeper when the deepest level keeps being accepted or, every
         `explore_every` rounds, to re-check (so a draft that starts hitting later is noticed)."""
         self.rounds += 1
         if self.observed_depth == 0:
-            return RoundPlan(min(self.first_depth, self.max_depth))
+            return min(self.first_depth, self.max_depth)
         nodes = max(1, self.last_nodes)
         best, best_rate = 0, 1.0 / self.costs(self._rows(0))
         for d in range(1, self.observed_depth + 1):
@@ -181,10 +176,10 @@ class AutoSizer:
                 best, best_rate = d, rate
         deeper = min(self.max_depth, max(best, 1) + 1)
         if best == self.observed_depth and best and self.reach(best) >= self.deepen_at:
-            return RoundPlan(deeper)
+            return deeper
         if self.rounds % self.explore_every == 0:
-            return RoundPlan(deeper)
-        return RoundPlan(best)
+            return deeper
+        return best
 
     def choose_nodes(self, tree: DraftTree, draft_s: float) -> DraftTree:
         """Keep the top-n nodes by score (a valid tree: a parent never scores below its child) for the n with
