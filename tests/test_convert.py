@@ -214,7 +214,7 @@ def test_exported_dir_decodes_like_the_original(target, info, tmp_path, layout):
     head = random_head(target)
     src = save_draft(head, tmp_path / "confu")
     convert(src, info, layout, tmp_path / layout)
-    cfg = GenerationConfig(max_new_tokens=12, tree=TreeConfig(total_nodes=8, depth=3, topk=3))
+    cfg = GenerationConfig(max_new_tokens=12, tree=TreeConfig(total_nodes=8, depth=3, topk=3), auto_tree=False)
     prompt = chat_ids(target, "Why is the sky blue?")
     ref = Decoder.for_head(target, load_draft(src, target)).generate(prompt, cfg)
     got = Decoder.for_head(target, load_draft(tmp_path / layout, target)).generate(prompt, cfg)
@@ -348,7 +348,7 @@ def test_shipped_eagle3_draft_exports_and_decodes_identically(embedded_dir, tmp_
     shipped = Path(__file__).parent.parent / "drafts" / "smollm2-135m-eagle3"
     target = load_target(embedded_dir)
     info = TargetInfo.of(target)
-    cfg = GenerationConfig(max_new_tokens=16, tree=TreeConfig(16, 6, 8))
+    cfg = GenerationConfig(max_new_tokens=16, tree=TreeConfig(16, 6, 8), auto_tree=False)
     prompt = chat_ids(target, "Write a haiku about rain on a tin roof.")
     ref = Decoder.for_head(target, load_draft(shipped, target)).generate(prompt, cfg)
     for layout in ("eagle3", "speculators"):

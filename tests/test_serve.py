@@ -107,7 +107,8 @@ def confu_generate(capsys, tiny_llama_dir, draft_dir, prompt: str, raw: bool, ma
 
 
 def reference(decoder: Decoder, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> GenerationResult:
-    return decoder.generate(prompt_ids, GenerationConfig(max_new_tokens=max_tokens, tree=TREE))
+    # the server's fixed trees (auto sizing would make the number of drafting rounds depend on timing)
+    return decoder.generate(prompt_ids, GenerationConfig(max_new_tokens=max_tokens, tree=TREE, auto_tree=False))
 
 
 def text_of(decoder: Decoder, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
