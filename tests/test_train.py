@@ -15,7 +15,15 @@ import torch
 from confu.cli.train import add_parser
 from confu.engine.checkpoint import load_draft, new_draft
 from confu.engine.target import Target
-from confu.training.train import TrainConfig, batch_forward, evaluate, load_sequences, split_indices, train
+from confu.training.train import (
+    TargetSource,
+    TrainConfig,
+    batch_forward,
+    evaluate,
+    load_sequences,
+    split_indices,
+    train,
+)
 from confu.training.ttt import assign_anchor_rows, collate, contemplate_futures, loss_rows, run_target, sample_anchors
 
 N_SEQ, SEQ_LEN, PROMPT_LEN = 40, 48, 6
@@ -57,7 +65,7 @@ def tiny_data(tiny_target: Target, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _cfg(data: Path, model_dir: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), target=str(model_dir), batch_size=4, max_len=64, lr=3e-3,
+    base = dict(data=str(data), out=str(out), target=str(model_dir), batch_tokens=256, max_len=64, lr=3e-3,
                 warmup_steps=2, draft_vocab_size=256, eval_fraction=0.2, eval_every=0, save_every=0,
                 ttt_steps=4, progress=False, seed=0)
     base.update(kw)
@@ -104,8 +112,8 @@ def test_eagle3_learns(eagle3_run: Path, tiny_data: Path, tiny_target: Target) -
     untrained = new_draft(tiny_target, "eagle3", trained.d2t, trained.t2d, seed=0)
     eval_cfg = _cfg(tiny_data, Path("unused"), Path("unused"))
     seqs = _train_split(tiny_data)
-    after = evaluate(tiny_target, trained, seqs, eval_cfg)
-    before = evaluate(tiny_target, untrained, seqs, eval_cfg)
+    after = evaluate(TargetSource(tiny_target, seqs), trained, range(len(seqs)), eval_cfg)
+    before = evaluate(TargetSource(tiny_target, seqs), untrained, range(len(seqs)), eval_cfg)
     assert after["tau"] > before["tau"] + 0.15, (before, after)
     assert after["acc"][0] > 0.1 > before["acc"][0]
     assert after["loss"] < before["loss"]
@@ -167,8 +175,8 @@ def test_resume_refuses_other_settings(tiny_data: Path, tiny_llama_dir: Path, tm
 
     train(_cfg(tiny_data, tiny_llama_dir, tmp_path, steps=4, stop_after=2))
     assert (tmp_path / "checkpoint" / "trainer_state.pt").is_file()
-    with pytest.raises(InputError, match="batch_size"):
-        train(_cfg(tiny_data, tiny_llama_dir, tmp_path, steps=4, batch_size=8, resume=True))
+    with pytest.raises(InputError, match="batch_tokens"):
+        train(_cfg(tiny_data, tiny_llama_dir, tmp_path, steps=4, batch_tokens=512, resume=True))
 
 
 def test_anchor_assignment() -> None:
@@ -261,7 +269,7 @@ def test_confu_gradients_and_learning(eagle3_run: Path, tiny_data: Path, tiny_ll
     eagle = load_draft(eagle3_run, tiny_target)
     assert torch.equal(head.lm_head.weight, eagle.lm_head.weight) and torch.equal(head.d2t, eagle.d2t)
     seqs = [(json.loads(line)["input_ids"], json.loads(line)["loss_mask"]) for line in tiny_data.open()][:3]
-    res = batch_forward(tiny_target, head, seqs, ["a", "b", "c"], cfg, evaluation=False)
+    res = batch_forward(TargetSource(tiny_target, seqs), head, [0, 1, 2], ["a", "b", "c"], cfg, evaluation=False)
     res.ce_sum.sum().backward()
     assert head.soft_prompt.grad is not None and head.soft_prompt.grad.abs().sum() > 0
     for name in ("experts", "router.weight"):
@@ -271,20 +279,20 @@ def test_confu_gradients_and_learning(eagle3_run: Path, tiny_data: Path, tiny_ll
     # A short ConFu run from the EAGLE-3 head lowers its loss (on the sequences it trains on, every loss row
     # an anchor: the deterministic evaluation setting).
     seqs = _train_split(tiny_data, cfg.eval_fraction)
-    before = evaluate(tiny_target, build_head(cfg, tiny_target, [])[0], seqs, cfg)
+    before = evaluate(TargetSource(tiny_target, seqs), build_head(cfg, tiny_target, [])[0], range(len(seqs)), cfg)
     train(cfg)
     assert len([r for r in _log(tmp_path) if "loss" in r]) == cfg.steps
     trained = load_draft(tmp_path, tiny_target)
     assert trained.is_confu and trained.cfg.n_expert == 8
     assert not torch.equal(trained.soft_prompt, head.soft_prompt)
-    after = evaluate(tiny_target, trained, seqs, cfg)
+    after = evaluate(TargetSource(tiny_target, seqs), trained, range(len(seqs)), cfg)
     # Most of the loss is the random target's own entropy, so the decrease is small but steady.
     assert after["loss"] < before["loss"] and after["tau"] > before["tau"], (before, after)
 
 
 def test_ddp_matches_single_process(tiny_data: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
     args = ["train", "--target", str(tiny_llama_dir), "--data", str(tiny_data), "--method", "confu",
-            "--steps", "3", "--batch-size", "4", "--max-len", "64", "--lr", "1e-3", "--warmup-steps", "1",
+            "--steps", "3", "--batch-tokens", "256", "--max-len", "64", "--lr", "1e-3", "--warmup-steps", "1",
             "--draft-vocab-size", "256", "--eval-fraction", "0.2", "--eval-every", "3", "--save-every", "0",
             "--ttt-steps", "3", "--anchors", "4", "--replicate", "2", "--n-expert", "4", "--no-progress",
             "--save-fp16"]

@@ -20,9 +20,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=args.data, out=args.out, target=args.target, method=args.method, init=args.init,
         steps=args.steps,
-        epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
+        epochs=args.epochs, batch_tokens=args.batch_tokens, max_len=args.max_len, lr=args.lr,
         aux_lr_mult=args.aux_lr_mult, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,
+        grad_clip=args.grad_clip, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, ttt_warmup=args.ttt_warmup,
+        head_init=args.head_init, freeze_lm_head=args.freeze_lm_head, feature_cache=not args.no_feature_cache,
+        seed=args.seed,
         draft_vocab_size=args.draft_vocab_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
         save_every=args.save_every, resume=args.resume, save_fp16=args.save_fp16, anchors=args.anchors,
         replicate=0 if args.no_replicate else args.replicate, soft_prompt_len=args.soft_prompt_len,
@@ -40,9 +42,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from confu.training.train import TrainConfig, evaluate_draft
 
-    cfg = TrainConfig(data=args.data, out="", target=args.target, batch_size=args.batch_size, max_len=args.max_len,
-                      ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,
-                      eval_fraction=args.eval_fraction, device=args.device, zero_future=args.zero_future)
+    cfg = TrainConfig(data=args.data, out="", target=args.target, batch_tokens=args.batch_tokens,
+                      max_len=args.max_len, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,
+                      eval_fraction=args.eval_fraction, device=args.device, zero_future=args.zero_future,
+                      feature_cache=not args.no_feature_cache)
     metrics = evaluate_draft(args.draft, cfg)
     print(json.dumps({"draft": args.draft, "zero_future": args.zero_future} | metrics))
 
@@ -52,13 +55,17 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="smollm2-135m",
                    help="embedded name (smollm2-135m), a local HF model directory, or a .gguf file")
     p.add_argument("--data", required=True, help="prepared dataset (confu data prepare)")
-    p.add_argument("--batch-size", type=int, default=4, help="global batch (split across torchrun processes)")
+    p.add_argument("--batch-tokens", type=int, default=4096,
+                   help="padded tokens per global batch of similar-length sequences (split across torchrun "
+                        "processes); must be >= --max-len")
     p.add_argument("--max-len", type=int, default=1024, help="truncate sequences to this many tokens")
     p.add_argument("--ttt-steps", type=int, default=7, help="train-time-test steps")
     p.add_argument("--ttt-decay", type=float, default=0.8, help="loss weight of step k is decay**k")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of the data")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="EAGLE-3: run the target on every batch instead of once per data set")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -77,6 +84,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default 3%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=0.5)
+    p.add_argument("--ttt-warmup", type=float, default=0.0,
+                   help="share of the steps over which the TTT depth grows from 1 to --ttt-steps (cheaper early steps)")
+    p.add_argument("--head-init", choices=["target", "random"], default="target",
+                   help="a fresh head's lm_head and final norm: the target's (draft-vocabulary rows) or random")
+    p.add_argument("--freeze-lm-head", action="store_true", help="keep lm_head at its initial value")
     p.add_argument("--draft-vocab-size", type=int, default=8192,
                    help="draft vocabulary built from the data (ignored with --init)")
     p.add_argument("--eval-every", type=int, default=100,

@@ -1,7 +1,9 @@
 """EAGLE-3 and ConFu training: `confu train` and `train(TrainConfig)`.
 
-EAGLE-3: the frozen target runs once per batch (features, logits), then the draft head runs the train-time
-test (`confu.training.ttt`). ConFu is trained from an EAGLE-3 head (`--init`): the shared weights are copied, the soft
+EAGLE-3: the frozen target runs once per data set (`confu.training.features`: features, soft labels and
+argmax kept on disk), then every batch of every epoch reads them back for the draft head's train-time test
+(`confu.training.ttt`). Batches are sequences of similar length up to a budget of padded tokens, so little
+compute goes to padding. ConFu is trained from an EAGLE-3 head (`--init`): the shared weights are copied, the soft
 prompt and the two MoEs start fresh; per sequence `--anchors` contemplate rows run through the frozen target
 with gradients, and each anchor's future prediction f serves the anchor row and the next `--replicate` rows.
 
@@ -37,8 +39,10 @@ LOG_NAME = "train_log.jsonl"
 AUX_PREFIXES = ("soft_prompt", "con_moe.", "future_moe.")  # ConFu's new parts (may take a larger lr)
 # Settings a resumed run must share with the run that wrote the checkpoint: they fix the data order, the
 # split and the schedule, without which "resume" would silently be a different run.
-RESUME_KEYS = ("method", "data", "batch_size", "max_len", "seed", "eval_fraction", "total_steps",
-               "ttt_steps", "anchors", "replicate")
+RESUME_KEYS = ("method", "data", "batch_tokens", "max_len", "seed", "eval_fraction", "total_steps",
+               "ttt_steps", "ttt_warmup", "anchors", "replicate")
+HEAD_INITS = ("target", "random")
+LENGTH_BUCKET = 32  # sequences whose lengths agree to this many tokens are interchangeable within an epoch
 
 
 @dataclass
@@ -50,7 +54,7 @@ class TrainConfig:
     init: str | None = None  # draft directory to start from (ConFu: a trained EAGLE-3 head)
     steps: int | None = None  # optimizer steps; None = `epochs` passes over the training split
     epochs: float = 1.0
-    batch_size: int = 4  # global: split across data-parallel ranks
+    batch_tokens: int = 4096  # padded tokens per global batch (split across data-parallel ranks)
     max_len: int = 1024
     lr: float = 1e-4
     aux_lr_mult: float = 10.0  # lr multiplier of the soft prompt and the MoEs (they start from scratch)
@@ -59,6 +63,10 @@ class TrainConfig:
     grad_clip: float = 0.5
     ttt_steps: int = 7
     ttt_decay: float = 0.8  # loss weight of step k is ttt_decay ** k
+    ttt_warmup: float = 0.0  # share of the steps over which the TTT depth grows from 1 to ttt_steps
+    head_init: str = "target"  # lm_head and final norm from the target's (draft vocabulary rows), or random
+    freeze_lm_head: bool = False  # keep lm_head at its initial value (EAGLE-1/2 froze the target's)
+    feature_cache: bool = True  # EAGLE-3: run the target once per data set (see confu.training.features)
     seed: int = 0
     draft_vocab_size: int = 8192
     eval_fraction: float = 0.05
@@ -83,7 +91,7 @@ class TrainConfig:
         if self.method not in ("eagle3", "confu"):
             raise InputError(f"--method must be eagle3 or confu, got {self.method!r}")
         checks = {
-            "--batch-size": self.batch_size >= 1,
+            "--batch-tokens": self.batch_tokens >= self.max_len,
             "--max-len": self.max_len >= 3,
             "--lr": self.lr > 0,
             "--ttt-steps": self.ttt_steps >= 1,
@@ -94,10 +102,19 @@ class TrainConfig:
             "--steps": self.steps is None or self.steps >= 1,
             "--epochs": self.epochs > 0,
             "--grad-clip": self.grad_clip > 0,
+            "--ttt-warmup": 0 <= self.ttt_warmup < 1,
+            "--head-init": self.head_init in HEAD_INITS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise InputError(f"invalid value for {', '.join(bad)}")
+            raise InputError(f"invalid value for {', '.join(bad)} (--batch-tokens must be >= --max-len)")
+
+    def ttt_depth(self, step: int, total: int) -> int:
+        """TTT depth of optimizer step `step`: the curriculum grows it linearly from 1 during `ttt_warmup`."""
+        ramp = self.ttt_warmup * total
+        if step >= ramp:
+            return self.ttt_steps
+        return min(self.ttt_steps, 1 + int(step / ramp * self.ttt_steps))
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -175,59 +192,127 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-class BatchOrder:
-    """Global batch of each step: a seeded permutation per epoch, incomplete last batches dropped."""
+class LengthBatches:
+    """The global batches of each epoch: sequences of similar length, at most `batch_tokens` padded tokens each.
 
-    def __init__(self, n_train: int, batch_size: int, seed: int):
-        if n_train < batch_size:
-            raise InputError(f"the training split has {n_train} samples, fewer than --batch-size "
-                             f"{batch_size}")
-        self.n, self.batch_size, self.seed = n_train, batch_size, seed
-        self.per_epoch = n_train // batch_size
-        self._perm: tuple[int, list[int]] | None = None
+    Per epoch, a seeded shuffle followed by a stable sort on length // LENGTH_BUCKET varies which sequences
+    share a batch while keeping their lengths close; the batches are then cut greedily and shuffled. Every
+    batch holds at least `min_size` sequences (one per data-parallel rank). A pure function of (seed, epoch),
+    so resumed and data-parallel runs see the same batches as one uninterrupted process.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_tokens: int, seed: int, min_size: int = 1):
+        if len(lengths) < min_size:
+            raise InputError(f"the training split has {len(lengths)} samples, fewer than the {min_size} "
+                             "processes")
+        self.lengths, self.batch_tokens, self.seed, self.min_size = list(lengths), batch_tokens, seed, min_size
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def epoch(self, epoch: int, shuffle: bool = True) -> list[list[int]]:
+        """The batches of `epoch`; without `shuffle`, the deterministic length-sorted cut (evaluation)."""
+        if shuffle and epoch in self._epochs:
+            return self._epochs[epoch]
+        order = list(range(len(self.lengths)))
+        rng = random.Random(f"order:{self.seed}:{epoch}")
+        if shuffle:
+            rng.shuffle(order)
+        order.sort(key=lambda i: self.lengths[i] // LENGTH_BUCKET)
+        batches: list[list[int]] = [[]]
+        width = 0
+        for i in order:
+            width = max(width, self.lengths[i])
+            if len(batches[-1]) >= self.min_size and width * (len(batches[-1]) + 1) > self.batch_tokens:
+                batches.append([])
+                width = self.lengths[i]
+            batches[-1].append(i)
+        if len(batches) > 1 and len(batches[-1]) < self.min_size:
+            batches[-2].extend(batches.pop())
+        if shuffle:
+            rng.shuffle(batches)
+            self._epochs[epoch] = batches
+        return batches
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.epoch(0))
 
     def batch(self, step: int) -> list[int]:
-        epoch, index = divmod(step, self.per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            perm = list(range(self.n))
-            random.Random(f"order:{self.seed}:{epoch}").shuffle(perm)
-            self._perm = (epoch, perm)
-        return self._perm[1][index * self.batch_size : (index + 1) * self.batch_size]
+        epoch = 0
+        while step >= len(self.epoch(epoch)):
+            step -= len(self.epoch(epoch))
+            epoch += 1
+        return self.epoch(epoch)[step]
 
 
 # ------------------------------------------------------------------------------------------- forward pass
 
 
-def batch_forward(target, head, seqs: Sequence[Seq], keys: Sequence[str], cfg: TrainConfig, evaluation: bool):
-    """Target pass + (ConFu: anchors and contemplate pass) + train-time test for one local batch.
+@dataclass
+class TargetSource:
+    """Where a batch's target outputs come from: the stored pass (`store`, EAGLE-3) or a live forward.
 
-    keys: one string per sequence that seeds its anchors (training), so anchors depend on the sample and
-    the step only, never on which rank runs it. Evaluation uses every row with loss as an anchor and no
-    replication: the setting of inference with a contemplate slot on every node.
+    ConFu always runs the target live: its contemplate pass needs each sequence's KV cache, which is far
+    larger than the stored features, and it backpropagates through the target into the soft prompt.
+    """
+
+    target: Any
+    seqs: Sequence[Seq]  # the whole data set; batches name dataset indices
+    store: Any = None  # FeatureStore
+    labels: Any = None  # DraftLabels of the head's vocabulary
+
+    def batch(self, head, indices: Sequence[int]):
+        from confu.training.ttt import collate, run_target, stored_target_batch
+
+        device = head.fc.weight.device
+        if self.store is not None and not head.is_confu:
+            return stored_target_batch(self.store, self.labels, head, self.seqs, indices, device)
+        input_ids, lengths, loss_mask = collate([self.seqs[i] for i in indices], device)
+        return run_target(self.target.model, head.cfg.feature_layers, head, input_ids, lengths, loss_mask,
+                          keep_kv=head.is_confu)
+
+
+def open_source(target, head, seqs: Sequence[Seq], cfg: TrainConfig, d: _Dist) -> TargetSource:
+    """The source `cfg` asks for: with `feature_cache`, an EAGLE-3 head reads the stored target pass."""
+    if not cfg.feature_cache or head.is_confu:
+        return TargetSource(target, seqs)
+    from confu.training.features import DraftLabels, feature_store, store_key
+
+    layers = head.cfg.feature_layers
+    key = store_key(cfg.data, cfg.max_len, target, layers)
+    store = feature_store(target, seqs, layers, key, d.rank, d.world, progress=cfg.progress and d.main)
+    draft_ids = torch.arange(len(head.d2t)) + head.d2t.cpu()
+    return TargetSource(target, seqs, store, DraftLabels(target, draft_ids))
+
+
+def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequence[str], cfg: TrainConfig,
+                  evaluation: bool, depth: int | None = None):
+    """Target outputs + (ConFu: anchors and contemplate pass) + train-time test for one local batch.
+
+    indices: dataset indices of the batch's sequences. keys: one string per sequence that seeds its anchors
+    (training), so anchors depend on the sample and the step only, never on which rank runs it. Evaluation
+    uses every row with loss as an anchor and no replication: the setting of inference with a contemplate
+    slot on every node. depth: TTT steps to run (the curriculum's; default all).
     """
     from confu.training.ttt import (
         assign_anchor_rows,
-        collate,
         contemplate_futures,
         eagle3_rows,
         loss_rows,
         plan_anchors,
-        run_target,
         sample_anchors,
         step_validity,
         ttt_forward,
     )
 
-    device = head.fc.weight.device
-    input_ids, lengths, loss_mask = collate(seqs, device)
-    tb = run_target(target.model, head.cfg.feature_layers, head, input_ids, lengths, loss_mask,
-                    keep_kv=head.is_confu)
-    valid = step_validity(tb, cfg.ttt_steps)
+    depth = depth or cfg.ttt_steps
+    tb = source.batch(head, indices)
+    valid = step_validity(tb, depth)
     if not head.is_confu:
         rows, row_ok = eagle3_rows(valid)
-        return ttt_forward(head, tb, valid, rows, row_ok, cfg.ttt_steps)
+        return ttt_forward(head, tb, valid, rows, row_ok, depth)
     per_seq = []
-    for (ids, mask), key in zip(seqs, keys, strict=True):
+    for i, key in zip(indices, keys, strict=True):
+        ids, mask = source.seqs[i]
         with_loss = loss_rows(len(ids), mask)
         if evaluation:
             anchors = [i for i, ok in enumerate(with_loss) if ok]
@@ -235,12 +320,13 @@ def batch_forward(target, head, seqs: Sequence[Seq], keys: Sequence[str], cfg: T
         else:
             anchors = sample_anchors(with_loss, cfg.anchors, random.Random(key))
             per_seq.append((anchors, assign_anchor_rows(with_loss, anchors, cfg.replicate)))
+    device = head.fc.weight.device
     plan = plan_anchors(per_seq, device)
-    f = contemplate_futures(target.model, head, tb, plan.anchors)
+    f = contemplate_futures(source.target.model, head, tb, plan.anchors)
     if cfg.zero_future:
         f = torch.zeros_like(f)
-    future = f[torch.arange(len(seqs), device=device)[:, None], plan.row_slot]
-    return ttt_forward(head, tb, valid, plan.rows, plan.row_ok, cfg.ttt_steps, future)
+    future = f[torch.arange(len(indices), device=device)[:, None], plan.row_slot]
+    return ttt_forward(head, tb, valid, plan.rows, plan.row_ok, depth, future)
 
 
 def _autocast(device: torch.device):
@@ -251,8 +337,10 @@ def _autocast(device: torch.device):
 
 
 def _stats_vector(res, ttt_steps: int) -> Tensor:
-    return torch.cat([res.ce_sum.detach().float(), res.count, res.correct,
-                      torch.stack([res.tau_sum, res.tau_rows])]).reshape(3 * ttt_steps + 2)
+    """Per-step sums padded to `ttt_steps` (a curriculum step runs fewer), then tau's two sums."""
+    pad = ttt_steps - len(res.count)
+    per_step = [torch.nn.functional.pad(x, (0, pad)) for x in (res.ce_sum.detach().float(), res.count, res.correct)]
+    return torch.cat([*per_step, torch.stack([res.tau_sum, res.tau_rows])])
 
 
 def _metrics(stats: Tensor, ttt_steps: int, decay: float) -> dict[str, Any]:
@@ -272,19 +360,20 @@ def _local_part(global_ids: list[int], d: _Dist) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(target, head, seqs: Sequence[Seq], cfg: TrainConfig, d: _Dist | None = None) -> dict[str, Any]:
-    """Held-out loss, per-step accuracy and simulated tau (summed over ranks when data-parallel)."""
+def evaluate(source: TargetSource, head, indices: Sequence[int], cfg: TrainConfig,
+             d: _Dist | None = None) -> dict[str, Any]:
+    """Held-out loss, per-step accuracy and simulated tau over dataset `indices` (summed over ranks when
+    data-parallel)."""
     d = d or _Dist(device=head.fc.weight.device)
     stats = torch.zeros(3 * cfg.ttt_steps + 2, device=head.fc.weight.device)
-    local = _local_part(list(range(len(seqs))), d)
-    per_rank = max(1, cfg.batch_size // d.world)
+    lengths = [len(source.seqs[i][0]) for i in indices]
+    batches = LengthBatches(lengths, cfg.batch_tokens, cfg.seed).epoch(0, shuffle=False)
     was_training = head.training
     head.eval()
-    for start in range(0, len(local), per_rank):
-        chunk = local[start : start + per_rank]
+    for batch in _local_part(batches, d):
+        chunk = [indices[j] for j in batch]
         with _autocast(head.fc.weight.device):
-            res = batch_forward(target, head, [seqs[i] for i in chunk], [f"eval:{i}" for i in chunk], cfg,
-                                evaluation=True)
+            res = batch_forward(source, head, chunk, [f"eval:{i}" for i in chunk], cfg, evaluation=True)
         stats += _stats_vector(res, cfg.ttt_steps)
     head.train(was_training)
     return _metrics(d.all_sum(stats), cfg.ttt_steps, cfg.ttt_decay)
@@ -327,8 +416,31 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
                               cfg.draft_vocab_size, eos_token_id=sorted(target.eos_ids))
     overrides = _confu_overrides(cfg) if cfg.method == "confu" else {}
     head = new_draft(target, cfg.method, vocab.d2t, vocab.t2d, seed=cfg.seed, **overrides)
-    note = {"draft_vocab_size": vocab.draft_vocab_size, "vocab_coverage": round(vocab.coverage, 4)}
+    if cfg.head_init == "target":
+        init_output_from_target(head, target)
+    note = {"draft_vocab_size": vocab.draft_vocab_size, "vocab_coverage": round(vocab.coverage, 4),
+            "head_init": cfg.head_init}
     return head.train(), note
+
+
+@torch.no_grad()
+def init_output_from_target(head, target) -> None:
+    """Start the head's final norm and lm_head as the target's own, for the draft vocabulary's rows.
+
+    The draft's last hidden state then begins in a space the target's output embedding already reads. The
+    norm's effective scale is measured rather than copied, because conventions differ (Gemma's RMSNorm
+    multiplies by 1 + weight): the target's final norm of an all-ones vector (RMS 1) is that scale, up to
+    the factor (1 + eps) ** -0.5, which is divided out.
+    """
+    decoder = target.model.get_decoder()
+    norm = getattr(decoder, "norm", None)
+    if norm is not None:
+        ones = torch.ones(1, target.hidden_size, dtype=target.dtype, device=target.device)
+        scale = norm(ones)[0].float() * math.sqrt(1 + head.norm.eps)
+        head.norm.weight.copy_(scale.to(head.norm.weight))
+    weight = target.model.get_output_embeddings().weight
+    draft_ids = torch.arange(len(head.d2t), device=head.d2t.device) + head.d2t
+    head.lm_head.weight.copy_(weight[draft_ids.to(weight.device)].to(head.lm_head.weight))
 
 
 def make_optimizer(head, cfg: TrainConfig, total_steps: int):
@@ -354,7 +466,7 @@ def make_optimizer(head, cfg: TrainConfig, total_steps: int):
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, run_keys: dict) -> None:
+def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, tokens: int, run_keys: dict) -> None:
     """Draft + trainer state into OUT/checkpoint, swapped in as a whole so a crash never leaves a mix."""
     from confu.engine.checkpoint import save_draft
 
@@ -368,6 +480,7 @@ def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, run
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
         "elapsed_s": elapsed,
+        "tokens": tokens,
         "run": run_keys,
     }
     torch.save(state, tmp / TRAINER_STATE)
@@ -410,11 +523,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     seqs = load_sequences(cfg.data, cfg.max_len)
     train_idx, eval_idx = split_indices(len(seqs), cfg.eval_fraction, cfg.seed)
     train_seqs = [seqs[i] for i in train_idx]
-    eval_seqs = [seqs[i] for i in eval_idx]
-    if cfg.batch_size % d.world:
-        raise InputError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the "
-                         f"{d.world} processes")
-    order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed)
+    order = LengthBatches([len(ids) for ids, _ in train_seqs], cfg.batch_tokens, cfg.seed, min_size=d.world)
     total = cfg.steps or max(1, math.floor(cfg.epochs * order.per_epoch))
     run_keys = {k: (asdict(cfg) | {"total_steps": total})[k] for k in RESUME_KEYS}
 
@@ -443,14 +552,17 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
 
         for t in head.state_dict().values():
             dist.broadcast(t, 0)
+    if cfg.freeze_lm_head:
+        head.lm_head.weight.requires_grad_(False)
+    source = open_source(target, head, seqs, cfg, d)
     opt, sched = make_optimizer(head, cfg, total)
-    step, elapsed = 0, 0.0
+    step, elapsed, tokens = 0, 0.0, 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        step, elapsed = state["step"], state["elapsed_s"]
+        step, elapsed, tokens = state["step"], state["elapsed_s"], state["tokens"]
 
     log_path = out / LOG_NAME
     if d.main:
@@ -468,9 +580,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     params = [p for p in head.parameters() if p.requires_grad]
     weights = [cfg.ttt_decay**k for k in range(cfg.ttt_steps)]
     last_eval: dict[str, Any] | None = None
-    if eval_seqs and cfg.eval_every and step == 0:
-        last_eval = evaluate(target, head, eval_seqs, cfg, d)
-        log({"step": 0, "eval": last_eval})
+    if eval_idx and cfg.eval_every and step == 0:
+        last_eval = evaluate(source, head, eval_idx, cfg, d)
+        log({"step": 0, "tokens": 0, "eval": last_eval})
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.method}", disable=not (d.main and cfg.progress),
@@ -479,14 +591,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     while step < stop:
         tic = time.perf_counter()
         global_ids = order.batch(step)
-        local = _local_part(global_ids, d)
+        local = [train_idx[i] for i in _local_part(global_ids, d)]
+        depth = cfg.ttt_depth(step, total)
         with _autocast(d.device):
-            res = batch_forward(target, head, [train_seqs[i] for i in local],
-                                [f"{cfg.seed}:{step}:{train_idx[i]}" for i in local], cfg, False)
+            res = batch_forward(source, head, local, [f"{cfg.seed}:{step}:{i}" for i in local], cfg, False, depth)
         stats = d.all_sum(_stats_vector(res, cfg.ttt_steps))
         counts = stats[cfg.ttt_steps : 2 * cfg.ttt_steps].clamp(min=1)
         # Normalised by the global counts, so summing the ranks' gradients gives the single-process gradient.
-        loss = sum(w * res.ce_sum[k] / counts[k] for k, w in enumerate(weights))
+        loss = sum(w * res.ce_sum[k] / counts[k] for k, w in enumerate(weights[:depth]))
         loss.backward()
         if d.world > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -498,22 +610,26 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        elapsed += time.perf_counter() - tic
+        seconds = time.perf_counter() - tic
+        elapsed += seconds
+        batch_tokens = sum(len(train_seqs[i][0]) for i in global_ids)
+        tokens += batch_tokens
         metrics = _metrics(stats, cfg.ttt_steps, cfg.ttt_decay)
-        record = {"step": step, "loss": round(metrics["loss"], 5), "acc": metrics["acc"],
-                  "tau": round(metrics["tau"], 4), "lr": sched.get_last_lr()[0],
-                  "grad_norm": round(float(grad_norm), 4), "elapsed_s": round(elapsed, 2)}
+        record = {"step": step, "tokens": tokens, "depth": depth, "loss": round(metrics["loss"], 5),
+                  "acc": metrics["acc"], "tau": round(metrics["tau"], 4), "lr": sched.get_last_lr()[0],
+                  "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(batch_tokens / seconds, 1),
+                  "elapsed_s": round(elapsed, 2)}
         log(record)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc'][0]:.3f}",
                         tau=f"{metrics['tau']:.2f}")
         bar.update(1)
-        if eval_seqs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-            last_eval = evaluate(target, head, eval_seqs, cfg, d)
-            log({"step": step, "eval": last_eval})
+        if eval_idx and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            last_eval = evaluate(source, head, eval_idx, cfg, d)
+            log({"step": step, "tokens": tokens, "eval": last_eval})
             bar.write(f"step {step}: eval loss {last_eval['loss']:.4f} acc {last_eval['acc'][0]:.3f} "
                       f"tau {last_eval['tau']:.3f}")
         if d.main and ((cfg.save_every and step % cfg.save_every == 0) or (step == stop < total)):
-            _save_checkpoint(out, head, opt, sched, step, elapsed, run_keys)
+            _save_checkpoint(out, head, opt, sched, step, elapsed, tokens, run_keys)
         d.barrier()
         if on_step is not None:
             on_step(step, record)
@@ -529,7 +645,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
             "data_tokens": sum(len(ids) for ids, _ in train_seqs),
             "loss_tokens": sum(sum(m) for _, m in train_seqs),
             "steps": total,
-            "batch_size": cfg.batch_size,
+            "batch_tokens": cfg.batch_tokens,
+            "tokens_seen": tokens,
             "world_size": d.world,
             "train_time_s": round(elapsed, 1),
             "final_eval": last_eval,
@@ -564,4 +681,4 @@ def evaluate_draft(draft_dir: str, cfg: TrainConfig) -> dict[str, Any]:
         raise InputError("--zero-future needs a ConFu draft")
     target.model.to(d.device)
     head.to(d.device)
-    return evaluate(target, head, [seqs[i] for i in eval_idx], cfg, d)
+    return evaluate(open_source(target, head, seqs, cfg, d), head, eval_idx, cfg, d)

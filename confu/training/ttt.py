@@ -95,6 +95,29 @@ def run_target(model, feature_layers: Sequence[int], head: Eagle3Head, input_ids
     )
 
 
+def stored_target_batch(store, labels, head: Eagle3Head, seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                        indices: Sequence[int], device: torch.device | str = "cpu") -> TargetBatch:
+    """`run_target`'s batch read back from a `FeatureStore` (dataset indices `indices` of `seqs`).
+
+    labels: a `DraftLabels` for the head's draft vocabulary (soft labels from the stored hidden states).
+    """
+    input_ids, lengths, loss_mask = collate([seqs[i] for i in indices], device)
+    b, n = input_ids.shape
+    h = store.last_hidden.shape[1]
+    features = torch.zeros(b, n, 3 * h)
+    last = torch.zeros(b, n, h)
+    argmax = torch.zeros(b, n, dtype=torch.long)
+    for r, i in enumerate(indices):
+        rows = store.rows(i)
+        m = rows.stop - rows.start
+        features[r, :m] = torch.from_numpy(store.features[rows])
+        last[r, :m] = torch.from_numpy(store.last_hidden[rows])
+        argmax[r, :m] = torch.from_numpy(store.argmax[rows])
+    argmax = argmax.to(device)
+    return TargetBatch(input_ids=input_ids, lengths=lengths, loss_mask=loss_mask, features=features.to(device),
+                       logits=labels(last.to(device)), argmax=argmax, in_vocab=head.t2d[argmax], kv=None)
+
+
 def step_validity(tb: TargetBatch, ttt_steps: int) -> Tensor:
     """(B, N, L) bool: row i has a loss target at step k.
 

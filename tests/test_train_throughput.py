@@ -1,0 +1,166 @@
+"""The training pipeline's throughput parts on the tiny random Llama: the stored target pass equals the live one,
+its build resumes, length-bucketed batches cover every sequence once per epoch within the token budget, a
+fresh head's output layer is the target's own, and the TTT-depth curriculum."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from confu.engine.checkpoint import new_draft
+from confu.engine.target import Target
+from confu.training import features
+from confu.training.features import DraftLabels, FeatureStore, build_feature_store, feature_store, store_key
+from confu.training.train import LengthBatches, TrainConfig, init_output_from_target, train
+from confu.training.ttt import collate, run_target, stored_target_batch
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llama_dir: Path) -> Target:
+    return Target.load(str(tiny_llama_dir))
+
+
+@pytest.fixture(scope="module")
+def seqs() -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(14):
+        n = rng.randint(8, 60)
+        out.append(([rng.randrange(3, 500) for _ in range(n)], [0] * 4 + [1] * (n - 4)))
+    return out
+
+
+@pytest.fixture()
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CONFU_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _head(target: Target):
+    gen = torch.Generator().manual_seed(0)
+    t2d = torch.zeros(target.vocab_size, dtype=torch.bool)
+    t2d[torch.randperm(target.vocab_size, generator=gen)[:200]] = True
+    ids = t2d.nonzero().flatten()
+    return new_draft(target, "eagle3", ids - torch.arange(len(ids)), t2d)
+
+
+def test_stored_batch_is_the_live_target_pass(target, seqs, cache):
+    head = _head(target)
+    store = feature_store(target, seqs, target.feature_layers, "k", progress=False)
+    labels = DraftLabels(target, torch.arange(len(head.d2t)) + head.d2t)
+    batch = [3, 0, 7]
+    stored = stored_target_batch(store, labels, head, seqs, batch)
+    live = run_target(target.model, target.feature_layers, head, *collate([seqs[i] for i in batch]))
+    real = torch.arange(stored.shape[1])[None] < stored.lengths[:, None]  # padding rows are not stored
+    assert torch.equal(stored.input_ids, live.input_ids) and torch.equal(stored.loss_mask, live.loss_mask)
+    torch.testing.assert_close(stored.features[real], live.features[real], atol=2e-3, rtol=1e-3)  # fp16
+    torch.testing.assert_close(stored.logits[real], live.logits[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(stored.argmax[real], live.argmax[real]) and torch.equal(stored.in_vocab[real],
+                                                                               live.in_vocab[real])
+
+
+def test_an_interrupted_build_resumes(target, seqs, cache, monkeypatch):
+    monkeypatch.setattr(features, "CHUNK_TOKENS", 128)  # several chunks
+    root = cache / "features" / "interrupted"
+    calls = []
+    decoder = target.model.get_decoder()
+    original = decoder.forward
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_feature_store(target, seqs, target.feature_layers, root, progress=False)
+    assert json.loads((root / "world1-rank0" / "progress.json").read_text())["chunks_done"] == 2
+    monkeypatch.setattr(decoder, "forward", original)
+    resumed = feature_store(target, seqs, target.feature_layers, "interrupted", progress=False)
+    monkeypatch.setattr(features, "CHUNK_TOKENS", 1 << 20)
+    whole = feature_store(target, seqs, target.feature_layers, "whole", progress=False)
+    assert (root / "complete").is_file()
+    # other chunks, other padding: equal up to the batched GEMM's rounding
+    assert np.allclose(resumed.features, whole.features, atol=2e-3, rtol=1e-3)
+    assert np.allclose(resumed.last_hidden, whole.last_hidden, atol=1e-4, rtol=1e-4)
+    assert (resumed.argmax == whole.argmax).all()
+    reopened = FeatureStore.open(root)
+    assert reopened.rows(len(seqs) - 1).stop == sum(len(ids) for ids, _ in seqs)
+
+
+def test_store_key_follows_the_data_and_the_layers(target, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1]}\n')
+    key = store_key(str(data), 64, target, (1, 2, 3))
+    assert key == store_key(str(data), 64, target, (1, 2, 3))
+    assert key != store_key(str(data), 32, target, (1, 2, 3)) != store_key(str(data), 64, target, (0, 2, 3))
+    data.write_text('{"input_ids": [1, 2, 4], "loss_mask": [0, 1, 1]}\n')
+    assert key != store_key(str(data), 64, target, (1, 2, 3))
+
+
+def test_length_batches_cover_each_sequence_once_within_the_budget():
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 300) for _ in range(500)]
+    order = LengthBatches(lengths, 1024, seed=3, min_size=2)
+    for epoch in range(2):
+        batches = order.epoch(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(500))
+        assert all(len(b) >= 2 for b in batches)
+        padded = [max(lengths[i] for i in b) * len(b) for b in batches]
+        real = sum(lengths)
+        assert all(p <= 1024 for p, b in zip(padded, batches, strict=True) if len(b) > 2)
+        assert sum(padded) < 1.15 * real  # far less padding than random batches
+    assert order.epoch(0) != order.epoch(1)  # another composition each epoch
+    assert LengthBatches(lengths, 1024, seed=3, min_size=2).epoch(1) == order.epoch(1)  # seeded
+    n0 = len(order.epoch(0))
+    assert order.batch(n0) == order.epoch(1)[0] and order.batch(n0 - 1) == order.epoch(0)[-1]
+
+
+def test_fresh_head_reads_hidden_states_like_the_target(target):
+    head = _head(target)
+    init_output_from_target(head, target)
+    x = torch.randn(5, target.hidden_size) * 3
+    final_norm = target.model.get_decoder().norm
+    draft_ids = torch.arange(len(head.d2t)) + head.d2t
+    with torch.no_grad():
+        torch.testing.assert_close(head.logits(x), target.logits(final_norm(x))[:, draft_ids], atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_ttt_curriculum():
+    cfg = TrainConfig(data="d", out="o", ttt_steps=6, ttt_warmup=0.5)
+    depths = [cfg.ttt_depth(s, 100) for s in range(100)]
+    assert depths[0] == 1 and depths[49] == 6 and depths[50:] == [6] * 50
+    assert depths == sorted(depths) and set(depths) == set(range(1, 7))
+    assert TrainConfig(data="d", out="o", ttt_steps=6).ttt_depth(0, 100) == 6
+
+
+def test_training_from_the_store_equals_training_live(tiny_llama_dir, tmp_path, cache):
+    """EAGLE-3 steps on the stored pass follow the live run (up to the fp16 features) and write the store once."""
+    gen = torch.Generator().manual_seed(1)
+    data = tmp_path / "data.jsonl"
+    with data.open("w") as f:
+        for _ in range(24):
+            n = int(torch.randint(20, 50, (1,), generator=gen))
+            ids = torch.randint(3, 500, (n,), generator=gen).tolist()
+            f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * 5 + [1] * (n - 5)}) + "\n")
+    logs = {}
+    for name, stored in (("stored", True), ("live", False)):
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / name), target=str(tiny_llama_dir), batch_tokens=200,
+                          max_len=64, lr=1e-3, draft_vocab_size=256, eval_fraction=0.2, eval_every=3, save_every=0,
+                          ttt_steps=3, ttt_warmup=0.4, steps=6, progress=False, feature_cache=stored)
+        train(cfg)
+        logs[name] = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+    assert [r.get("depth") for r in logs["stored"]] == [r.get("depth") for r in logs["live"]]
+    assert [r.get("depth") for r in logs["stored"] if "depth" in r] == [1, 2, 3, 3, 3, 3]
+    for a, b in zip(logs["stored"], logs["live"], strict=True):
+        assert a["tokens"] == b["tokens"]
+        la, lb = a.get("loss", a.get("eval", {}).get("loss")), b.get("loss", b.get("eval", {}).get("loss"))
+        assert la == pytest.approx(lb, rel=2e-3)
+    assert len(list((cache / "features").iterdir())) == 1
