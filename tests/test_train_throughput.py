@@ -164,3 +164,24 @@ def test_training_from_the_store_equals_training_live(tiny_llama_dir, tmp_path, 
         la, lb = a.get("loss", a.get("eval", {}).get("loss")), b.get("loss", b.get("eval", {}).get("loss"))
         assert la == pytest.approx(lb, rel=2e-3)
     assert len(list((cache / "features").iterdir())) == 1
+
+
+def test_oracle_future_reads_the_target_ahead_and_needs_no_kv(target, seqs, cache):
+    """The plumbing probe: f is the target's final hidden state K rows after each anchor, from the store."""
+    from confu.training.train import TargetSource, batch_forward
+    from confu.training.ttt import oracle_futures
+
+    head = new_draft(target, "confu", draft_vocab_size=256)
+    store = feature_store(target, seqs, target.feature_layers, "oracle", progress=False)
+    source = TargetSource(target, seqs, store, DraftLabels(target, torch.arange(256)))
+    tb = source.batch(head, [1, 2], keep_kv=False)
+    assert tb.kv is None
+    f = oracle_futures(tb, torch.tensor([[0, 3], [5, 6]]), 2)
+    torch.testing.assert_close(f[1, 0], tb.last_hidden[1, 7])
+    last = int(tb.lengths[0]) - 1
+    torch.testing.assert_close(oracle_futures(tb, torch.tensor([[last], [0]]), 2)[0, 0], tb.last_hidden[0, last])
+    cfg = TrainConfig(data="d", out="o", ttt_steps=3, oracle_future=2)
+    real = batch_forward(source, head, [1, 2], ["a", "b"], cfg, evaluation=True)
+    zero = batch_forward(source, head, [1, 2], ["a", "b"], TrainConfig(data="d", out="o", ttt_steps=3,
+                                                                      oracle_future=2, zero_future=True), True)
+    assert not torch.allclose(real.ce_sum, zero.ce_sum)

@@ -24,6 +24,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         aux_lr_mult=args.aux_lr_mult, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, ttt_warmup=args.ttt_warmup,
         head_init=args.head_init, freeze_lm_head=args.freeze_lm_head, feature_cache=not args.no_feature_cache,
+        oracle_future=args.oracle_future,
         seed=args.seed,
         draft_vocab_size=args.draft_vocab_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
         save_every=args.save_every, resume=args.resume, save_fp16=args.save_fp16, anchors=args.anchors,
@@ -45,7 +46,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     cfg = TrainConfig(data=args.data, out="", target=args.target, batch_tokens=args.batch_tokens,
                       max_len=args.max_len, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,
                       eval_fraction=args.eval_fraction, device=args.device, zero_future=args.zero_future,
-                      feature_cache=not args.no_feature_cache)
+                      feature_cache=not args.no_feature_cache, oracle_future=args.oracle_future)
     metrics = evaluate_draft(args.draft, cfg)
     print(json.dumps({"draft": args.draft, "zero_future": args.zero_future} | metrics))
 
@@ -66,6 +67,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="EAGLE-3: run the target on every batch instead of once per data set")
+    p.add_argument("--oracle-future", type=int, default=0, metavar="K",
+                   help="ConFu probe: f = the target's own final hidden state K positions after the anchor, not "
+                        "the contemplate token's (proves the path from f to the loss; 0 = off)")
 
 
 def add_parser(subparsers: Any) -> None:

@@ -40,7 +40,7 @@ AUX_PREFIXES = ("soft_prompt", "con_moe.", "future_moe.")  # ConFu's new parts (
 # Settings a resumed run must share with the run that wrote the checkpoint: they fix the data order, the
 # split and the schedule, without which "resume" would silently be a different run.
 RESUME_KEYS = ("method", "data", "batch_tokens", "max_len", "seed", "eval_fraction", "total_steps",
-               "ttt_steps", "ttt_warmup", "anchors", "replicate")
+               "ttt_steps", "ttt_warmup", "anchors", "replicate", "oracle_future")
 HEAD_INITS = ("target", "random")
 LENGTH_BUCKET = 32  # sequences whose lengths agree to this many tokens are interchangeable within an epoch
 
@@ -81,6 +81,9 @@ class TrainConfig:
     n_expert: int = 8  # 1 = static [con] / [f] embeddings (the paper's -MoE ablation)
     top_k_expert: int = 2
     zero_future: bool = False  # ConFu probe for `confu evaluate`: the draft gets f = 0 (does it use f?)
+    # ConFu plumbing probe: f is the target's own final hidden state this many positions after the anchor
+    # (a future prediction that certainly holds the future), instead of the contemplate token's; 0 = off
+    oracle_future: int = 0
     # run control
     device: str = "auto"
     stop_after: int | None = None  # end this run after this global step (with a checkpoint); resume later
@@ -104,6 +107,7 @@ class TrainConfig:
             "--grad-clip": self.grad_clip > 0,
             "--ttt-warmup": 0 <= self.ttt_warmup < 1,
             "--head-init": self.head_init in HEAD_INITS,
+            "--oracle-future": self.oracle_future >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -260,20 +264,24 @@ class TargetSource:
     store: Any = None  # FeatureStore
     labels: Any = None  # DraftLabels of the head's vocabulary
 
-    def batch(self, head, indices: Sequence[int]):
+    def batch(self, head, indices: Sequence[int], keep_kv: bool):
         from confu.training.ttt import collate, run_target, stored_target_batch
 
         device = head.fc.weight.device
-        if self.store is not None and not head.is_confu:
+        if self.store is not None and not keep_kv:
             return stored_target_batch(self.store, self.labels, head, self.seqs, indices, device)
         input_ids, lengths, loss_mask = collate([self.seqs[i] for i in indices], device)
-        return run_target(self.target.model, head.cfg.feature_layers, head, input_ids, lengths, loss_mask,
-                          keep_kv=head.is_confu)
+        return run_target(self.target.model, head.cfg.feature_layers, head, input_ids, lengths, loss_mask, keep_kv)
+
+
+def _needs_kv(head, cfg: TrainConfig) -> bool:
+    """The contemplate pass needs the sequence's KV cache (it runs unless the oracle replaces f)."""
+    return head.is_confu and not cfg.oracle_future
 
 
 def open_source(target, head, seqs: Sequence[Seq], cfg: TrainConfig, d: _Dist) -> TargetSource:
-    """The source `cfg` asks for: with `feature_cache`, an EAGLE-3 head reads the stored target pass."""
-    if not cfg.feature_cache or head.is_confu:
+    """The source `cfg` asks for: with `feature_cache`, heads that need no KV read the stored target pass."""
+    if not cfg.feature_cache or _needs_kv(head, cfg):
         return TargetSource(target, seqs)
     from confu.training.features import DraftLabels, feature_store, store_key
 
@@ -298,6 +306,7 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
         contemplate_futures,
         eagle3_rows,
         loss_rows,
+        oracle_futures,
         plan_anchors,
         sample_anchors,
         step_validity,
@@ -305,7 +314,7 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
     )
 
     depth = depth or cfg.ttt_steps
-    tb = source.batch(head, indices)
+    tb = source.batch(head, indices, _needs_kv(head, cfg))
     valid = step_validity(tb, depth)
     if not head.is_confu:
         rows, row_ok = eagle3_rows(valid)
@@ -322,7 +331,10 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
             per_seq.append((anchors, assign_anchor_rows(with_loss, anchors, cfg.replicate)))
     device = head.fc.weight.device
     plan = plan_anchors(per_seq, device)
-    f = contemplate_futures(source.target.model, head, tb, plan.anchors)
+    if cfg.oracle_future:
+        f = oracle_futures(tb, plan.anchors, cfg.oracle_future)
+    else:
+        f = contemplate_futures(source.target.model, head, tb, plan.anchors)
     if cfg.zero_future:
         f = torch.zeros_like(f)
     future = f[torch.arange(len(indices), device=device)[:, None], plan.row_slot]
@@ -647,6 +659,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
             "steps": total,
             "batch_tokens": cfg.batch_tokens,
             "tokens_seen": tokens,
+            **({"oracle_future": cfg.oracle_future} if cfg.oracle_future else {}),
             "world_size": d.world,
             "train_time_s": round(elapsed, 1),
             "final_eval": last_eval,
@@ -677,8 +690,8 @@ def evaluate_draft(draft_dir: str, cfg: TrainConfig) -> dict[str, Any]:
         raise InputError(f"--eval-fraction {cfg.eval_fraction} holds out no sequence of {cfg.data}")
     target = Target.load(cfg.target)
     head = load_draft(draft_dir, target).float()
-    if cfg.zero_future and not head.is_confu:
-        raise InputError("--zero-future needs a ConFu draft")
+    if (cfg.zero_future or cfg.oracle_future) and not head.is_confu:
+        raise InputError("--zero-future and --oracle-future need a ConFu draft")
     target.model.to(d.device)
     head.to(d.device)
     return evaluate(open_source(target, head, seqs, cfg, d), head, eval_idx, cfg, d)

@@ -35,6 +35,7 @@ class TargetBatch:
     argmax: Tensor  # (B, N) target id of the target's argmax over its full vocabulary
     in_vocab: Tensor  # (B, N) bool, that argmax is a draft-vocabulary token
     kv: list[tuple[Tensor, Tensor]] | None  # per target layer (keys, values) of the sequence (ConFu only)
+    last_hidden: Tensor  # (B, N, H) the target's final-norm hidden states (the oracle future of ConFu's probe)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,6 +92,7 @@ def run_target(model, feature_layers: Sequence[int], head: Eagle3Head, input_ids
         logits=logits.index_select(-1, draft_ids),
         argmax=argmax,
         in_vocab=head.t2d[argmax],
+        last_hidden=hidden[-1],
         kv=kv,
     )
 
@@ -115,8 +117,9 @@ def stored_target_batch(store, labels, head: Eagle3Head, seqs: Sequence[tuple[Se
         argmax[r, :m] = torch.from_numpy(store.argmax[rows])
     argmax = argmax.to(device)
     return TargetBatch(input_ids=input_ids, lengths=lengths, loss_mask=loss_mask, features=features.to(device),
-                       logits=labels(last.to(device)), argmax=argmax, in_vocab=head.t2d[argmax], kv=None)
+                       last_hidden=last, logits=labels(last), argmax=argmax, in_vocab=head.t2d[argmax], kv=None)
 
+    last = last.to(device)
 
 def step_validity(tb: TargetBatch, ttt_steps: int) -> Tensor:
     """(B, N, L) bool: row i has a loss target at step k.
@@ -242,6 +245,13 @@ def contemplate_futures(model, head: ConFuHead, tb: TargetBatch, anchors: Tensor
 def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
     """x (B, N, ...) at rows (B, M) -> (B, M, ...)."""
     return x[torch.arange(x.shape[0], device=x.device)[:, None], rows]
+
+
+def oracle_futures(tb: TargetBatch, anchors: Tensor, ahead: int) -> Tensor:
+    """A future prediction that certainly holds the future, for probing the path from f to the loss: the
+    target's own final-norm hidden state `ahead` positions after each anchor (clamped to the sequence)."""
+    pos = torch.minimum(anchors + ahead, tb.lengths[:, None] - 1)
+    return _gather_rows(tb.last_hidden, pos)
 
 
 def _gather_heads(x: Tensor, rows: Tensor) -> Tensor:
