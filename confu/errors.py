@@ -23,3 +23,8 @@ class CheckpointError(ConfuError):
 
 class InputError(ConfuError):
     """Bad user input: empty prompt, prompt longer than the context, invalid arguments."""
+
+
+class UnsupportedModelError(ConfuError):
+    """The target's architecture is one confu cannot run: encoder-decoder, no KV cache, attention that cannot
+    take the tree's 4D mask, or layers other than full and sliding-window attention."""

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from confu.errors import ConfuError, TargetNotFoundError
+from confu.errors import ConfuError, TargetNotFoundError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -203,10 +203,13 @@ def load_target_model(
     spec: str, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Resolve ``spec`` and load a frozen, eval-mode model and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_target(spec)
     try:
+        if getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False):
+            # named here: AutoModelForCausalLM would refuse it with a list of every model type it knows
+            raise UnsupportedModelError(f"{path}: encoder-decoder models are not supported (confu needs a decoder-only LM)")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except ConfuError:

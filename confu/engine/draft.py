@@ -233,7 +233,9 @@ class ConFuHead(Eagle3Head):
         """Start the soft prompt and the expert embeddings at the scale of the target's own.
 
         Soft prompt: the target's keys / values of a short neutral text (RoPE is then part of the learned
-        value, which is fine: the entries are free parameters). Experts: near the mean token embedding.
+        value, which is fine: the entries are free parameters). Experts: near the mean token embedding as each
+        side receives tokens: [con] is a target input, so the mean of `target.embed` (Gemma scales it by
+        sqrt(H) in its embedding module); [f] is a draft input, so the mean of the draft's raw embedding.
         """
         s = self.cfg.soft_prompt_len
         seed_ids = target.tokenizer("Think ahead: where is this answer going next?").input_ids or [0]
@@ -241,11 +243,10 @@ class ConFuHead(Eagle3Head):
         cache = target.new_cache()
         target.forward(cache, torch.arange(s), torch.ones(s, s, dtype=torch.bool).tril(), input_ids=ids)
         kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in (layer.view() for layer in cache.kv.layers)])
-        mean_emb = target.model.get_input_embeddings().weight.mean(0)
         with torch.no_grad():
             self.soft_prompt.copy_(kv)
-            self.con_moe.experts.add_(mean_emb)
-            self.future_moe.experts.add_(mean_emb)
+            self.con_moe.experts.add_(target.mean_embedding())
+            self.future_moe.experts.add_(self.embed.weight.mean(0))
 
     def soft_prompt_kv(self, batch: int = 1) -> list[tuple[Tensor, Tensor]]:
         """Per target layer (keys, values) shaped (B, kv_heads, s, head_dim) for `TargetCache`."""

@@ -13,6 +13,7 @@ quantized kernels of `confu.engine.quant` (`numerics="auto"`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from confu.chat import end_of_turn_ids
 from confu.engine.quant import kernel_status, pack_model
-from confu.errors import InputError
+from confu.errors import InputError, UnsupportedModelError
 
 NUMERICS = ("auto", "reference")
 
@@ -37,10 +38,11 @@ def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     return (2, num_layers // 2, num_layers - 3)
 
 
-SPLIT_ATTENTION = "confu_split_sdpa"
+SPLIT_ATTENTION = "confu_split"  # no "sdpa" in the name: transformers would demand `_supports_sdpa` (Gemma-2 has not)
 
 
-def split_sdpa_attention(module, query, key, value, attention_mask, *, contemplate_split=None, **kwargs):
+def split_sdpa_attention(module, query, key, value, attention_mask, *, contemplate_split=None, softcap=None,
+                         **kwargs):
     """SDPA attention in which ordinary rows never share a kernel call with contemplate rows.
 
     `contemplate_split = (prefix, n_ordinary)`: the cache starts with `prefix` soft-prompt entries and the
@@ -51,28 +53,35 @@ def split_sdpa_attention(module, query, key, value, attention_mask, *, contempla
     the keys they may see (committed tokens and ordinary new rows), which is the very call a forward without
     ConFu makes; only contemplate rows attend over the whole cache. Grouped KV heads are handed to SDPA as
     they are (`enable_gqa`) instead of being expanded to every query head in each layer of each pass.
-    Calls without a split (HF `generate`, training) take HF's own SDPA path.
+    Calls without a split (HF `generate`, training) take HF's own SDPA path. Attention logit soft-capping
+    (Gemma-2), which SDPA cannot do, runs the same calls through `_softcapped_attention`.
     """
+    scaling = kwargs.get("scaling")
     if contemplate_split is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if softcap is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return _softcapped_attention(query, key, value, attention_mask, scaling, softcap).transpose(1, 2), None
     prefix, n_ordinary = contemplate_split
     end = key.shape[2] - (query.shape[2] - n_ordinary)  # keys of the soft prompt, committed and ordinary rows
-    ordinary = F.scaled_dot_product_attention(
-        query[:, :, :n_ordinary], key[:, :, prefix:end], value[:, :, prefix:end],
-        attn_mask=attention_mask[:, :, :n_ordinary, prefix:end], scale=kwargs.get("scaling"),
-        enable_gqa=query.shape[1] != key.shape[1],
-    ).transpose(1, 2)
+    ordinary_args = (query[:, :, :n_ordinary], key[:, :, prefix:end], value[:, :, prefix:end],
+                     attention_mask[:, :, :n_ordinary, prefix:end])
+    if softcap is None:
+        ordinary = F.scaled_dot_product_attention(*ordinary_args, scale=scaling,
+                                                  enable_gqa=query.shape[1] != key.shape[1])
+    else:
+        ordinary = _softcapped_attention(*ordinary_args, scaling, softcap)
+    ordinary = ordinary.transpose(1, 2)
     if n_ordinary == query.shape[2]:
         return ordinary.contiguous(), None
     contemplate = _contemplate_attention(
         query[:, :, n_ordinary:], key, value, attention_mask[:, :, n_ordinary:],
-        getattr(module, "num_key_value_groups", 1), kwargs.get("scaling"),
+        getattr(module, "num_key_value_groups", 1), scaling, softcap,
     )
     return torch.cat([ordinary, contemplate], dim=1), None
 
 
 def _contemplate_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, n_rep: int,
-                           scaling: float | None) -> Tensor:
+                           scaling: float | None, softcap: float | None) -> Tensor:
     """Contemplate rows over the whole cache, returned as (batch, rows, heads, head_dim).
 
     The query heads are folded into their KV groups (HF's `pack_gqa`, extended to several rows) so the
@@ -80,8 +89,28 @@ def _contemplate_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tens
     """
     b, h, c, d = query.shape
     packed = query.reshape(b, h // n_rep, n_rep * c, d)  # head kv*n_rep + r, row i -> group kv, row r*c + i
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask.repeat(1, 1, n_rep, 1), scale=scaling)
+    mask = mask.repeat(1, 1, n_rep, 1)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
+    else:
+        out = _softcapped_attention(packed, key, value, mask, scaling, softcap)
     return out.reshape(b, h, c, d).transpose(1, 2)
+
+
+def _softcapped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float | None,
+                          softcap: float) -> Tensor:
+    """Attention with logit soft-capping, `softcap * tanh(scores / softcap)` before the mask (as Gemma-2's eager
+    attention), over grouped KV heads; (batch, heads, rows, head_dim). A missing mask is HF's causal one, aligned
+    to the last key."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    scores = query @ key.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    q, k = scores.shape[-2:]
+    if mask is None:
+        mask = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(k - q)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores.float(), dim=-1).to(value.dtype) @ value
 
 
 AttentionInterface.register(SPLIT_ATTENTION, split_sdpa_attention)
@@ -217,6 +246,69 @@ def mask_with_cache(cache: TargetCache, new_mask: Tensor, contemplate_rows: int)
     return mask
 
 
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """The kinds of attention a target's layers run (full, sliding-window) and the masks a forward gives them.
+
+    Sliding-window layers keep their whole cache here (`PositionalLayer` never evicts); their mask hides the
+    keys `window` or more positions behind each query, computed from positions (tree rows sit at committed
+    length + depth), not from row indices. That is exact, and rollback never needs evicted entries.
+    """
+
+    windows: dict[str, int | None]  # layer type -> its sliding window (None: full attention)
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> AttentionLayout:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+        windows: dict[str, int | None] = {}
+        for layer_type, kwargs in zip(layer_types, layer_kwargs, strict=True):
+            if layer_type not in ATTENTION_TYPES:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: layers of type {layer_type!r} are not supported "
+                    "(confu needs the KV cache of full or sliding-window attention layers)")
+            window = kwargs.get("sliding_window")
+            if windows.setdefault(layer_type, window) != window:
+                raise UnsupportedModelError(f"{type(model).__name__}: sliding windows of several sizes")
+        return cls(windows)
+
+    def masks(self, mask: Tensor, query_pos: Tensor, key_pos: Tensor, prefix: int = 0) -> Tensor | dict[str, Tensor]:
+        """The `attention_mask` a forward hands the model.
+
+        mask (..., q, k) bool: what full-attention layers see. query_pos (..., q), key_pos (..., k): positions.
+        The first `prefix` keys (a soft prompt: learned entries with no position) are never outside a window.
+        A model with one layer type takes its mask; hybrid models take a dict keyed by layer type.
+        """
+        per_type = {kind: mask if window is None else mask & _in_window(query_pos, key_pos, window, prefix)
+                    for kind, window in self.windows.items()}
+        return next(iter(per_type.values())) if len(per_type) == 1 else per_type
+
+
+def _in_window(query_pos: Tensor, key_pos: Tensor, window: int, prefix: int) -> Tensor:
+    """(..., q, k) bool: key within `window` positions of its query (transformers' `q - k < window`)."""
+    inside = (query_pos[..., :, None] - key_pos[..., None, :]) < window
+    inside[..., :prefix] = True
+    return inside
+
+
+def check_supported(model: PreTrainedModel) -> AttentionLayout:
+    """Refuse, by name, the architectures the wrapper cannot run (before a forward would fail obscurely);
+    returns the attention layout of those it can."""
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name}: encoder-decoder models are not supported (confu needs a decoder-only LM)")
+    layout = AttentionLayout.of(model)
+    params = inspect.signature(model.get_decoder().forward).parameters
+    if not {"past_key_values", "cache"} & params.keys():  # transformers renames past_key_values to cache
+        raise UnsupportedModelError(f"{name}: the model has no KV cache (its forward takes no past_key_values)")
+    missing = [p for p in ("position_ids", "attention_mask", "inputs_embeds") if p not in params]
+    if missing:
+        raise UnsupportedModelError(f"{name}: its forward takes no {', '.join(missing)}")
+    return layout
+
+
 class RowLogits:
     """The logits of a pass's rows, each computed when first read.
 
@@ -271,8 +363,14 @@ class Target:
     ):
         if numerics not in NUMERICS:
             raise InputError(f"numerics must be one of {NUMERICS} (got {numerics!r})")
+        self.layout = check_supported(model)
         self.model = model.eval().requires_grad_(False)
+        probe = _probe_reference(model)  # transformers' own attention, before the switch
         self.model.set_attn_implementation(SPLIT_ATTENTION)
+        if model.config._attn_implementation != SPLIT_ATTENTION:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: its attention does not go through transformers' AttentionInterface, "
+                "so it cannot take the tree's custom 4D mask")
         self.tokenizer = tokenizer
         self.name = name
         cfg = model.config
@@ -286,6 +384,7 @@ class Target:
         check_feature_layers(self.feature_layers, self.num_layers)
         # EOS ids: the generation config's, the tokenizer's, and the chat template's turn end.
         self.eos_ids: set[int] = set(end_of_turn_ids(tokenizer, getattr(model, "generation_config", None)))
+        self._check_probe(probe)
         self._swaps = pack_model(self.model) if numerics == "auto" and self.device.type == "cpu" else []
         self.numerics = self._describe_numerics(numerics)
 
@@ -327,13 +426,48 @@ class Target:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    def _check_probe(self, reference: Tensor) -> None:
+        """Refuse a model whose logits through this wrapper (cache, tree mask, split attention, lazy head) are
+        not transformers' own: an attention or output feature the wrapper does not implement."""
+        dev = self.device
+        ids = torch.tensor(PROBE_IDS, device=dev)
+        with torch.no_grad():
+            cache = self.new_cache()
+            causal = torch.ones(2, 2, dtype=torch.bool, device=dev).tril()
+            prefill = self.forward(cache, torch.arange(2, device=dev), causal, input_ids=ids[:2])
+            cache.commit(None)
+            tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool, device=dev)
+            nodes = self.forward(cache, torch.tensor([2, 3, 3], device=dev), tree, input_ids=ids[2:])
+            ours = torch.cat([prefill.logits.all(), nodes.logits.all()]).float()
+        want = torch.cat([reference[0], reference[1, 3:]])
+        diff = float((ours - want).abs().max())
+        tolerance = (1e-3 if self.dtype == torch.float32 else 5e-2) * max(1.0, float(want.abs().max()))
+        if not diff <= tolerance:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: confu's forward does not reproduce transformers' own (logits differ "
+                f"by {diff:.3g} on a 5-token probe): an attention or output feature of this architecture is not supported")
+
     def embed(self, ids: Tensor) -> Tensor:
+        """Token embeddings as the decoder receives them (scaled, where the embedding module scales: Gemma)."""
         return self.model.get_input_embeddings()(ids)
 
+    def mean_embedding(self, chunk: int = 8192) -> Tensor:
+        """The mean over the vocabulary of `embed`: where a learned input embedding (ConFu's [con]) starts."""
+        ids = torch.arange(self.vocab_size, device=self.device)
+        with torch.no_grad():
+            return sum(self.embed(part).sum(0) for part in ids.split(chunk)) / self.vocab_size
+
     def logits(self, hidden: Tensor) -> Tensor:
-        """Next-token logits of final-norm hidden states (n, H) -> (n, V), with the model's soft-capping."""
+        """Next-token logits of final-norm hidden states (n, H) -> (n, V), post-processed as the model's own
+        forward does: Cohere's `logit_scale`, Granite's `logits_scaling`, Gemma's final soft-capping."""
         logits = self.model.get_output_embeddings()(hidden)
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        cfg = self.model.config
+        scale = getattr(self.model, "logit_scale", None)
+        if scale is not None:
+            logits = logits * scale
+        if getattr(cfg, "logits_scaling", None):
+            logits = logits / cfg.logits_scaling
+        cap = getattr(cfg, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -362,11 +496,13 @@ class Target:
         if cache.pending:
             raise RuntimeError("the previous forward was not committed")
         n = len(positions)
+        committed = torch.arange(cache.committed, device=positions.device) - cache.prefix  # soft prompt: < 0, unused
         out = self.model.get_decoder()(
             input_ids=None if input_ids is None else input_ids[None],
             inputs_embeds=None if inputs_embeds is None else inputs_embeds[None],
             position_ids=positions[None],
-            attention_mask=mask_with_cache(cache, new_mask, contemplate_rows)[None, None],
+            attention_mask=self.layout.masks(mask_with_cache(cache, new_mask, contemplate_rows)[None, None],
+                                             positions, torch.cat([committed, positions]), cache.prefix),
             past_key_values=cache.kv,
             use_cache=True,
             output_hidden_states=True,
@@ -377,6 +513,16 @@ class Target:
         last = out.last_hidden_state[0]
         # contemplate rows have no next token: only `f`, their hidden state, is read
         return TargetOutput(logits=RowLogits(self, last[: n - contemplate_rows]), features=features, last_hidden=last)
+
+
+PROBE_IDS = (1, 2, 3, 4, 5)  # the load-time probe: prefill 1 2, then root 3 with sibling nodes 4 and 5
+
+
+def _probe_reference(model: PreTrainedModel) -> Tensor:
+    """Transformers' own logits of the probe: rows of 1 2 3 4, then the last row of 1 2 3 5."""
+    ids = torch.tensor([PROBE_IDS[:4], PROBE_IDS[:3] + PROBE_IDS[4:]], device=model.device)
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
 
 
 def check_feature_layers(layers: tuple[int, ...], num_layers: int) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from confu.engine.draft import ConFuHead, Eagle3Head
+from confu.engine.target import AttentionLayout
 
 
 @dataclass
@@ -71,11 +72,13 @@ def run_target(model, feature_layers: Sequence[int], head: Eagle3Head, input_ids
     """One plain causal forward of the frozen target over the batch.
 
     No attention mask is needed: with right padding no real token can see a pad, and pad rows get no loss.
-    For ConFu the sequence's KV entries are kept for the contemplate pass. Running this pass without the
-    soft prompt is exact: ordinary rows never attend the soft prompt, so neither their outputs nor their KV
-    entries depend on it (the property that makes ConFu lossless).
+    For ConFu the sequence's KV entries are kept for the contemplate pass, every layer's in full (a cache
+    built without the config: a sliding-window layer of transformers' own cache would evict all but its
+    window). Running this pass without the soft prompt is exact: ordinary rows never attend the soft prompt,
+    so neither their outputs nor their KV entries depend on it (the property that makes ConFu lossless).
     """
-    out = model(input_ids=input_ids, use_cache=keep_kv, output_hidden_states=True)
+    out = model(input_ids=input_ids, past_key_values=DynamicCache() if keep_kv else None, use_cache=keep_kv,
+                output_hidden_states=True)
     hidden = out.hidden_states
     features = torch.cat([hidden[i] for i in feature_layers], dim=-1)
     logits = out.logits
@@ -205,8 +208,9 @@ def plan_anchors(per_seq: Sequence[tuple[list[int], list[int]]],
 def contemplate_futures(model, head: ConFuHead, tb: TargetBatch, anchors: Tensor) -> Tensor:
     """f_a for each anchor: the final-norm hidden state of a [con] token placed after x_a.
 
-    The [con] row sits at position a+1 and sees the soft prompt, x_0..x_a and itself; its embedding is routed
-    on F_{a-1} (zeros for a = 0), as in the decoder's prefill and verify passes. Only these K rows per
+    The [con] row sits at position a+1 and sees the soft prompt, x_0..x_a and itself (in sliding-window layers
+    the soft prompt and the x_j with a+1 - j < window); its embedding is routed on F_{a-1} (zeros for a = 0),
+    as in the decoder's prefill and verify passes. Only these K rows per
     sequence run, against a cache of [soft prompt | the sequence's KV from `run_target`]: the soft-prompt
     entries are the parameter itself (through `soft_prompt_kv`), so gradients reach it and the [con] MoE
     through the frozen target.
@@ -217,7 +221,7 @@ def contemplate_futures(model, head: ConFuHead, tb: TargetBatch, anchors: Tensor
     s = head.cfg.soft_prompt_len
     dtype = tb.kv[0][0].dtype
     soft = [(sk.to(dtype), sv.to(dtype)) for sk, sv in head.soft_prompt_kv(b)]
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # full layers: the sliding-window ones hold the whole sequence too (`run_target`)
     for layer_idx, ((sk, sv), (keys, values)) in enumerate(zip(soft, tb.kv, strict=True)):
         # concatenation keeps the soft prompt's autograd link (the decoder's cache writes in place)
         cache.update(torch.cat([sk, keys], dim=-2), torch.cat([sv, values], dim=-2), layer_idx)
@@ -230,10 +234,11 @@ def contemplate_futures(model, head: ConFuHead, tb: TargetBatch, anchors: Tensor
     real = cols[None, None] < tb.lengths[:, None, None]
     mask[:, :, s : s + n] = (cols[None, None] <= anchors[..., None]) & real
     mask[:, :, s + n :] = torch.eye(k, dtype=torch.bool, device=anchors.device)
+    key_pos = torch.cat([torch.zeros(b, s, dtype=torch.long, device=anchors.device), cols.expand(b, n), anchors + 1], 1)
     out = model(
         inputs_embeds=con.to(dtype),
         position_ids=anchors + 1,
-        attention_mask=mask[:, None],
+        attention_mask=AttentionLayout.of(model).masks(mask[:, None], anchors[:, None] + 1, key_pos[:, None], s),
         past_key_values=cache,
         use_cache=True,
         output_hidden_states=True,
