@@ -327,10 +327,12 @@ def _follow_up(rng: random.Random, category: str, first: str) -> str:
 
 
 def offline_prompts(n: int, seed: int = 0, use_man_pages: bool = True) -> list[dict[str, Any]]:
-    """``n`` prompt records ``{"id", "category", "turns"}``, balanced across :data:`CATEGORIES`.
+    """Up to ``n`` prompt records ``{"id", "category", "turns"}`` with distinct first turns, balanced across
+    :data:`CATEGORIES` while their slot spaces last.
 
     Deterministic for a seed on a given machine (the passage pool depends on the Python version and the
-    installed man pages). Duplicate first turns are avoided while the slot space allows it.
+    installed man pages). A category whose builder keeps repeating itself is skipped for that record and the
+    others fill in: a repeated prompt would only be answered twice, identically under greedy decoding.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -340,15 +342,15 @@ def offline_prompts(n: int, seed: int = 0, use_man_pages: bool = True) -> list[d
     rng.shuffle(order)  # which categories get the extra record when n is not a multiple of 11
     seen: set[str] = set()
     records: list[dict[str, Any]] = []
-    for i in range(n):
-        category = order[i % len(order)]
-        turns = _BUILDERS[category](rng, ctx)
-        for _ in range(20):  # the slot space is large; a handful of retries removes nearly all repeats
-            if turns[0] not in seen:
-                break
-            turns = _BUILDERS[category](rng, ctx)
+    for attempt in range(10 * n):
+        if len(records) == n:
+            break
+        category = order[attempt % len(order)]
+        turns = next((t for t in (_BUILDERS[category](rng, ctx) for _ in range(20)) if t[0] not in seen), None)
+        if turns is None:
+            continue
         seen.add(turns[0])
         if rng.random() < FOLLOW_UP_RATE:
             turns = [turns[0], _follow_up(rng, category, turns[0])]
-        records.append({"id": f"offline-{seed}-{i:06d}", "category": category, "turns": turns})
+        records.append({"id": f"offline-{seed}-{len(records):06d}", "category": category, "turns": turns})
     return records
