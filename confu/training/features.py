@@ -15,7 +15,7 @@ What is stored per token:
 - the argmax of the target's full-vocabulary logits (int32).
 
 Files live under `$CONFU_CACHE/features/<key>`, where the key hashes the data file, the truncation length,
-the target's identity and numerics and the feature layers, so a changed input is never read stale. The
+the target's identity and the feature layers, so a changed input is never read stale. The
 build is resumable: sequences are written in chunks and `progress.json` records the chunks done. ConFu's
 contemplate pass needs the target's KV of each sequence (far larger than the features), so ConFu training
 still runs the target itself.
@@ -49,7 +49,7 @@ def store_key(data_path: str, max_len: int, target, feature_layers: Sequence[int
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     cfg = target.model.config.to_json_string(use_diff=False)
-    digest.update(json.dumps([max_len, target.name, target.numerics, list(feature_layers), cfg]).encode())
+    digest.update(json.dumps([max_len, target.name, list(feature_layers), cfg]).encode())
     return digest.hexdigest()[:20]
 
 
@@ -140,8 +140,10 @@ def build_feature_store(target, seqs: Sequence[tuple[list[int], list[int]]], fea
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         for r, i in enumerate(chunk):
             ids[r, : lengths[i]] = torch.tensor(seqs[i][0])
-        # Right padding needs no mask: no real token sees a pad under causal attention.
-        out = decoder(input_ids=ids.to(target.device), use_cache=False, output_hidden_states=True)
+        # Right padding needs no mask: no real token sees a pad under causal attention. transformers' own
+        # linear layers: the quantized kernels are built for the few rows of a decoding step, not thousands.
+        with target.reference_numerics():
+            out = decoder(input_ids=ids.to(target.device), use_cache=False, output_hidden_states=True)
         features = torch.cat([out.hidden_states[j] for j in feature_layers], dim=-1)
         if features.abs().max() > FP16_MAX:
             raise CheckpointError("target features exceed the fp16 range; this target needs an fp32 store")

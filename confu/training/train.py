@@ -271,7 +271,10 @@ class TargetSource:
         if self.store is not None and not keep_kv:
             return stored_target_batch(self.store, self.labels, head, self.seqs, indices, device)
         input_ids, lengths, loss_mask = collate([self.seqs[i] for i in indices], device)
-        return run_target(self.target.model, head.cfg.feature_layers, head, input_ids, lengths, loss_mask, keep_kv)
+        # transformers' own linear layers: the quantized kernels are built for a decoding step's few rows
+        with self.target.reference_numerics():
+            return run_target(self.target.model, head.cfg.feature_layers, head, input_ids, lengths, loss_mask,
+                              keep_kv)
 
 
 def _needs_kv(head, cfg: TrainConfig) -> bool:
