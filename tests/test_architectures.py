@@ -112,7 +112,7 @@ VARIANTS = [("eagle3", None, False), ("confu", None, False), ("confu", 2, False)
             ("confu", None, True), ("confu", 2, True)]
 
 
-def test_greedy_decoding_equals_plain_decoding(family_dir: Path) -> None:
+def test_greedy_decoding_equals_plain_decoding(family_dir: Path, record_property) -> None:
     target = load_target(family_dir)
     heads = {method: new_draft(target, method, draft_vocab_size=256) for method in ("eagle3", "confu")}
     report, accepted = GreedyReport(), 0
@@ -129,6 +129,8 @@ def test_greedy_decoding_equals_plain_decoding(family_dir: Path) -> None:
             res = decoder.generate(ids, cfg)
             accepted += sum(s.accepted for s in res.steps) if oracle else 0
             compare_greedy(target, ids, res.tokens, plain, i, report)
+    record_property("greedy_near_ties", len(report.near_ties))
+    print(f"{family_dir.name}: {report.exact} exact, near-tie divergences {report.near_ties}")
     assert not report.failures, "\n".join(report.failures)
     assert accepted > N_NEW, "the oracle trees should have been accepted often"
 
