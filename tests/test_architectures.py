@@ -303,3 +303,28 @@ def test_cli_refuses_an_encoder_decoder_in_one_line(tiny_tokenizer_dir: Path, tm
     assert main(["generate", "--target", str(target_dir), "--prompt", "hello", "--draft", "none"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "encoder-decoder models are not supported" in err, err
+
+
+def test_cli_decodes_a_hybrid_window_target_like_draft_none(tiny_tokenizer_dir: Path, tmp_path: Path, capsys) -> None:
+    """The issue's report, end to end: `confu generate --draft DIR` on a Gemma-3 target with a prompt longer than
+    its window gives what `--draft none` gives (it used to fail on the first verify round)."""
+    from confu.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(TINY_SEED)
+    family = FAMILIES["gemma3"]
+    target_dir = _save_tiny(family.model(_config(family, tokenizer)).eval(), tokenizer, tmp_path / "gemma3")
+    common = ["generate", "--target", str(target_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--json"]
+    runs = {"none": []}
+    for method in ("eagle3", "confu"):
+        assert main(["init-draft", "--target", str(target_dir), "--method", method, "--out", str(tmp_path / method),
+                     "--draft-vocab-size", "256"]) == 0
+        runs[method] = ["--draft", str(tmp_path / method), "--tree-nodes", "8"]
+    runs["confu budget"] = [*runs["confu"], "--contemplate", "2"]
+    capsys.readouterr()
+    texts = {}
+    for name, extra in runs.items():
+        assert main([*common, *extra]) == 0
+        record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        texts[name] = (record["text"], record["new_tokens"])
+    assert texts["none"][1] == 24 and all(t == texts["none"] for t in texts.values()), texts
