@@ -1,14 +1,16 @@
 """The frozen target model: forwards against a preallocated KV cache with explicit positions and a 4D mask.
 
 The wrapper never patches the HF model's code. It uses what every HF causal LM accepts: `inputs_embeds`,
-`position_ids`, a boolean 4D `attention_mask` over (cache + new tokens), a `Cache` whose layers are ours
+`position_ids`, a boolean 4D `attention_mask` over (cache + new tokens) (one per layer type where sliding-window
+and full layers mix: `AttentionLayout`), a `Cache` whose layers are ours
 (`PositionalLayer`: buffers written by position, gpt-fast style, so a round costs no concatenation and a
 commit moves only the accepted entries), `output_hidden_states` (for the EAGLE-3 features and the
 contemplate state `f`). It runs the decoder without its lm_head and applies the head lazily, row by row
 (`RowLogits`): verification reads only the rows on the accepted path. It switches the model's attention
 implementation to a registered function (below) that keeps ordinary rows and contemplate rows in separate
 attention calls, and, on the CPU, swaps linear layers whose weights are exactly GGUF blocks for the
-quantized kernels of `confu.engine.quant` (`numerics="auto"`).
+quantized kernels of `confu.engine.quant` (`numerics="auto"`). Architectures it cannot run are refused by
+name (`check_supported`, and a load-time probe against transformers' own logits).
 """
 
 from __future__ import annotations
