@@ -141,15 +141,19 @@ def test_ttt_curriculum():
     assert TrainConfig(data="d", out="o", ttt_steps=6).ttt_depth(0, 100) == 6
 
 
-def test_training_from_the_store_equals_training_live(tiny_llama_dir, tmp_path, cache):
-    """EAGLE-3 steps on the stored pass follow the live run (up to the fp16 features) and write the store once."""
+def _random_data(path: Path) -> Path:
     gen = torch.Generator().manual_seed(1)
-    data = tmp_path / "data.jsonl"
-    with data.open("w") as f:
+    with path.open("w") as f:
         for _ in range(24):
             n = int(torch.randint(20, 50, (1,), generator=gen))
             ids = torch.randint(3, 500, (n,), generator=gen).tolist()
             f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * 5 + [1] * (n - 5)}) + "\n")
+    return path
+
+
+def test_training_from_the_store_equals_training_live(tiny_llama_dir, tmp_path, cache):
+    """EAGLE-3 steps on the stored pass follow the live run (up to the fp16 features) and write the store once."""
+    data = _random_data(tmp_path / "data.jsonl")
     logs = {}
     for name, stored in (("stored", True), ("live", False)):
         cfg = TrainConfig(data=str(data), out=str(tmp_path / name), target=str(tiny_llama_dir), batch_tokens=200,
@@ -185,3 +189,23 @@ def test_oracle_future_reads_the_target_ahead_and_needs_no_kv(target, seqs, cach
     zero = batch_forward(source, head, [1, 2], ["a", "b"], TrainConfig(data="d", out="o", ttt_steps=3,
                                                                       oracle_future=2, zero_future=True), True)
     assert not torch.allclose(real.ce_sum, zero.ce_sum)
+
+
+def test_oracle_confu_trains_from_scratch_on_the_store(tiny_llama_dir, tmp_path, cache, monkeypatch):
+    """The probe's recipe end to end: a fresh ConFu head, every row an anchor, no target forward per batch."""
+    from confu.training import ttt
+
+    data = _random_data(tmp_path / "data.jsonl")
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "oracle"), target=str(tiny_llama_dir), method="confu",
+                      oracle_future=2, anchors=1000, replicate=0, batch_tokens=200, max_len=64, lr=1e-3,
+                      draft_vocab_size=256, eval_fraction=0.2, eval_every=0, save_every=0, ttt_steps=3, steps=3,
+                      progress=False)
+
+    def no_live_pass(*args, **kwargs):
+        raise AssertionError("the oracle probe reads the stored target pass")
+
+    monkeypatch.setattr(ttt, "run_target", no_live_pass)
+    monkeypatch.setattr(ttt, "contemplate_futures", no_live_pass)
+    train(cfg)
+    provenance = json.loads((tmp_path / "oracle" / "config.json").read_text())["extra"]["training"]
+    assert provenance["oracle_future"] == 2 and provenance["final_eval"]["rows"] > 0
