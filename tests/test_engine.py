@@ -47,7 +47,8 @@ def test_greedy_matches_hf_on_tiny_models(tiny_model_dirs, method, record_proper
         ids = chat_ids(target, text)
         ref = hf_greedy(target, ids, 20)
         tree = TREE_SHAPES[i % len(TREE_SHAPES)]
-        ours = Decoder.for_head(target, head).generate(ids, GenerationConfig(max_new_tokens=20, tree=tree, auto_tree=False)).tokens
+        cfg = GenerationConfig(max_new_tokens=20, tree=tree, auto_tree=False)
+        ours = Decoder.for_head(target, head).generate(ids, cfg).tokens
         compare_greedy(target, ids, ours, ref, i, report)
     _assert_report(report, record_property, min_exact=len(PROMPTS) - 2)
 
@@ -82,7 +83,8 @@ def test_greedy_matches_hf_on_embedded_target(embedded_dir, record_property):
         plain = Decoder(target).generate(ids, GenerationConfig(max_new_tokens=12)).tokens
         compare_greedy(target, ids, plain, ref, i, report)
         tree = TREE_SHAPES[i % len(TREE_SHAPES)]
-        spec = Decoder.for_head(target, eagle).generate(ids, GenerationConfig(max_new_tokens=12, tree=tree, auto_tree=False)).tokens
+        cfg = GenerationConfig(max_new_tokens=12, tree=tree, auto_tree=False)
+        spec = Decoder.for_head(target, eagle).generate(ids, cfg).tokens
         compare_greedy(target, ids, spec, ref, i, report)
     _assert_report(report, record_property, min_exact=36)
 
@@ -114,7 +116,7 @@ def test_stops_at_context_limit(tiny_llama_dir):
     ids = chat_ids(target, PROMPTS[2])
     room = target.max_context - len(ids)
     res = Decoder.for_head(target, head).generate(ids, GenerationConfig(max_new_tokens=10 * room, stop_at_eos=False,
-                                                              tree=TreeConfig(10, 4, 3), auto_tree=False)))
+                                                              tree=TreeConfig(10, 4, 3), auto_tree=False))
     assert res.stop_reason == "context"
     assert len(ids) + len(res.tokens) == target.max_context + 1  # the last token is emitted, never forwarded
 

@@ -356,4 +356,4 @@ def test_evaluate_cli_reproduces_the_logged_eval_and_probes_f(eagle3_run: Path, 
     real, zero = run("--draft", str(confu_dir)), run("--draft", str(confu_dir), "--zero-future")
     assert zero["zero_future"] and abs(zero["loss"] - real["loss"]) > 1e-4, (real, zero)
     assert main([*common, "--draft", str(eagle3_run), "--zero-future"]) == 2
-    assert "needs a ConFu draft" in capsys.readouterr().err
+    assert "need a ConFu draft" in capsys.readouterr().err

@@ -35,8 +35,8 @@ class TargetBatch:
     logits: Tensor  # (B, N, Vd) target logits of position i over the draft vocabulary (predicts x_{i+1})
     argmax: Tensor  # (B, N) target id of the target's argmax over its full vocabulary
     in_vocab: Tensor  # (B, N) bool, that argmax is a draft-vocabulary token
-    kv: list[tuple[Tensor, Tensor]] | None  # per target layer (keys, values) of the sequence (ConFu only)
     last_hidden: Tensor  # (B, N, H) the target's final-norm hidden states (the oracle future of ConFu's probe)
+    kv: list[tuple[Tensor, Tensor]] | None  # per target layer (keys, values) of the sequence (ConFu only)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -92,10 +92,10 @@ def run_target(model, feature_layers: Sequence[int], head: Eagle3Head, input_ids
         lengths=lengths,
         loss_mask=loss_mask,
         features=features,
+        last_hidden=hidden[-1],
         logits=logits.index_select(-1, draft_ids),
         argmax=argmax,
         in_vocab=head.t2d[argmax],
-        last_hidden=hidden[-1],
         kv=kv,
     )
 
@@ -119,10 +119,10 @@ def stored_target_batch(store, labels, head: Eagle3Head, seqs: Sequence[tuple[Se
         last[r, :m] = torch.from_numpy(store.last_hidden[rows])
         argmax[r, :m] = torch.from_numpy(store.argmax[rows])
     argmax = argmax.to(device)
+    last = last.to(device)
     return TargetBatch(input_ids=input_ids, lengths=lengths, loss_mask=loss_mask, features=features.to(device),
                        last_hidden=last, logits=labels(last), argmax=argmax, in_vocab=head.t2d[argmax], kv=None)
 
-    last = last.to(device)
 
 def step_validity(tb: TargetBatch, ttt_steps: int) -> Tensor:
     """(B, N, L) bool: row i has a loss target at step k.
@@ -247,16 +247,16 @@ def contemplate_futures(model, head: ConFuHead, tb: TargetBatch, anchors: Tensor
     return out.hidden_states[-1]
 
 
-def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """x (B, N, ...) at rows (B, M) -> (B, M, ...)."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], rows]
-
-
 def oracle_futures(tb: TargetBatch, anchors: Tensor, ahead: int) -> Tensor:
     """A future prediction that certainly holds the future, for probing the path from f to the loss: the
     target's own final-norm hidden state `ahead` positions after each anchor (clamped to the sequence)."""
     pos = torch.minimum(anchors + ahead, tb.lengths[:, None] - 1)
     return _gather_rows(tb.last_hidden, pos)
+
+
+def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x (B, N, ...) at rows (B, M) -> (B, M, ...)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], rows]
 
 
 def _gather_heads(x: Tensor, rows: Tensor) -> Tensor:
