@@ -114,6 +114,18 @@ def _training_corpus() -> list[str]:
     return lines
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_stores_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Training runs of the suite store their target passes in a temporary directory, not the user's cache
+    (the embedded target's conversion stays in the cache: converting it again would cost every run ~35 s)."""
+    from confu.training import features
+
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("features")
+        mp.setattr(features, "store_root", lambda: root)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory with a ~512-token byte-level BPE ``PreTrainedTokenizerFast`` and a ChatML template.

@@ -37,7 +37,8 @@ def seqs() -> list[tuple[list[int], list[int]]]:
 
 @pytest.fixture()
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("CONFU_CACHE", str(tmp_path / "cache"))
+    """A fresh store root per test (the parent of `features/`)."""
+    monkeypatch.setattr(features, "store_root", lambda: tmp_path / "cache" / "features")
     return tmp_path / "cache"
 
 

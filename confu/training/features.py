@@ -164,12 +164,16 @@ def build_feature_store(target, seqs: Sequence[tuple[list[int], list[int]]], fea
         print(f"target features: {store.offsets[-1]} tokens in {time.perf_counter() - tic:.0f} s", file=sys.stderr)
 
 
+def store_root() -> Path:
+    from confu.hub import cache_dir
+
+    return cache_dir() / "features"
+
+
 def feature_store(target, seqs: Sequence[tuple[list[int], list[int]]], feature_layers: Sequence[int], key: str,
                   rank: int = 0, world: int = 1, progress: bool = True) -> FeatureStore:
     """The store for `key`, built first where missing or incomplete."""
-    from confu.hub import cache_dir
-
-    root = cache_dir() / "features" / key
+    root = store_root() / key
     build_feature_store(target, seqs, feature_layers, root, rank, world, progress)
     if world > 1:
         import torch.distributed as dist
