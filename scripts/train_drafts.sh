@@ -11,6 +11,11 @@
 #
 # Every stage resumes: rerunning after an interrupt continues where it stopped. Budgets are env variables;
 # the defaults are what produced the shipped drafts (times measured on a 2-core CPU, see BENCHMARKS.md).
+# Since then training batches sequences of similar length under a token budget (BATCH_TOKENS: about the old
+# batch of 4 random sequences, 1,463 tokens on average), reads a stored target pass, and the prompt source skips
+# repeated first turns, so a rerun follows the same recipe and budget with other prompts and batch
+# compositions: not the same bits. --head-init random and no TTT curriculum are the
+# shipped drafts' choices (the target-initialised head and the curriculum are measured in BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFU=${CONFU:-.venv/bin/confu}
@@ -19,7 +24,7 @@ PROMPTS=${PROMPTS:-1600}
 ANSWER=${ANSWER:-600}            # prompts the target answers (the first ANSWER of PROMPTS)
 BASE_STEPS=${BASE_STEPS:-360}    # EAGLE-3 from scratch
 EXTRA_STEPS=${EXTRA_STEPS:-50}  # ConFu and EAGLE-3 continuation, each
-BATCH=${BATCH:-4}
+BATCH_TOKENS=${BATCH_TOKENS:-1536}
 MAX_LEN=${MAX_LEN:-768}
 TTT=${TTT:-6}                     # train-time-test steps = the depth of the trees we decode with
 mkdir -p "$RUN"
@@ -32,7 +37,8 @@ $CONFU data prepare --input "$RUN/regen.jsonl" --out "$RUN/data" --max-len "$MAX
 resume() { [ -d "$1/checkpoint" ] && echo --resume || true; }
 
 $CONFU train --method eagle3 --data "$RUN/data" --out "$RUN/eagle3" --steps "$BASE_STEPS" \
-  --batch-size "$BATCH" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 3e-4 --save-every 50 --eval-every 150 --no-progress \
+  --batch-tokens "$BATCH_TOKENS" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 3e-4 --head-init random --save-every 50 \
+  --eval-every 150 --no-progress \
   $(resume "$RUN/eagle3") > "$RUN/eagle3.log" 2>&1
 
 # From that checkpoint, all with the same step budget, two at a time with one thread each: ConFu and the
@@ -40,7 +46,7 @@ $CONFU train --method eagle3 --data "$RUN/data" --out "$RUN/eagle3" --steps "$BA
 extra() {  # extra NAME METHOD [FLAGS...]
   local name=$1 method=$2; shift 2
   OMP_NUM_THREADS=1 $CONFU train --method "$method" --init "$RUN/eagle3" --data "$RUN/data" --out "$RUN/$name" \
-    --steps "$EXTRA_STEPS" --batch-size "$BATCH" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 1e-4 --save-every 50 \
+    --steps "$EXTRA_STEPS" --batch-tokens "$BATCH_TOKENS" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 1e-4 --save-every 50 \
     --eval-every 100 --save-fp16 --no-progress "$@" $(resume "$RUN/$name") > "$RUN/$name.log" 2>&1
 }
 extra confu confu & a=$!; extra eagle3-cont eagle3 & b=$!; wait $a; wait $b  # wait PID: a failed run stops the script
