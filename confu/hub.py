@@ -207,10 +207,11 @@ def load_target_model(
 
     path = resolve_target(spec)
     try:
-        if getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False):
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "is_encoder_decoder", False):
             # named here: AutoModelForCausalLM would refuse it with a list of every model type it knows
             raise UnsupportedModelError(f"{path}: encoder-decoder models are not supported (confu needs a decoder-only LM)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except ConfuError:
         raise

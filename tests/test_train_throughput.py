@@ -210,3 +210,15 @@ def test_oracle_confu_trains_from_scratch_on_the_store(tiny_llama_dir, tmp_path,
     train(cfg)
     provenance = json.loads((tmp_path / "oracle" / "config.json").read_text())["extra"]["training"]
     assert provenance["oracle_future"] == 2 and provenance["final_eval"]["rows"] > 0
+
+
+def test_draft_labels_are_the_targets_logits_over_the_draft_vocabulary(target, monkeypatch):
+    """Output rows of the draft ids, then the model's own post-processing (scaling, soft-capping)."""
+    monkeypatch.setattr(target.model.config, "logits_scaling", 2.0, raising=False)
+    monkeypatch.setattr(target.model.config, "final_logit_softcapping", 3.0, raising=False)
+    draft_ids = torch.tensor([5, 17, 3, 400])
+    hidden = torch.randn(6, target.hidden_size, generator=torch.Generator().manual_seed(0)) * 4
+    with torch.no_grad():
+        full = target.logits(hidden)
+        assert full.abs().max() < 3.0  # the cap is in effect, so the check below covers it
+        torch.testing.assert_close(DraftLabels(target, draft_ids)(hidden), full[:, draft_ids])

@@ -460,9 +460,12 @@ class Target:
             return sum(self.embed(part).sum(0) for part in ids.split(chunk)) / self.vocab_size
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Next-token logits of final-norm hidden states (n, H) -> (n, V), post-processed as the model's own
-        forward does: Cohere's `logit_scale`, Granite's `logits_scaling`, Gemma's final soft-capping."""
-        logits = self.model.get_output_embeddings()(hidden)
+        """Next-token logits of final-norm hidden states (n, H) -> (n, V), as the model's own forward gives them."""
+        return self.finish_logits(self.model.get_output_embeddings()(hidden))
+
+    def finish_logits(self, logits: Tensor) -> Tensor:
+        """The model's post-processing of its output projection: Cohere's `logit_scale`, Granite's
+        `logits_scaling`, Gemma's final soft-capping. Elementwise, so it applies to any subset of the columns."""
         cfg = self.model.config
         scale = getattr(self.model, "logit_scale", None)
         if scale is not None:

@@ -9,7 +9,7 @@ epoch (it cost about as much as the draft's own train-time test).
 What is stored per token:
 - the features in fp16 (3H values; the draft reads them through `fc`, which is robust to fp16 rounding);
 - the target's final-norm hidden state in fp32 (H values). The soft label over the draft vocabulary is
-  recomputed from it at batch time with the target's own output rows for those ids (and its soft-capping):
+  recomputed from it at batch time with the target's own output rows for those ids (and its post-processing):
   the same numbers as slicing the full logits, at the cost of an (H x Vd) product per row, and 4H bytes per
   token instead of 4 Vd (8x less for SmolLM2 and a 8192-token draft vocabulary);
 - the argmax of the target's full-vocabulary logits (int32).
@@ -185,19 +185,18 @@ def feature_store(target, seqs: Sequence[tuple[list[int], list[int]]], feature_l
 
 
 class DraftLabels:
-    """The target's logits over a draft vocabulary, from stored final-norm hidden states."""
+    """The target's logits over a draft vocabulary, from stored final-norm hidden states: its output rows for
+    those ids, then its own post-processing (`Target.finish_logits`)."""
 
     def __init__(self, target, draft_ids: Tensor):
+        self.target = target
         weight = target.model.get_output_embeddings().weight
         self.weight = weight.detach()[draft_ids.to(weight.device)].float()  # (Vd, H)
         bias = getattr(target.model.get_output_embeddings(), "bias", None)
         self.bias = None if bias is None else bias.detach()[draft_ids.to(bias.device)].float()
-        self.softcap = getattr(target.model.config, "final_logit_softcapping", None)
 
     def __call__(self, last_hidden: Tensor) -> Tensor:
         logits = last_hidden.float() @ self.weight.T.to(last_hidden.device)
         if self.bias is not None:
             logits = logits + self.bias.to(logits.device)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.target.finish_logits(logits)

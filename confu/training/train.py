@@ -94,7 +94,7 @@ class TrainConfig:
         if self.method not in ("eagle3", "confu"):
             raise InputError(f"--method must be eagle3 or confu, got {self.method!r}")
         checks = {
-            "--batch-tokens": self.batch_tokens >= self.max_len,
+            "--batch-tokens (must be >= --max-len)": self.batch_tokens >= self.max_len,
             "--max-len": self.max_len >= 3,
             "--lr": self.lr > 0,
             "--ttt-steps": self.ttt_steps >= 1,
@@ -111,7 +111,7 @@ class TrainConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise InputError(f"invalid value for {', '.join(bad)} (--batch-tokens must be >= --max-len)")
+            raise InputError(f"invalid value for {', '.join(bad)}")
 
     def ttt_depth(self, step: int, total: int) -> int:
         """TTT depth of optimizer step `step`: the curriculum grows it linearly from 1 during `ttt_warmup`."""
