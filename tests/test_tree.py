@@ -55,7 +55,8 @@ def test_frontier_selection_and_rerank() -> None:
     assert b.ancestors(6) == [1]
     assert math.isclose(b.score_of(6), math.log(0.3 * 0.9), rel_tol=1e-6)
     f3 = b.grow(f2, torch.tensor([[30], [31]]), torch.tensor([[0.9], [0.5]]).log())
-    assert f3 == [9, 10]  # .243, .075
+    # .243 and .075: 10 is already outside the best 5 (.5, .3, .27, .243, .2) and so cannot be kept: pruned
+    assert f3 == [9]
     assert b.ancestors(9) == [1, 6] and b.ancestors(10) == [0, 3]
     assert b.num_candidates == 11
 
@@ -123,8 +124,8 @@ def test_depth_one_tree() -> None:
 def test_total_nodes_smaller_than_first_level() -> None:
     b = TreeBuilder(TreeConfig(total_nodes=2, depth=3, topk=5))
     f = b.grow(None, torch.tensor([[1, 2, 3, 4, 5]]), _lp(0.1, 0.4, 0.05, 0.3, 0.15))
-    assert f == [1, 3, 4, 0, 2]
-    b.grow(f[:2], torch.tensor([[6], [7]]), _lp(0.5, 0.5).T)
+    assert f == [1, 3]  # the best 5, less the 3 that two nodes can never hold
+    assert b.grow(f, torch.tensor([[6], [7]]), _lp(0.5, 0.5).T) == []  # .2 and .15 both rank below .4 and .3
     tree = b.build()
     assert tree.tokens.tolist() == [2, 4]
     assert tree.parents.tolist() == [-1, -1]
@@ -238,3 +239,59 @@ def test_sibling_order_uses_the_scores_as_given() -> None:
     scores = [-0.1 - 1e-12, -0.1]
     assert DraftTree.from_parents([1, 2], [-1, -1], scores).children_of(-1) == [1, 0]
     assert DraftTree.from_parents([1, 2], [-1, -1], torch.tensor(scores)).children_of(-1) == [0, 1]
+
+
+def _eagle2_unpruned(cfg: TreeConfig, children) -> list[tuple[tuple[int, ...], float]]:
+    """EAGLE-2 as published, as a reference: expand the top-k new candidates of every level, keep the best
+    `total_nodes` of everything. Candidates are (token path, score); `children(path)` gives (tokens, logps)."""
+    cands: list[tuple[tuple[int, ...], float]] = []
+    frontier = [((), 0.0)]
+    for _ in range(cfg.depth):
+        new = []
+        for path, score in frontier:
+            tokens, logps = children(path)
+            new += [(path + (t,), score + lp) for t, lp in zip(tokens, logps, strict=True)]
+        order = sorted(range(len(new)), key=lambda i: -new[i][1])  # stable: creation order on ties
+        cands += new
+        frontier = [new[i] for i in order[: cfg.topk]]
+    keep = sorted(range(len(cands)), key=lambda i: -cands[i][1])[: cfg.total_nodes]
+    return sorted(cands[i] for i in keep)
+
+
+def test_pruned_frontier_builds_the_unpruned_tree() -> None:
+    """Expanding only the nodes the final tree can still keep changes nothing in it (the proof is in
+    TreeBuilder.expand), while it skips expansions when the budget is small."""
+    skipped = 0
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        cfg = TreeConfig(total_nodes=int(torch.randint(1, 30, (1,), generator=gen)),
+                         depth=int(torch.randint(1, 6, (1,), generator=gen)),
+                         topk=int(torch.randint(1, 6, (1,), generator=gen)))
+
+        def children(path, cfg=cfg):
+            g = torch.Generator().manual_seed(hash(path) % 2**31)  # the same children for the same node
+            logps = torch.log_softmax(torch.randn(50, generator=g) * 3, -1).topk(cfg.topk)
+            return [int(t) for t in logps.indices], [float(v) for v in logps.values.double()]
+
+        b = TreeBuilder(cfg)
+        paths = {}
+        frontier = None
+        for _ in range(cfg.depth):
+            parents = [()] if frontier is None else [paths[int(i)] for i in frontier]
+            if not parents:
+                skipped += 1
+                break
+            kids = [children(p) for p in parents]
+            first = len(b)
+            frontier = b.expand(frontier, torch.tensor([t for t, _ in kids]),
+                                torch.tensor([lp for _, lp in kids], dtype=torch.float64))
+            for r, p in enumerate(parents):
+                for c, t in enumerate(kids[r][0]):
+                    paths[first + r * cfg.topk + c] = p + (t,)
+        tree = b.build()
+        ours = sorted((tuple(int(tree.tokens[j]) for j in path_to(tree, i)), float(tree.scores[i]))
+                      for i in range(len(tree)))
+        ref = _eagle2_unpruned(cfg, children)
+        assert [p for p, _ in ours] == [p for p, _ in ref], cfg
+        assert [s for _, s in ours] == pytest.approx([s for _, s in ref]), cfg
+    assert skipped > 0

@@ -104,7 +104,7 @@ class Drafter:
             child_tokens, child_logps = self._top_children(parent_out)
             first_child = len(builder)
             frontier = builder.expand(frontier, child_tokens, child_logps)
-            if level == levels:
+            if level == levels or not len(frontier):  # the last level, or no node left that can be kept
                 break
             # Children are numbered row-major after the existing candidates, so a child's row is its parent's.
             created = frontier - first_child

@@ -270,7 +270,12 @@ class TreeBuilder:
         holds existing candidate indices (``grow`` checks them). Child ``(r, c)`` becomes candidate
         ``len(self) + r * k + c`` and scores ``score(parents[r]) + child_logprobs[r, c]`` (the root scores
         0). The returned frontier is the ``topk`` best of the candidates added by this call, best first (ties:
-        creation order).
+        creation order), less those that ``build`` can no longer keep.
+
+        Pruning that last part is exact. A candidate outside the ``total_nodes`` best so far has that many
+        candidates ranked ahead of it; they stay ahead whatever is added later (the ranking is by score, then
+        creation order), and its descendants score no more and come later. So neither it nor anything grown
+        from it reaches the final tree, and expanding it would only cost the drafter a forward row.
         """
         if parents is None:
             if len(self):
@@ -305,7 +310,10 @@ class TreeBuilder:
         self._parents = torch.cat([self._parents, parents.repeat_interleave(k)])
         self._depths = torch.cat([self._depths, depth.repeat_interleave(k)])
         self._scores = torch.cat([self._scores, new_scores])
-        return start + rank_by_score(new_scores)[: self.config.topk]
+        frontier = start + rank_by_score(new_scores)[: self.config.topk]
+        kept_now = rank_by_score(self._scores)[: self.config.total_nodes]
+        # The new candidates among the best so far are a prefix of the frontier (both rankings agree on them).
+        return frontier[: int((kept_now >= start).sum())]
 
     def build(self, device: torch.device | str | None = None) -> DraftTree:
         """Keep the ``total_nodes`` best candidates and return them as a ``DraftTree``.
