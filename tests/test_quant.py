@@ -8,7 +8,16 @@ from torch import nn
 
 from confu.engine.checkpoint import new_draft
 from confu.engine.generate import Decoder, GenerationConfig
-from confu.engine.quant import PackedLinear, kernel_status, pack_exact, pack_q4_1, pack_q8_0, packed_matmul
+from confu.engine.quant import (
+    CFLAGS,
+    PackedLinear,
+    kernel_status,
+    load_kernels,
+    pack_exact,
+    pack_q4_1,
+    pack_q8_0,
+    packed_matmul,
+)
 from confu.engine.target import Target
 from confu.engine.tree import TreeConfig
 from tests.helpers import PROMPTS, chat_ids, hf_greedy, load_target, single_thread
@@ -61,16 +70,23 @@ def test_blocks_are_recovered_exactly_and_only_when_exact():
     assert pack_exact(perturbed) is None, "one weight one ulp off the grid must refuse the whole matrix"
 
 
+@pytest.mark.parametrize("build", ["default", "avx2"])
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-def test_kernel_matches_dense_and_is_row_invariant(kind):
+def test_kernel_matches_dense_and_is_row_invariant(kind, build):
+    """Both builds: this CPU's (16 lanes where it has AVX-512) and the 8-lane AVX2 one every x86-64 CPU runs."""
     lib = require_kernels()
+    if build == "avx2":
+        status = load_kernels(CFLAGS)
+        assert status.library is not None and status.lanes == 8, status.reason
+        lib = status.library
     gen = torch.Generator().manual_seed(1)
-    w = torch.randn(70, 160, generator=gen) * 0.05
+    w = torch.randn(71, 160, generator=gen) * 0.05  # odd: a 1-row tile at the end
     w = gguf_q4_1(w) if kind == "q4_1" else gguf_q8_0(w)
     packed = pack_exact(w)
     assert packed.kind == kind
-    x = torch.randn(21, 160, generator=gen)
-    for m in (1, 2, 5, 8, 9, 17, 21):  # one chunk, several chunks, uneven chunks
+    x = torch.randn(27, 160, generator=gen)
+    # one chunk, several chunks, uneven chunks, for chunks of up to 6 (AVX2) and 12 (AVX-512) rows
+    for m in (1, 2, 5, 6, 7, 8, 9, 12, 13, 17, 21, 27):
         out = packed_matmul(x[:m].contiguous(), packed, lib)
         torch.testing.assert_close(out, x[:m] @ w.T, atol=1e-5, rtol=1e-5)
         # A row's value must not depend on which rows share the call (contemplate rows rely on it).

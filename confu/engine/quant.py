@@ -31,25 +31,33 @@ from torch import Tensor, nn
 BLOCK = 32
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+AVX512_FLAGS = ("-mavx512f",)  # 16-lane tiles where the CPU has them (kernels.c: twice the work per instruction)
 
 
 @dataclass(frozen=True)
 class KernelStatus:
     library: ctypes.CDLL | None
     reason: str  # why there is no library, or where it was loaded from
+    lanes: int = 0  # partial sums per dot product (8: AVX2, 16: AVX-512): the kernels' summation order
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_flags() -> set[str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return set()
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return set()
+    line = next((li for li in info.splitlines() if li.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
-def _compile(out: Path) -> str | None:
+def compile_flags(flags: set[str], avx512: bool = True) -> tuple[str, ...]:
+    """The compiler flags for a CPU with these /proc/cpuinfo flags (AVX-512 only where it has it and `avx512`)."""
+    return CFLAGS + (AVX512_FLAGS if avx512 and "avx512f" in flags else ())
+
+
+def _compile(out: Path, cflags: tuple[str, ...]) -> str | None:
     """Build the shared library at `out` (atomically); returns an error message or None."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -57,7 +65,7 @@ def _compile(out: Path) -> str | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *cflags, str(SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
         if proc.returncode != 0:
             return f"{compiler} failed: {proc.stderr.strip()[-500:]}"
         tmp_out.replace(out)
@@ -66,17 +74,25 @@ def _compile(out: Path) -> str | None:
 
 @functools.cache
 def kernel_status() -> KernelStatus:
-    """Compile (once per machine and source version, cached under $CONFU_CACHE/kernels) and load the kernels."""
+    """Compile (once per machine and source version, cached under $CONFU_CACHE/kernels) and load the kernels.
+
+    CONFU_NO_KERNELS=1 turns them off; CONFU_KERNELS_AVX2=1 builds the 8-lane kernels on an AVX-512 CPU."""
     if os.environ.get("CONFU_NO_KERNELS"):
         return KernelStatus(None, "disabled by CONFU_NO_KERNELS")
-    if not _cpu_has_avx2_fma():
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
         return KernelStatus(None, "the CPU lacks AVX2 / FMA (or is not x86-64)")
+    return load_kernels(compile_flags(flags, avx512=not os.environ.get("CONFU_KERNELS_AVX2")))
+
+
+def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
+    """The kernels built with `cflags` (compiled once, then loaded from the cache)."""
     from confu.hub import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"confu-kernels-{key}.so"
     if not path.is_file():
-        error = _compile(path)
+        error = _compile(path, cflags)
         if error:
             return KernelStatus(None, error)
     lib = ctypes.CDLL(str(path))  # after torch: the kernels share torch's OpenMP runtime (libgomp.so.1)
@@ -84,7 +100,8 @@ def kernel_status() -> KernelStatus:
     lib.q4_1_matmul.argtypes = [p, i, i, p, p, p, i, p]
     lib.q8_0_matmul.argtypes = [p, i, i, p, p, i, p]
     lib.q4_1_matmul.restype = lib.q8_0_matmul.restype = None
-    return KernelStatus(lib, str(path))
+    lib.kernel_lanes.restype = i
+    return KernelStatus(lib, str(path), lib.kernel_lanes())
 
 
 @dataclass(frozen=True)

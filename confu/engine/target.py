@@ -402,7 +402,9 @@ class Target:
         if self._swaps:
             kinds = "/".join(sorted({new.packed.kind.upper() for *_, new in self._swaps}))
             total = len(self._swaps) + sum(1 for m in self.model.modules() if type(m) is torch.nn.Linear)
-            return f"{kinds} kernels on {len(self._swaps)} of {total} linear layers (exact GGUF weights, fp32 sums)"
+            lanes = kernel_status().lanes
+            return (f"{kinds} kernels on {len(self._swaps)} of {total} linear layers (exact GGUF weights, fp32 sums "
+                    f"over {lanes} lanes)")
         if numerics == "reference" or self.device.type != "cpu":
             return f"transformers {dtype}"
         status = kernel_status()
