@@ -82,6 +82,9 @@ def test_each_input_format_is_parsed(tmp_path: Path) -> None:
     assert convs[1][1]["content"] == "Two, three and five."  # multi-part content joined
     assert convs[2] == [{"role": "user", "content": "Write a haiku about the sea."},
                         {"role": "user", "content": "Now a limerick."}]
+    gz = tmp_path / "mixed.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert load_conversations(gz) == convs
 
 
 @pytest.mark.parametrize("bad, message", [

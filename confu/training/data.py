@@ -7,6 +7,7 @@ prepare`` (chat template + loss mask over assistant tokens) -> training.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -98,11 +99,12 @@ def _parse_record(obj: Any, where: str) -> Conversation:
 
 
 def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any], Conversation]]:
-    """Yield ``(line_number, raw_record, conversation)`` for every non-blank line of a JSONL file."""
+    """Yield ``(line_number, raw_record, conversation)`` for every non-blank line of a JSONL file (gzipped
+    when its name ends in .gz, as the regenerated conversations in data/ are)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
-    with p.open(encoding="utf-8") as f:
+    with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else p.open(encoding="utf-8")) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
