@@ -222,3 +222,34 @@ def test_draft_labels_are_the_targets_logits_over_the_draft_vocabulary(target, m
         full = target.logits(hidden)
         assert full.abs().max() < 3.0  # the cap is in effect, so the check below covers it
         torch.testing.assert_close(DraftLabels(target, draft_ids)(hidden), full[:, draft_ids])
+
+
+def test_fresh_fc_starts_at_the_asked_output_rms(target, seqs):
+    """--fc-rms: the draft layer's residual stream starts at a set scale, whatever the target's feature scale."""
+    from confu.training.train import TargetSource, _Dist, scale_fc_to_rms
+
+    head = new_draft(target, "eagle3", draft_vocab_size=256)
+    source = TargetSource(target, seqs)
+    before = head.fc.weight.clone()
+    factor = scale_fc_to_rms(head, source, [0, 3, 5], 2.0, _Dist())
+    torch.testing.assert_close(head.fc.weight, before * factor)
+    tb = source.batch(head, [0, 3, 5], keep_kv=False)
+    real = torch.arange(tb.shape[1])[None] < tb.lengths[:, None]
+    with torch.no_grad():
+        rms = head.project_features(tb.features)[real].pow(2).mean().sqrt()
+    assert abs(float(rms) - 2.0) < 1e-3
+
+
+@pytest.mark.parametrize("fc_rms", [0.0, 1.0])
+def test_train_scales_only_fresh_heads_and_records_it(tiny_llama_dir, tmp_path, cache, fc_rms):
+    data = _random_data(tmp_path / "data.jsonl")
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), target=str(tiny_llama_dir), batch_tokens=200,
+                      max_len=64, lr=1e-3, draft_vocab_size=256, eval_fraction=0.2, eval_every=0, save_every=0,
+                      ttt_steps=2, steps=1, progress=False, fc_rms=fc_rms)
+    train(cfg)
+    provenance = json.loads((tmp_path / "run" / "config.json").read_text())["extra"]["training"]
+    assert ("fc_init_factor" in provenance) == (fc_rms > 0)
+    # a continuation (--init) keeps the weights it starts from
+    cont = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "cont"), "init": str(tmp_path / "run"), "steps": 1})
+    train(cont)
+    assert "fc_init_factor" not in json.loads((tmp_path / "cont" / "config.json").read_text())["extra"]["training"]

@@ -42,6 +42,7 @@ AUX_PREFIXES = ("soft_prompt", "con_moe.", "future_moe.")  # ConFu's new parts (
 RESUME_KEYS = ("method", "data", "batch_tokens", "max_len", "seed", "eval_fraction", "total_steps",
                "ttt_steps", "ttt_warmup", "anchors", "replicate", "oracle_future")
 HEAD_INITS = ("target", "random")
+FC_RMS_SEQS = 8  # training sequences on which a fresh head's fc output RMS is measured (--fc-rms)
 LENGTH_BUCKET = 32  # sequences whose lengths agree to this many tokens are interchangeable within an epoch
 
 
@@ -66,6 +67,11 @@ class TrainConfig:
     ttt_warmup: float = 0.0  # share of the steps over which the TTT depth grows from 1 to ttt_steps
     head_init: str = "target"  # lm_head and final norm from the target's (draft vocabulary rows), or random
     freeze_lm_head: bool = False  # keep lm_head at its initial value (EAGLE-1/2 froze the target's)
+    # A fresh head's fc starts scaled so its output (the draft layer's residual stream) has this RMS on the
+    # first training sequences; 0 keeps nn.Linear's init. Why: the target's mid and high features have RMS
+    # ~65 here, so the default fc makes a residual of RMS ~30 that swamps attention (the only way in for the
+    # next token's embedding and for ConFu's f); see BENCHMARKS.md "What the draft reads".
+    fc_rms: float = 1.0
     feature_cache: bool = True  # EAGLE-3: run the target once per data set (see confu.training.features)
     seed: int = 0
     draft_vocab_size: int = 8192
@@ -108,6 +114,7 @@ class TrainConfig:
             "--ttt-warmup": 0 <= self.ttt_warmup < 1,
             "--head-init": self.head_init in HEAD_INITS,
             "--oracle-future": self.oracle_future >= 0,
+            "--fc-rms": self.fc_rms >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -439,6 +446,22 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
 
 
 @torch.no_grad()
+def scale_fc_to_rms(head, source: TargetSource, indices: Sequence[int], rms: float, d: _Dist) -> float:
+    """Scale the head's fc so that its output over the real rows of sequences `indices` has RMS `rms`
+    (rank 0's measurement, so data-parallel ranks keep identical weights). Returns the factor applied."""
+    tb = source.batch(head, indices, keep_kv=False)
+    real = torch.arange(tb.shape[1], device=tb.lengths.device)[None] < tb.lengths[:, None]
+    h = head.project_features(tb.features.to(head.fc.weight.dtype))[real]
+    factor = torch.tensor(rms / max(float(h.float().pow(2).mean().sqrt()), 1e-12), device=head.fc.weight.device)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(factor, 0)
+    head.fc.weight.mul_(factor.to(head.fc.weight.dtype))
+    return float(factor)
+
+
+@torch.no_grad()
 def init_output_from_target(head, target) -> None:
     """Start the head's final norm and lm_head as the target's own, for the draft vocabulary's rows.
 
@@ -570,6 +593,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     if cfg.freeze_lm_head:
         head.lm_head.weight.requires_grad_(False)
     source = open_source(target, head, seqs, cfg, d)
+    if state is None and not cfg.init and cfg.fc_rms:
+        factor = scale_fc_to_rms(head, source, train_idx[:FC_RMS_SEQS], cfg.fc_rms, d)
+        provenance |= {"fc_rms": cfg.fc_rms, "fc_init_factor": round(factor, 6)}
     opt, sched = make_optimizer(head, cfg, total)
     step, elapsed, tokens = 0, 0.0, 0
     if state is not None:
