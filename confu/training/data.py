@@ -100,7 +100,7 @@ def _parse_record(obj: Any, where: str) -> Conversation:
 
 def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any], Conversation]]:
     """Yield ``(line_number, raw_record, conversation)`` for every non-blank line of a JSONL file (gzipped
-    when its name ends in .gz, as the regenerated conversations in data/ are)."""
+    when its name ends in .gz)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
