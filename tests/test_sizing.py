@@ -86,3 +86,36 @@ def test_auto_sizing_is_lossless_and_uses_an_accepting_proposer(tiny_llama_dir, 
             untrained = Decoder.for_head(target, head).generate(ids, cfg)
             assert untrained.tokens == ref, (method, text)
             assert all(s.tree_nodes <= 12 and s.depth <= 5 for s in res.steps + untrained.steps)
+
+
+def test_drafting_that_loses_on_the_clock_backs_off():
+    """The cost model says drafting pays (cheap rows, every level accepted), the clock says it does not:
+    drafting stops except to re-check, and the re-checks grow rarer; once drafting wins again they return."""
+    sizer = AutoSizer(COSTS, max_depth=3, explore_every=4)
+    tree = _chain_tree(3, -0.05)
+    depths = []
+    for _ in range(200):
+        depth = sizer.plan_round()
+        depths.append(depth)
+        if depth:
+            sizer.observe(sizer.choose_nodes(tree, 0.001), depth, 1, 0.030, 0.070)  # 2 tokens in 100 ms
+        else:
+            sizer.observe_plain(0.030)  # 1 token in 30 ms
+    assert sizer.drafting_loses
+    drafted = [i for i, d in enumerate(depths) if d]
+    assert len(drafted) <= 16, f"drafting must back off: {len(drafted)} of 200 rounds drafted"
+    gaps = [b - a for a, b in zip(drafted, drafted[1:], strict=False)]
+    assert gaps[-1] >= 32, f"re-checks grow rarer: {gaps}"
+    for _ in range(3):  # drafting wins again
+        sizer.observe(tree, 3, 3, 0.005, 0.030)
+    assert not sizer.drafting_loses and sizer.explore_gap == 4
+
+
+def test_the_clock_carries_over_to_the_next_sequence():
+    """A sizer seeded with a clock that says drafting loses does not draft at once (it waits for a re-check)."""
+    fresh = AutoSizer(COSTS, max_depth=3, explore_every=4)
+    assert fresh.plan_round() == 2
+    seeded = AutoSizer(COSTS, max_depth=3, explore_every=4)
+    seeded.set_clock((0.030, 20.0, 16))  # plain 33 tokens/s, drafting 20
+    depths = [seeded.plan_round() for _ in range(16)]
+    assert depths[:15] == [0] * 15 and depths[15] == 2, depths

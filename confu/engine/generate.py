@@ -108,6 +108,7 @@ class Decoder:
         self.feature_layers = proposer.feature_layers if proposer is not None else target.feature_layers
         check_feature_layers(self.feature_layers, target.num_layers)
         self._verify_costs: VerifyCosts | None = None
+        self._clock: tuple[float, float, int] | None = None  # the last sequence's AutoSizer.clock()
 
     def sizer(self, cfg: GenerationConfig) -> AutoSizer | None:
         """Per-sequence tree sizing under `auto_tree` (the cost curve is loaded, or measured, once)."""
@@ -115,7 +116,10 @@ class Decoder:
             return None
         if self._verify_costs is None:
             self._verify_costs = load_verify_costs(self.target)
-        return AutoSizer(self._verify_costs, cfg.tree.depth, self.extension.extra_row_count)
+        sizer = AutoSizer(self._verify_costs, cfg.tree.depth, self.extension.extra_row_count)
+        if self._clock is not None:
+            sizer.set_clock(self._clock)
+        return sizer
 
     @classmethod
     def for_head(cls, target: Target, head: Eagle3Head | None) -> Decoder:
@@ -256,8 +260,12 @@ class Decoder:
                     proposer.observe(out.features[keep], torch.tensor(new_tokens, device=t.device), future)
                 state = RoundState(bonus, out.features[keep[-1]])
                 draft_s = (toc - tic) + (time.perf_counter() - verified)
+                if sizer is not None and tree is None:
+                    sizer.observe_plain(draft_s + verified - toc)
+                elif sizer is not None:
+                    sizer.observe(tree, depth, len(accepted), draft_s, verified - toc)
                 if sizer is not None:
-                    sizer.observe(tree, depth, len(accepted), draft_s)
+                    self._clock = sizer.clock()
                 step = StepRecord(
                     accepted=len(accepted),
                     tree_nodes=0 if tree is None else len(tree),

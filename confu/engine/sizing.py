@@ -12,7 +12,9 @@ acceptance observed online:
 Each round `AutoSizer` picks the depth with the best expected tokens per second, or no draft at all when
 plain decoding is expected to be faster; it drafts one level deeper than that as soon as the deepest level
 keeps being accepted, and every `explore_every` rounds to re-check (so a draft that improves mid-sequence is
-noticed). It then keeps the number of nodes whose calibrated expected gain pays for their verify rows. A draft
+noticed). The model is checked against the clock: while rounds with a draft make fewer tokens per second
+than rounds without, it drafts only to re-check, and the gap between re-checks doubles (up to
+MAX_EXPLORE_GAP). It then keeps the number of nodes whose calibrated expected gain pays for their verify rows. A draft
 that cannot pay therefore costs a catch-up per token and a shallow tree now and then, not a tree per token.
 """
 
@@ -34,6 +36,7 @@ from confu.engine.tree import DraftTree
 
 COST_ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 DECAY = 0.9  # weight of the past in the running means: about the last ten rounds count
+MAX_EXPLORE_GAP = 64  # rounds between re-checks of a draft that keeps losing to plain decoding
 
 
 @dataclass
@@ -146,9 +149,23 @@ class AutoSizer:
     observed: float = 0.0
     rounds: int = 0
     last_nodes: int = 0
+    # What rounds really took, on the clock: the cost model misses what it cannot see (catch-up after rounds
+    # without a draft, the context length, other processes), so drafting stops when it measurably loses.
+    plain_s: float = 0.0  # running mean of the seconds of a round without a draft
+    draft_rate: float = 0.0  # running mean of the tokens per second of rounds with a draft
+    explore_gap: int = 0  # rounds until the next re-check: explore_every, doubled while drafting loses
+    next_explore: int = 0
 
     def __post_init__(self) -> None:
         self.gain = [0.0] * self.max_depth
+        self.explore_gap = self.next_explore = self.explore_every
+
+    @property
+    def drafting_loses(self) -> bool:
+        """Rounds with a draft have measurably made fewer tokens per second than rounds without (the cost
+        curve's one-row pass stands in for those until one has run)."""
+        plain_s = self.plain_s or self.costs(self._rows(0))
+        return self.draft_rate > 0 and self.draft_rate * plain_s < 1.0
 
     def _rows(self, nodes: int) -> int:
         return nodes + 1 + (self.extra_rows(nodes) if self.extra_rows else 0)
@@ -166,7 +183,12 @@ class AutoSizer:
         measured so far, one level deeper when the deepest level keeps being accepted or, every
         `explore_every` rounds, to re-check (so a draft that starts hitting later is noticed)."""
         self.rounds += 1
-        if self.observed_depth == 0:
+        if self.observed_depth == 0:  # nothing drafted yet in this sequence
+            if not self.drafting_loses:
+                return min(self.first_depth, self.max_depth)
+            if self.rounds < self.next_explore:  # the previous sequences' clock says drafting loses
+                return 0
+            self.next_explore = self.rounds + self.explore_gap
             return min(self.first_depth, self.max_depth)
         nodes = max(1, self.last_nodes)
         best, best_rate = 0, 1.0 / self.costs(self._rows(0))
@@ -174,10 +196,13 @@ class AutoSizer:
             rate = (1.0 + self.gain[d - 1]) / (d * self.level_s + self.costs(self._rows(nodes)))
             if rate > best_rate:
                 best, best_rate = d, rate
+        if self.drafting_loses:
+            best = 0
         deeper = min(self.max_depth, max(best, 1) + 1)
         if best == self.observed_depth and best and self.reach(best) >= self.deepen_at:
             return deeper
-        if self.rounds % self.explore_every == 0:
+        if self.rounds >= self.next_explore:
+            self.next_explore = self.rounds + self.explore_gap
             return deeper
         return best
 
@@ -196,10 +221,29 @@ class AutoSizer:
         self.last_nodes = best_n
         return prune(tree, sorted(order[:best_n]))
 
-    def observe(self, tree: DraftTree | None, depth: int, accepted: int, draft_s: float) -> None:
-        """Update the running means with a verified round."""
+    def clock(self) -> tuple[float, float, int]:
+        """What the clock has said: (plain_s, draft_rate, explore_gap). A decoder hands it to the sizer of its
+        next sequence, so a draft that loses is not re-learned at every prompt."""
+        return self.plain_s, self.draft_rate, self.explore_gap
+
+    def set_clock(self, clock: tuple[float, float, int]) -> None:
+        self.plain_s, self.draft_rate, self.explore_gap = clock
+        self.next_explore = self.explore_gap
+
+    def observe_plain(self, seconds: float) -> None:
+        """A round without a draft took `seconds` on the clock."""
+        self.plain_s = seconds if self.plain_s == 0 else DECAY * self.plain_s + (1 - DECAY) * seconds
+
+    def observe(self, tree: DraftTree | None, depth: int, accepted: int, draft_s: float,
+                verify_s: float | None = None) -> None:
+        """Update the running means with a verified round (`verify_s`: its target pass, when timed)."""
         if tree is None or depth == 0:
             return
+        if verify_s is not None:
+            rate = (1 + accepted) / (draft_s + verify_s)
+            self.draft_rate = rate if self.draft_rate == 0 else DECAY * self.draft_rate + (1 - DECAY) * rate
+            self.explore_gap = min(2 * self.explore_gap, MAX_EXPLORE_GAP) if self.drafting_loses \
+                else self.explore_every
         for d in range(1, depth + 1):  # a level's first observation is its mean; later ones decay into it
             first = d > self.observed_depth
             self.gain[d - 1] = min(accepted, d) if first else DECAY * self.gain[d - 1] + (1 - DECAY) * min(accepted, d)
