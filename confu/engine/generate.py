@@ -260,11 +260,11 @@ class Decoder:
                     proposer.observe(out.features[keep], torch.tensor(new_tokens, device=t.device), future)
                 state = RoundState(bonus, out.features[keep[-1]])
                 draft_s = (toc - tic) + (time.perf_counter() - verified)
-                if sizer is not None and tree is None:
-                    sizer.observe_plain(draft_s + verified - toc)
-                elif sizer is not None:
-                    sizer.observe(tree, depth, len(accepted), draft_s, verified - toc)
                 if sizer is not None:
+                    if tree is None:
+                        sizer.observe_plain(draft_s + verified - toc)
+                    else:
+                        sizer.observe(tree, depth, len(accepted), draft_s, verified - toc)
                     self._clock = sizer.clock()
                 step = StepRecord(
                     accepted=len(accepted),

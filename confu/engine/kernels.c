@@ -17,7 +17,7 @@
  * rows from moving ordinary ones). The lane width is 16 where the compiler targets AVX-512 and 8 with AVX2;
  * one build uses one width for every call, so plain and speculative decoding share their numerics.
  *
- * Build: cc -O3 -mavx2 -mfma [-mavx512f -mavx512bw] -fopenmp -shared -fPIC (confu/engine/quant.py, once per
+ * Build: cc -O3 -mavx2 -mfma [-mavx512f] -fopenmp -shared -fPIC (confu/engine/quant.py, once per
  * machine).
  */
 #include <immintrin.h>
@@ -31,7 +31,6 @@ typedef __m512 vec;
 #define vload(p) _mm512_loadu_ps(p)
 #define vset1(x) _mm512_set1_ps(x)
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vmul(a, b) _mm512_mul_ps(a, b)
 #define vsum(v) _mm512_reduce_add_ps(v)
 /* 16 weights of a Q4_1 block: part 0 = the low nibbles of its 16 bytes (weights 0..15), part 1 the high ones. */
 static inline vec q4_1_part(const uint8_t* q, int p, vec d, vec m) {
@@ -50,7 +49,6 @@ typedef __m256 vec;
 #define vload(p) _mm256_loadu_ps(p)
 #define vset1(x) _mm256_set1_ps(x)
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define vmul(a, b) _mm256_mul_ps(a, b)
 static inline float vsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
