@@ -222,7 +222,8 @@ def test_exported_dir_decodes_like_the_original(target, info, tmp_path, layout):
 
 
 def test_train_init_accepts_an_official_head(target, tiny_llama_dir, tmp_path):
-    from confu.training.train import TrainConfig, build_head
+    from confu.training.heads import build_head
+    from confu.training.train import TrainConfig
 
     head = random_head(target)
     src = official_dir(head, tmp_path / "official")

@@ -262,7 +262,7 @@ def test_confu_gradients_and_learning(eagle3_run: Path, tiny_data: Path, tiny_ll
     cfg = _cfg(tiny_data, tiny_llama_dir, tmp_path, method="confu", init=str(eagle3_run), steps=40, anchors=6,
                replicate=3, lr=3e-3, aux_lr_mult=10.0)
     # One batch by hand: every new ConFu part receives a gradient through the frozen target.
-    from confu.training.train import build_head
+    from confu.training.heads import build_head
 
     head, note = build_head(cfg, tiny_target, [])
     assert note["init_method"] == "eagle3"

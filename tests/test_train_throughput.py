@@ -16,7 +16,8 @@ from confu.engine.checkpoint import new_draft
 from confu.engine.target import Target
 from confu.training import features
 from confu.training.features import DraftLabels, FeatureStore, build_feature_store, feature_store, store_key
-from confu.training.train import LengthBatches, TrainConfig, init_output_from_target, train
+from confu.training.heads import init_output_from_target
+from confu.training.train import LengthBatches, TrainConfig, train
 from confu.training.ttt import collate, run_target, stored_target_batch
 
 
@@ -226,7 +227,8 @@ def test_draft_labels_are_the_targets_logits_over_the_draft_vocabulary(target, m
 
 def test_fresh_fc_starts_at_the_asked_output_rms(target, seqs):
     """--fc-rms: the draft layer's residual stream starts at a set scale, whatever the target's feature scale."""
-    from confu.training.train import TargetSource, _Dist, scale_fc_to_rms
+    from confu.training.heads import scale_fc_to_rms
+    from confu.training.train import TargetSource, _Dist
 
     head = new_draft(target, "eagle3", draft_vocab_size=256)
     source = TargetSource(target, seqs)

@@ -4,8 +4,9 @@ EAGLE-3: the frozen target runs once per data set (`confu.training.features`: fe
 argmax kept on disk), then every batch of every epoch reads them back for the draft head's train-time test
 (`confu.training.ttt`). Batches are sequences of similar length up to a budget of padded tokens, so little
 compute goes to padding. ConFu is trained from an EAGLE-3 head (`--init`): the shared weights are copied, the soft
-prompt and the two MoEs start fresh; per sequence `--anchors` contemplate rows run through the frozen target
-with gradients, and each anchor's future prediction f serves the anchor row and the next `--replicate` rows.
+prompt and the two MoEs start fresh (`confu.training.heads` builds the head to train); per sequence `--anchors`
+contemplate rows run through the frozen target with gradients, and each anchor's future prediction f serves the
+anchor row and the next `--replicate` rows.
 
 Data order is a pure function of (seed, step), and ConFu's anchors of (seed, step, sample), so a resumed run
 and a data-parallel run (`torchrun --nproc_per_node N`, the global batch split across ranks) reproduce a
@@ -31,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from confu.errors import CheckpointError, InputError
+from confu.errors import InputError
+from confu.training.heads import FC_RMS_SEQS, HEAD_INITS, build_head, scale_fc_to_rms
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
@@ -41,8 +43,6 @@ AUX_PREFIXES = ("soft_prompt", "con_moe.", "future_moe.")  # ConFu's new parts (
 # split and the schedule, without which "resume" would silently be a different run.
 RESUME_KEYS = ("method", "data", "batch_tokens", "max_len", "seed", "eval_fraction", "total_steps",
                "ttt_steps", "ttt_warmup", "anchors", "replicate", "oracle_future")
-HEAD_INITS = ("target", "random")
-FC_RMS_SEQS = 8  # training sequences on which a fresh head's fc output RMS is measured (--fc-rms)
 LENGTH_BUCKET = 32  # sequences whose lengths agree to this many tokens are interchangeable within an epoch
 
 
@@ -399,86 +399,6 @@ def evaluate(source: TargetSource, head, indices: Sequence[int], cfg: TrainConfi
         stats += _stats_vector(res, cfg.ttt_steps)
     head.train(was_training)
     return _metrics(d.all_sum(stats), cfg.ttt_steps, cfg.ttt_decay)
-
-
-# ----------------------------------------------------------------------------------------------- the head
-
-
-def _confu_overrides(cfg: TrainConfig) -> dict[str, int]:
-    return {"soft_prompt_len": cfg.soft_prompt_len, "n_expert": cfg.n_expert,
-            "top_k_expert": cfg.top_k_expert}
-
-
-def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any, dict[str, Any]]:
-    """The head to train (on CPU) and a provenance note.
-
-    --init with the same method continues that head; --init of an EAGLE-3 head with --method confu copies
-    every shared weight (fc, layer, norm, lm_head, vocabulary) into a fresh ConFu head.
-    """
-    from confu.engine.checkpoint import load_draft, new_draft
-
-    if cfg.init:
-        src = load_draft(cfg.init, target)
-        if src.cfg.method == cfg.method:
-            return src.train(), {"init": str(cfg.init)}
-        if cfg.method == "confu" and src.cfg.method == "eagle3":
-            head = new_draft(target, "confu", src.d2t.clone(), src.t2d.clone(), seed=cfg.seed,
-                             **_confu_overrides(cfg))
-            result = head.load_state_dict(src.state_dict(), strict=False)
-            new_parts = sorted({k.split(".")[0] for k in result.missing_keys})
-            if result.unexpected_keys or not set(new_parts) <= {"soft_prompt", "con_moe", "future_moe"}:
-                raise CheckpointError(f"{cfg.init}: cannot start a ConFu head from it (missing "
-                                      f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
-            return head.train(), {"init": str(cfg.init), "init_method": "eagle3"}
-        raise InputError(f"--init {cfg.init} is a {src.cfg.method} head; "
-                         f"--method {cfg.method} cannot start from it")
-    from confu.training.vocab import build_draft_vocab
-
-    vocab = build_draft_vocab([{"input_ids": i, "loss_mask": m} for i, m in train_seqs], target.vocab_size,
-                              cfg.draft_vocab_size, eos_token_id=sorted(target.eos_ids))
-    overrides = _confu_overrides(cfg) if cfg.method == "confu" else {}
-    head = new_draft(target, cfg.method, vocab.d2t, vocab.t2d, seed=cfg.seed, **overrides)
-    if cfg.head_init == "target":
-        init_output_from_target(head, target)
-    note = {"draft_vocab_size": vocab.draft_vocab_size, "vocab_coverage": round(vocab.coverage, 4),
-            "head_init": cfg.head_init}
-    return head.train(), note
-
-
-@torch.no_grad()
-def scale_fc_to_rms(head, source: TargetSource, indices: Sequence[int], rms: float, d: _Dist) -> float:
-    """Scale the head's fc so that its output over the real rows of sequences `indices` has RMS `rms`
-    (rank 0's measurement, so data-parallel ranks keep identical weights). Returns the factor applied."""
-    tb = source.batch(head, indices, keep_kv=False)
-    real = torch.arange(tb.shape[1], device=tb.lengths.device)[None] < tb.lengths[:, None]
-    h = head.project_features(tb.features.to(head.fc.weight.dtype))[real]
-    factor = torch.tensor(rms / max(float(h.float().pow(2).mean().sqrt()), 1e-12), device=head.fc.weight.device)
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.broadcast(factor, 0)
-    head.fc.weight.mul_(factor.to(head.fc.weight.dtype))
-    return float(factor)
-
-
-@torch.no_grad()
-def init_output_from_target(head, target) -> None:
-    """Start the head's final norm and lm_head as the target's own, for the draft vocabulary's rows.
-
-    The draft's last hidden state then begins in a space the target's output embedding already reads. The
-    norm's effective scale is measured rather than copied, because conventions differ (Gemma's RMSNorm
-    multiplies by 1 + weight): the target's final norm of an all-ones vector (RMS 1) is that scale, up to
-    the factor (1 + eps) ** -0.5, which is divided out.
-    """
-    decoder = target.model.get_decoder()
-    norm = getattr(decoder, "norm", None)
-    if norm is not None:
-        ones = torch.ones(1, target.hidden_size, dtype=target.dtype, device=target.device)
-        scale = norm(ones)[0].float() * math.sqrt(1 + head.norm.eps)
-        head.norm.weight.copy_(scale.to(head.norm.weight))
-    weight = target.model.get_output_embeddings().weight
-    draft_ids = torch.arange(len(head.d2t), device=head.d2t.device) + head.d2t
-    head.lm_head.weight.copy_(weight[draft_ids.to(weight.device)].to(head.lm_head.weight))
 
 
 def make_optimizer(head, cfg: TrainConfig, total_steps: int):

@@ -1,0 +1,97 @@
+"""How a training run gets its draft head: fresh (with a draft vocabulary from the data), or from `--init`
+(continued, or an EAGLE-3 head's shared weights copied into a fresh ConFu head); a fresh head's output layer
+initialised from the target's (`--head-init target`), and its fc scaled to an output RMS (`--fc-rms`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from confu.errors import CheckpointError, InputError
+
+if TYPE_CHECKING:  # annotations only: confu.training.train imports this module
+    from confu.training.train import Seq, TargetSource, TrainConfig, _Dist
+
+HEAD_INITS = ("target", "random")
+FC_RMS_SEQS = 8  # training sequences on which a fresh head's fc output RMS is measured (--fc-rms)
+
+
+def _confu_overrides(cfg: TrainConfig) -> dict[str, int]:
+    return {"soft_prompt_len": cfg.soft_prompt_len, "n_expert": cfg.n_expert,
+            "top_k_expert": cfg.top_k_expert}
+
+
+def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any, dict[str, Any]]:
+    """The head to train (on CPU) and a provenance note.
+
+    --init with the same method continues that head; --init of an EAGLE-3 head with --method confu copies
+    every shared weight (fc, layer, norm, lm_head, vocabulary) into a fresh ConFu head.
+    """
+    from confu.engine.checkpoint import load_draft, new_draft
+
+    if cfg.init:
+        src = load_draft(cfg.init, target)
+        if src.cfg.method == cfg.method:
+            return src.train(), {"init": str(cfg.init)}
+        if cfg.method == "confu" and src.cfg.method == "eagle3":
+            head = new_draft(target, "confu", src.d2t.clone(), src.t2d.clone(), seed=cfg.seed,
+                             **_confu_overrides(cfg))
+            result = head.load_state_dict(src.state_dict(), strict=False)
+            new_parts = sorted({k.split(".")[0] for k in result.missing_keys})
+            if result.unexpected_keys or not set(new_parts) <= {"soft_prompt", "con_moe", "future_moe"}:
+                raise CheckpointError(f"{cfg.init}: cannot start a ConFu head from it (missing "
+                                      f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
+            return head.train(), {"init": str(cfg.init), "init_method": "eagle3"}
+        raise InputError(f"--init {cfg.init} is a {src.cfg.method} head; "
+                         f"--method {cfg.method} cannot start from it")
+    from confu.training.vocab import build_draft_vocab
+
+    vocab = build_draft_vocab([{"input_ids": i, "loss_mask": m} for i, m in train_seqs], target.vocab_size,
+                              cfg.draft_vocab_size, eos_token_id=sorted(target.eos_ids))
+    overrides = _confu_overrides(cfg) if cfg.method == "confu" else {}
+    head = new_draft(target, cfg.method, vocab.d2t, vocab.t2d, seed=cfg.seed, **overrides)
+    if cfg.head_init == "target":
+        init_output_from_target(head, target)
+    note = {"draft_vocab_size": vocab.draft_vocab_size, "vocab_coverage": round(vocab.coverage, 4),
+            "head_init": cfg.head_init}
+    return head.train(), note
+
+
+@torch.no_grad()
+def scale_fc_to_rms(head, source: TargetSource, indices: Sequence[int], rms: float, d: _Dist) -> float:
+    """Scale the head's fc so that its output over the real rows of sequences `indices` has RMS `rms`
+    (rank 0's measurement, so data-parallel ranks keep identical weights). Returns the factor applied."""
+    tb = source.batch(head, indices, keep_kv=False)
+    real = torch.arange(tb.shape[1], device=tb.lengths.device)[None] < tb.lengths[:, None]
+    h = head.project_features(tb.features.to(head.fc.weight.dtype))[real]
+    factor = torch.tensor(rms / max(float(h.float().pow(2).mean().sqrt()), 1e-12), device=head.fc.weight.device)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(factor, 0)
+    head.fc.weight.mul_(factor.to(head.fc.weight.dtype))
+    return float(factor)
+
+
+@torch.no_grad()
+def init_output_from_target(head, target) -> None:
+    """Start the head's final norm and lm_head as the target's own, for the draft vocabulary's rows.
+
+    The draft's last hidden state then begins in a space the target's output embedding already reads. The
+    norm's effective scale is measured rather than copied, because conventions differ (Gemma's RMSNorm
+    multiplies by 1 + weight): the target's final norm of an all-ones vector (RMS 1) is that scale, up to
+    the factor (1 + eps) ** -0.5, which is divided out.
+    """
+    decoder = target.model.get_decoder()
+    norm = getattr(decoder, "norm", None)
+    if norm is not None:
+        ones = torch.ones(1, target.hidden_size, dtype=target.dtype, device=target.device)
+        scale = norm(ones)[0].float() * math.sqrt(1 + head.norm.eps)
+        head.norm.weight.copy_(scale.to(head.norm.weight))
+    weight = target.model.get_output_embeddings().weight
+    draft_ids = torch.arange(len(head.d2t), device=head.d2t.device) + head.d2t
+    head.lm_head.weight.copy_(weight[draft_ids.to(weight.device)].to(head.lm_head.weight))
