@@ -21,14 +21,20 @@ VOCAB, DRAFT_VOCAB, HIDDEN = 200, 24, 32
 
 
 def _tiny_head(method: str, seed: int) -> Eagle3Head:
+    """method: eagle3, confu, or confu+bias (ConFu with a learned future-key logit offset, one per head)."""
     torch.manual_seed(seed)
     cfg = DraftConfig(
-        method=method, hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        intermediate_size=64, vocab_size=VOCAB, draft_vocab_size=DRAFT_VOCAB, feature_layers=[1, 2, 3],
+        method=method.removesuffix("+bias"), hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=64, vocab_size=VOCAB, draft_vocab_size=DRAFT_VOCAB,
+        feature_layers=[1, 2, 3],
         target={"name": "tiny", "hidden_size": HIDDEN, "num_hidden_layers": 4, "vocab_size": VOCAB},
         target_num_kv_heads=2, target_head_dim=8, n_expert=4,
+        future_bias=0.0 if method.endswith("+bias") else None,
     )
     head = build_head(cfg)
+    if head.is_confu and head.future_bias is not None:
+        with torch.no_grad():
+            head.future_bias.copy_(torch.tensor([3.0, -1.0, 0.5, 6.0]))  # unequal: each head gets its own
     init_weights_like_eagle(head)
     torch.nn.init.normal_(head.embed.weight)
     head.set_vocab(torch.randint(0, VOCAB - DRAFT_VOCAB, (DRAFT_VOCAB,)), torch.ones(VOCAB, dtype=torch.bool))
@@ -66,7 +72,10 @@ def _reference_tree(d: Drafter, root_out: Tensor, cfg: TreeConfig) -> DraftTree:
             key_of[i] = (k, v)
             keys = torch.cat(verified_keys + [key_of[j][0] for j in path(i)], 2)
             values = torch.cat(verified_values + [key_of[j][1] for j in path(i)], 2)
-            mask = torch.ones(1, 1, 1, keys.shape[2], dtype=torch.bool)
+            # Additive logits: 0 everywhere but the future key's column, which gets the head's offset.
+            mask = torch.zeros(1, 4, 1, keys.shape[2], dtype=keys.dtype)
+            if d.future is not None and getattr(head, "future_bias", None) is not None:
+                mask[0, :, 0, d.length] = head.future_bias.detach()
             out_of[i] = layer.attend(out_of[parents[i]][None], q, keys, values, mask)[0]
         return out_of[i]
 
@@ -116,7 +125,7 @@ def _rounds(method: str, seed: int, cfg: TreeConfig, max_nodes: int | None = Non
     drafter = Drafter(head, cfg, 64)
     pairs = []
     for rows in (7, 3):
-        f = torch.randn(HIDDEN, generator=gen, dtype=torch.float64) if method == "confu" else None
+        f = torch.randn(HIDDEN, generator=gen, dtype=torch.float64) if method.startswith("confu") else None
         features = torch.randn(rows, 3 * HIDDEN, generator=gen, dtype=torch.float64)
         root_out = drafter.catch_up(features, torch.randint(0, VOCAB, (rows,), generator=gen), f)
         got = drafter.draft_tree(root_out, max_nodes=max_nodes, depth=depth)
@@ -135,7 +144,7 @@ SHAPES = [  # (total_nodes, depth, topk)
 ]
 
 
-@pytest.mark.parametrize("method", ["eagle3", "confu"])
+@pytest.mark.parametrize("method", ["eagle3", "confu", "confu+bias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}-{d}-{k}" for n, d, k in SHAPES])
 def test_drafter_matches_naive_growth(method: str, shape: tuple[int, int, int]) -> None:
     for got, want in _rounds(method, seed=sum(shape), cfg=TreeConfig(*shape)):

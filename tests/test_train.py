@@ -231,13 +231,18 @@ def test_contemplate_pass_matches_inference(tiny_target: Target) -> None:
             torch.testing.assert_close(f[b, j], out.last_hidden[1], atol=1e-4, rtol=1e-4)
 
 
-def test_draft_rows_match_drafter(tiny_target: Target) -> None:
-    """Step 0 of the train-time test with a future key equals the inference drafter's catch-up output."""
+@pytest.mark.parametrize("future_bias", [None, 1.0])
+def test_draft_rows_match_drafter(tiny_target: Target, future_bias: float | None) -> None:
+    """Step 0 of the train-time test with a future key equals the inference drafter's catch-up output, also
+    with the learned future-key logit offset (which then gets a gradient)."""
     from confu.engine.drafter import Drafter
     from confu.engine.tree import TreeConfig
     from confu.training.ttt import step_validity, ttt_forward
 
-    head = new_draft(tiny_target, "confu", draft_vocab_size=512, seed=2)
+    head = new_draft(tiny_target, "confu", draft_vocab_size=512, seed=2, future_bias=future_bias)
+    if future_bias is not None:
+        with torch.no_grad():  # one offset per head, unequal, so a head mix-up would show
+            head.future_bias.copy_(torch.linspace(-2.0, 5.0, len(head.future_bias)))
     gen = torch.Generator().manual_seed(6)
     ids = torch.randint(3, 500, (1, 24), generator=gen)
     tb = run_target(tiny_target.model, tiny_target.feature_layers, head, ids, torch.tensor([24]),
@@ -255,6 +260,10 @@ def test_draft_rows_match_drafter(tiny_target: Target) -> None:
         drafter = Drafter(head, TreeConfig(), 64)
         root = drafter.catch_up(tb.features[0, : r + 1], ids[0, 1 : r + 2], f[0, j])
         torch.testing.assert_close(captured[0][0, j], root[0, 0], atol=1e-5, rtol=1e-5)
+    if future_bias is not None:
+        res = ttt_forward(head, tb, valid, rows, torch.ones(1, 3, dtype=torch.bool), 1, future=f)
+        res.ce_sum.sum().backward()
+        assert head.future_bias.grad is not None and (head.future_bias.grad != 0).all()
 
 
 def test_confu_gradients_and_learning(eagle3_run: Path, tiny_data: Path, tiny_llama_dir: Path,
@@ -322,11 +331,13 @@ def test_cli_options() -> None:
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--data", "d.jsonl", "--out", "o", "--method", "confu", "--no-moe",
-                              "--no-replicate", "--anchors", "8"])
+                              "--no-replicate", "--anchors", "8", "--future-bias", "4"])
     from confu.cli.train import config_from_args
 
     cfg = config_from_args(args)
     assert (cfg.n_expert, cfg.replicate, cfg.anchors, cfg.ttt_steps, cfg.lr) == (1, 0, 8, 7, 1e-4)
+    assert cfg.future_bias == 4.0
+    assert config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o"])).future_bias is None
     from confu.errors import InputError
 
     with pytest.raises(InputError):

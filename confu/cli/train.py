@@ -29,7 +29,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         draft_vocab_size=args.draft_vocab_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
         save_every=args.save_every, resume=args.resume, save_fp16=args.save_fp16, anchors=args.anchors,
         replicate=0 if args.no_replicate else args.replicate, soft_prompt_len=args.soft_prompt_len,
-        n_expert=1 if args.no_moe else args.n_expert, top_k_expert=args.top_k_expert, device=args.device,
+        n_expert=1 if args.no_moe else args.n_expert, top_k_expert=args.top_k_expert,
+        future_bias=args.future_bias, device=args.device,
         stop_after=args.stop_after, progress=not args.no_progress, command=" ".join(sys.argv),
     )
 
@@ -109,6 +110,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--soft-prompt-len", type=int, default=16)
     p.add_argument("--n-expert", type=int, default=8)
     p.add_argument("--top-k-expert", type=int, default=2)
+    p.add_argument("--future-bias", type=float, default=None,
+                   help="ConFu, a deviation from the paper: a learned per-head offset on the attention logit "
+                        "of the future key, starting at this value (the key is one among hundreds: without "
+                        "it, f gets little attention and little gradient); default: none, as the paper")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this run after this global step, with a checkpoint (continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -39,6 +39,10 @@ class DraftConfig:
     soft_prompt_len: int = 16
     n_expert: int = 8  # 1 = a static [con] / [f] embedding (the paper's -MoE ablation)
     top_k_expert: int = 2
+    # Deviation from the paper (None = the paper): a learned per-head offset on the attention logit of the
+    # future key, starting at this value. Why: the future key is one among hundreds of sequence keys, so at
+    # the start of training it gets ~1/N of the attention and almost no gradient; f then stays unread.
+    future_bias: float | None = None
     target_num_kv_heads: int = 0
     target_head_dim: int = 0
     extra: dict = field(default_factory=dict)  # training provenance, free-form
@@ -224,6 +228,10 @@ class ConFuHead(Eagle3Head):
         )
         self.con_moe = EmbeddingMoE(3 * h, h, cfg.n_expert, cfg.top_k_expert)
         self.future_moe = EmbeddingMoE(h, h, cfg.n_expert, cfg.top_k_expert)
+        if cfg.future_bias is None:
+            self.register_parameter("future_bias", None)
+        else:
+            self.future_bias = nn.Parameter(torch.full((cfg.num_attention_heads,), float(cfg.future_bias)))
 
     @property
     def is_confu(self) -> bool:
@@ -260,6 +268,16 @@ class ConFuHead(Eagle3Head):
     def future_embedding(self, draft_hidden: Tensor) -> Tensor:
         """[f], the token half of the draft's future token, routed on the draft hidden of the latest token."""
         return self.future_moe(draft_hidden)
+
+    def future_mask(self, mask: Tensor, future_cols: slice) -> Tensor:
+        """The attention mask (B, 1, n, K) bool, with `DraftConfig.future_bias` added to the logits of the
+        future-key columns `future_cols`: a float mask (B, heads, n, K). Unchanged for a head without it."""
+        if self.future_bias is None:
+            return mask
+        b, _, n, k = mask.shape
+        scores = torch.zeros(b, len(self.future_bias), n, k, dtype=self.fc.weight.dtype, device=mask.device)
+        scores[..., future_cols] = self.future_bias.to(scores.dtype).view(1, -1, 1, 1)
+        return scores.masked_fill(~mask, float("-inf"))
 
 
 def build_head(cfg: DraftConfig) -> Eagle3Head:

@@ -72,8 +72,14 @@ class Drafter:
             self.future = (fk, fv)
         # Only the last row's output is used: it drafts the first tree level.
         end = self._tree_start
-        mask = torch.ones(1, 1, 1, end, dtype=torch.bool, device=self.device)
+        mask = self._with_future_bias(torch.ones(1, 1, 1, end, dtype=torch.bool, device=self.device))
         return layer.attend(hidden_in[:, -1:], q[:, :, -1:], self.keys[:, :, :end], self.values[:, :, :end], mask)
+
+    def _with_future_bias(self, mask: Tensor) -> Tensor:
+        """A ConFu head's learned future-key logit offset on the future slot (`DraftConfig.future_bias`)."""
+        if self.future is None:
+            return mask
+        return self.head.future_mask(mask, slice(self.length, self.length + 1))
 
     def _top_children(self, out_hidden: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k children (target ids, log-probs) of each row of out_hidden (n, H), each (n, k)."""
@@ -118,6 +124,6 @@ class Drafter:
             self.keys[:, :, end : end + n] = k
             self.values[:, :, end : end + n] = v
             end += n
-            mask = sees[None, None, :, :end]
+            mask = self._with_future_bias(sees[None, None, :, :end])
             parent_out = layer.attend(hidden, q, self.keys[:, :, :end], self.values[:, :, :end], mask)[0]
         return builder.build()

@@ -20,9 +20,9 @@ HEAD_INITS = ("target", "random")
 FC_RMS_SEQS = 8  # training sequences on which a fresh head's fc output RMS is measured (--fc-rms)
 
 
-def _confu_overrides(cfg: TrainConfig) -> dict[str, int]:
+def _confu_overrides(cfg: TrainConfig) -> dict[str, Any]:
     return {"soft_prompt_len": cfg.soft_prompt_len, "n_expert": cfg.n_expert,
-            "top_k_expert": cfg.top_k_expert}
+            "top_k_expert": cfg.top_k_expert, "future_bias": cfg.future_bias}
 
 
 def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any, dict[str, Any]]:
@@ -42,7 +42,8 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
                              **_confu_overrides(cfg))
             result = head.load_state_dict(src.state_dict(), strict=False)
             new_parts = sorted({k.split(".")[0] for k in result.missing_keys})
-            if result.unexpected_keys or not set(new_parts) <= {"soft_prompt", "con_moe", "future_moe"}:
+            if result.unexpected_keys or not set(new_parts) <= {"soft_prompt", "con_moe", "future_moe",
+                                                                 "future_bias"}:
                 raise CheckpointError(f"{cfg.init}: cannot start a ConFu head from it (missing "
                                       f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
             return head.train(), {"init": str(cfg.init), "init_method": "eagle3"}

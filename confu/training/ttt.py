@@ -306,6 +306,8 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
             values.append(vk)
             blocks.append(eye)
         mask = torch.cat(blocks + tail_mask, dim=-1)[:, None]
+        if future is not None:  # the last m columns are the rows' future keys
+            mask = head.future_mask(mask, slice(mask.shape[-1] - m, None))
         out = layer.attend(hidden, q, torch.cat(keys + tail_k, 2), torch.cat(values + tail_v, 2), mask)
         logits = head.logits(out).float()
         logit_pos = (rows + 1 + k).clamp(max=n - 1)
