@@ -21,20 +21,23 @@ VOCAB, DRAFT_VOCAB, HIDDEN = 200, 24, 32
 
 
 def _tiny_head(method: str, seed: int) -> Eagle3Head:
-    """method: eagle3, confu, or confu+bias (ConFu with a learned future-key logit offset, one per head)."""
+    """method: eagle3, confu, confu+bias (ConFu with a learned future-key logit offset, one per head) or
+    confu+resid (ConFu whose f also enters the residual)."""
     torch.manual_seed(seed)
     cfg = DraftConfig(
-        method=method.removesuffix("+bias"), hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
+        method=method.split("+")[0], hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
         head_dim=8, intermediate_size=64, vocab_size=VOCAB, draft_vocab_size=DRAFT_VOCAB,
         feature_layers=[1, 2, 3],
         target={"name": "tiny", "hidden_size": HIDDEN, "num_hidden_layers": 4, "vocab_size": VOCAB},
         target_num_kv_heads=2, target_head_dim=8, n_expert=4,
-        future_bias=0.0 if method.endswith("+bias") else None,
+        future_bias=0.0 if method.endswith("+bias") else None, future_residual=method.endswith("+resid"),
     )
     head = build_head(cfg)
-    if head.is_confu and head.future_bias is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if method.endswith("+bias"):
             head.future_bias.copy_(torch.tensor([3.0, -1.0, 0.5, 6.0]))  # unequal: each head gets its own
+        if method.endswith("+resid"):
+            torch.nn.init.normal_(head.future_proj.weight)  # it starts at zero, which would test nothing
     init_weights_like_eagle(head)
     torch.nn.init.normal_(head.embed.weight)
     head.set_vocab(torch.randint(0, VOCAB - DRAFT_VOCAB, (DRAFT_VOCAB,)), torch.ones(VOCAB, dtype=torch.bool))
@@ -48,7 +51,7 @@ def _round_logits(head: Eagle3Head, scale: float) -> None:
     head.logits = lambda out: (logits(out) * scale).round()  # type: ignore[method-assign]
 
 
-def _reference_tree(d: Drafter, root_out: Tensor, cfg: TreeConfig) -> DraftTree:
+def _reference_tree(d: Drafter, root_out: Tensor, cfg: TreeConfig, future_f: Tensor | None) -> DraftTree:
     """EAGLE-2 growth one node at a time: k children per frontier node, the topk best new candidates form
     the next frontier, the total_nodes best overall are kept (stable sorts: ties keep creation order)."""
     head, layer = d.head, d.head.layer
@@ -76,7 +79,10 @@ def _reference_tree(d: Drafter, root_out: Tensor, cfg: TreeConfig) -> DraftTree:
             mask = torch.zeros(1, 4, 1, keys.shape[2], dtype=keys.dtype)
             if d.future is not None and getattr(head, "future_bias", None) is not None:
                 mask[0, :, 0, d.length] = head.future_bias.detach()
-            out_of[i] = layer.attend(out_of[parents[i]][None], q, keys, values, mask)[0]
+            shift = None
+            if d.future is not None and getattr(head, "future_proj", None) is not None:
+                shift = head.future_proj(future_f)  # the round's f, added to every node's residual
+            out_of[i] = layer.attend(out_of[parents[i]][None], q, keys, values, mask, shift)[0]
         return out_of[i]
 
     def add_children(parent: int) -> list[int]:
@@ -129,7 +135,7 @@ def _rounds(method: str, seed: int, cfg: TreeConfig, max_nodes: int | None = Non
         features = torch.randn(rows, 3 * HIDDEN, generator=gen, dtype=torch.float64)
         root_out = drafter.catch_up(features, torch.randint(0, VOCAB, (rows,), generator=gen), f)
         got = drafter.draft_tree(root_out, max_nodes=max_nodes, depth=depth)
-        pairs.append((got, _reference_tree(drafter, root_out, ref_cfg)))
+        pairs.append((got, _reference_tree(drafter, root_out, ref_cfg, f)))
     return pairs
 
 
@@ -144,7 +150,7 @@ SHAPES = [  # (total_nodes, depth, topk)
 ]
 
 
-@pytest.mark.parametrize("method", ["eagle3", "confu", "confu+bias"])
+@pytest.mark.parametrize("method", ["eagle3", "confu", "confu+bias", "confu+resid"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}-{d}-{k}" for n, d, k in SHAPES])
 def test_drafter_matches_naive_growth(method: str, shape: tuple[int, int, int]) -> None:
     for got, want in _rounds(method, seed=sum(shape), cfg=TreeConfig(*shape)):

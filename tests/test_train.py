@@ -231,18 +231,24 @@ def test_contemplate_pass_matches_inference(tiny_target: Target) -> None:
             torch.testing.assert_close(f[b, j], out.last_hidden[1], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("future_bias", [None, 1.0])
-def test_draft_rows_match_drafter(tiny_target: Target, future_bias: float | None) -> None:
+@pytest.mark.parametrize("option", ["paper", "future_bias", "future_residual"])
+def test_draft_rows_match_drafter(tiny_target: Target, option: str) -> None:
     """Step 0 of the train-time test with a future key equals the inference drafter's catch-up output, also
-    with the learned future-key logit offset (which then gets a gradient)."""
+    with either deviation (a learned future-key logit offset; f in the residual), whose weights then get a
+    gradient."""
     from confu.engine.drafter import Drafter
     from confu.engine.tree import TreeConfig
     from confu.training.ttt import step_validity, ttt_forward
 
-    head = new_draft(tiny_target, "confu", draft_vocab_size=512, seed=2, future_bias=future_bias)
-    if future_bias is not None:
-        with torch.no_grad():  # one offset per head, unequal, so a head mix-up would show
+    head = new_draft(tiny_target, "confu", draft_vocab_size=512, seed=2,
+                     future_bias=1.0 if option == "future_bias" else None,
+                     future_residual=option == "future_residual")
+    with torch.no_grad():
+        if option == "future_bias":  # one offset per head, unequal, so a head mix-up would show
             head.future_bias.copy_(torch.linspace(-2.0, 5.0, len(head.future_bias)))
+        if option == "future_residual":  # it starts at zero (the paper's head), which would test nothing
+            assert not head.future_proj.weight.any()
+            torch.nn.init.normal_(head.future_proj.weight, std=0.1)
     gen = torch.Generator().manual_seed(6)
     ids = torch.randint(3, 500, (1, 24), generator=gen)
     tb = run_target(tiny_target.model, tiny_target.feature_layers, head, ids, torch.tensor([24]),
@@ -260,10 +266,11 @@ def test_draft_rows_match_drafter(tiny_target: Target, future_bias: float | None
         drafter = Drafter(head, TreeConfig(), 64)
         root = drafter.catch_up(tb.features[0, : r + 1], ids[0, 1 : r + 2], f[0, j])
         torch.testing.assert_close(captured[0][0, j], root[0, 0], atol=1e-5, rtol=1e-5)
-    if future_bias is not None:
+    if option != "paper":
         res = ttt_forward(head, tb, valid, rows, torch.ones(1, 3, dtype=torch.bool), 1, future=f)
         res.ce_sum.sum().backward()
-        assert head.future_bias.grad is not None and (head.future_bias.grad != 0).all()
+        weight = head.future_bias if option == "future_bias" else head.future_proj.weight
+        assert weight.grad is not None and (weight.grad != 0).all()
 
 
 def test_confu_gradients_and_learning(eagle3_run: Path, tiny_data: Path, tiny_llama_dir: Path,
@@ -331,13 +338,15 @@ def test_cli_options() -> None:
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--data", "d.jsonl", "--out", "o", "--method", "confu", "--no-moe",
-                              "--no-replicate", "--anchors", "8", "--future-bias", "4"])
+                              "--no-replicate", "--anchors", "8", "--future-bias", "4",
+                              "--future-residual"])
     from confu.cli.train import config_from_args
 
     cfg = config_from_args(args)
     assert (cfg.n_expert, cfg.replicate, cfg.anchors, cfg.ttt_steps, cfg.lr) == (1, 0, 8, 7, 1e-4)
-    assert cfg.future_bias == 4.0
-    assert config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o"])).future_bias is None
+    assert cfg.future_bias == 4.0 and cfg.future_residual
+    paper = config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o"]))
+    assert paper.future_bias is None and not paper.future_residual
     from confu.errors import InputError
 
     with pytest.raises(InputError):

@@ -30,7 +30,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         save_every=args.save_every, resume=args.resume, save_fp16=args.save_fp16, anchors=args.anchors,
         replicate=0 if args.no_replicate else args.replicate, soft_prompt_len=args.soft_prompt_len,
         n_expert=1 if args.no_moe else args.n_expert, top_k_expert=args.top_k_expert,
-        future_bias=args.future_bias, device=args.device,
+        future_bias=args.future_bias, future_residual=args.future_residual, device=args.device,
         stop_after=args.stop_after, progress=not args.no_progress, command=" ".join(sys.argv),
     )
 
@@ -114,6 +114,9 @@ def add_parser(subparsers: Any) -> None:
                    help="ConFu, a deviation from the paper: a learned per-head offset on the attention logit "
                         "of the future key, starting at this value (the key is one among hundreds: without "
                         "it, f gets little attention and little gradient); default: none, as the paper")
+    p.add_argument("--future-residual", action="store_true",
+                   help="ConFu, a deviation from the paper: f is also added to every draft row's residual after "
+                        "attention, through a learned linear map that starts at zero")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this run after this global step, with a checkpoint (continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

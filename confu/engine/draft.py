@@ -43,6 +43,9 @@ class DraftConfig:
     # future key, starting at this value. Why: the future key is one among hundreds of sequence keys, so at
     # the start of training it gets ~1/N of the attention and almost no gradient; f then stays unread.
     future_bias: float | None = None
+    # Deviation from the paper (False = the paper): f also enters every draft row's residual stream after
+    # attention, through a linear map that starts at zero, so its gradient never waits on attention to f.
+    future_residual: bool = False
     target_num_kv_heads: int = 0
     target_head_dim: int = 0
     extra: dict = field(default_factory=dict)  # training provenance, free-form
@@ -140,14 +143,18 @@ class DraftLayer(nn.Module):
         v = self._heads(self.v_proj(x), cfg.num_key_value_heads)
         return q, k, v
 
-    def attend(self, hidden: Tensor, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """Attention over given keys (mask (B or 1, 1, n, K), True = attend), then the MLP block."""
+    def attend(self, hidden: Tensor, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+               shift: Tensor | None = None) -> Tensor:
+        """Attention over given keys (mask (B or 1, 1, n, K), True = attend), then the MLP block; `shift`
+        (broadcast to (B, n, H)) is added to the residual after attention (`ConFuHead.future_shift`)."""
         groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         b, _, n, _ = attn.shape
         h = hidden + self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
+        if shift is not None:
+            h = h + shift
         x = self.post_norm(h)
         return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -232,6 +239,9 @@ class ConFuHead(Eagle3Head):
             self.register_parameter("future_bias", None)
         else:
             self.future_bias = nn.Parameter(torch.full((cfg.num_attention_heads,), float(cfg.future_bias)))
+        self.future_proj = nn.Linear(h, h, bias=False) if cfg.future_residual else None
+        if self.future_proj is not None:
+            nn.init.zeros_(self.future_proj.weight)  # starts as the paper's head; learns how much f to add
 
     @property
     def is_confu(self) -> bool:
@@ -269,6 +279,10 @@ class ConFuHead(Eagle3Head):
         """[f], the token half of the draft's future token, routed on the draft hidden of the latest token."""
         return self.future_moe(draft_hidden)
 
+    def future_shift(self, f: Tensor) -> Tensor | None:
+        """What f adds to a draft row's residual (`DraftConfig.future_residual`); None for the paper's head."""
+        return None if self.future_proj is None else self.future_proj(f)
+
     def future_mask(self, mask: Tensor, future_cols: slice) -> Tensor:
         """The attention mask (B, 1, n, K) bool, with `DraftConfig.future_bias` added to the logits of the
         future-key columns `future_cols`: a float mask (B, heads, n, K). Unchanged for a head without it."""
@@ -287,5 +301,5 @@ def build_head(cfg: DraftConfig) -> Eagle3Head:
 def init_weights_like_eagle(head: Eagle3Head) -> None:
     """Small-normal init for the new linear layers (the target's own init scale)."""
     for name, module in head.named_modules():
-        if isinstance(module, nn.Linear) and not name.endswith("router"):
+        if isinstance(module, nn.Linear) and not name.endswith(("router", "future_proj")):
             nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_features))

@@ -38,6 +38,7 @@ class Drafter:
         self.values = torch.zeros(shape, dtype=head.fc.weight.dtype, device=self.device)
         self.length = 0
         self.future: tuple[Tensor, Tensor] | None = None
+        self.future_shift: Tensor | None = None  # f's residual term for every row of the round (ConFu option)
         # Node j of a level adds its own column j to what it sees.
         self._own_column = torch.eye(tree_cfg.topk, dtype=torch.bool, device=self.device)
 
@@ -63,17 +64,19 @@ class Drafter:
         self.keys[:, :, start : start + m] = k
         self.values[:, :, start : start + m] = v
         self.length += m
-        self.future = None
+        self.future = self.future_shift = None
         if f is not None and head.is_confu:
             f_token = head.future_embedding(hidden_in[:, -1:])
             _, fk, fv = layer.qkv(f_token, f.view(1, 1, -1), torch.tensor([[self.length]], device=self.device))
             self.keys[:, :, self.length : self.length + 1] = fk
             self.values[:, :, self.length : self.length + 1] = fv
             self.future = (fk, fv)
+            self.future_shift = head.future_shift(f.view(1, 1, -1))
         # Only the last row's output is used: it drafts the first tree level.
         end = self._tree_start
         mask = self._with_future_bias(torch.ones(1, 1, 1, end, dtype=torch.bool, device=self.device))
-        return layer.attend(hidden_in[:, -1:], q[:, :, -1:], self.keys[:, :, :end], self.values[:, :, :end], mask)
+        return layer.attend(hidden_in[:, -1:], q[:, :, -1:], self.keys[:, :, :end], self.values[:, :, :end], mask,
+                            self.future_shift)
 
     def _with_future_bias(self, mask: Tensor) -> Tensor:
         """A ConFu head's learned future-key logit offset on the future slot (`DraftConfig.future_bias`)."""
@@ -125,5 +128,6 @@ class Drafter:
             self.values[:, :, end : end + n] = v
             end += n
             mask = self._with_future_bias(sees[None, None, :, :end])
-            parent_out = layer.attend(hidden, q, self.keys[:, :, :end], self.values[:, :, :end], mask)[0]
+            parent_out = layer.attend(hidden, q, self.keys[:, :, :end], self.values[:, :, :end], mask,
+                                      self.future_shift)[0]
         return builder.build()

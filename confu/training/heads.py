@@ -22,7 +22,8 @@ FC_RMS_SEQS = 8  # training sequences on which a fresh head's fc output RMS is m
 
 def _confu_overrides(cfg: TrainConfig) -> dict[str, Any]:
     return {"soft_prompt_len": cfg.soft_prompt_len, "n_expert": cfg.n_expert,
-            "top_k_expert": cfg.top_k_expert, "future_bias": cfg.future_bias}
+            "top_k_expert": cfg.top_k_expert, "future_bias": cfg.future_bias,
+            "future_residual": cfg.future_residual}
 
 
 def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any, dict[str, Any]]:
@@ -43,7 +44,7 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
             result = head.load_state_dict(src.state_dict(), strict=False)
             new_parts = sorted({k.split(".")[0] for k in result.missing_keys})
             if result.unexpected_keys or not set(new_parts) <= {"soft_prompt", "con_moe", "future_moe",
-                                                                 "future_bias"}:
+                                                                 "future_bias", "future_proj"}:
                 raise CheckpointError(f"{cfg.init}: cannot start a ConFu head from it (missing "
                                       f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
             return head.train(), {"init": str(cfg.init), "init_method": "eagle3"}

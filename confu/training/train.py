@@ -38,11 +38,13 @@ from confu.training.heads import FC_RMS_SEQS, HEAD_INITS, build_head, scale_fc_t
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
 LOG_NAME = "train_log.jsonl"
-AUX_PREFIXES = ("soft_prompt", "con_moe.", "future_moe.", "future_bias")  # ConFu's new parts (may take a larger lr)
+# ConFu's new parts (they may take a larger lr)
+AUX_PREFIXES = ("soft_prompt", "con_moe.", "future_moe.", "future_bias", "future_proj.")
 # Settings a resumed run must share with the run that wrote the checkpoint: they fix the data order, the
 # split and the schedule, without which "resume" would silently be a different run.
 RESUME_KEYS = ("method", "data", "batch_tokens", "max_len", "seed", "eval_fraction", "total_steps",
-               "ttt_steps", "ttt_warmup", "anchors", "replicate", "oracle_future", "future_bias")
+               "ttt_steps", "ttt_warmup", "anchors", "replicate", "oracle_future", "future_bias",
+               "future_residual")
 LENGTH_BUCKET = 32  # sequences whose lengths agree to this many tokens are interchangeable within an epoch
 
 
@@ -89,6 +91,7 @@ class TrainConfig:
     # Deviation from the paper (`DraftConfig.future_bias`): a learned per-head logit offset of the future key,
     # starting at this value; None = the paper's plain attention
     future_bias: float | None = None
+    future_residual: bool = False  # deviation (`DraftConfig.future_residual`): f also added to the residual
     zero_future: bool = False  # ConFu probe for `confu evaluate`: the draft gets f = 0 (does it use f?)
     # ConFu plumbing probe: f is the target's own final hidden state this many positions after the anchor
     # (a future prediction that certainly holds the future), instead of the contemplate token's; 0 = off

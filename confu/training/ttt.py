@@ -288,7 +288,9 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
     tail_k: list[Tensor] = []
     tail_v: list[Tensor] = []
     tail_mask: list[Tensor] = []
+    shift = None
     if future is not None:
+        shift = head.future_shift(future.to(hidden.dtype))
         # One key per row at position i+1: [f] routed on h_i, hidden half f; seen by the row at every step.
         _, fk, fv = layer.qkv(head.future_embedding(hidden), future.to(hidden.dtype), rows + 1)
         tail_k, tail_v, tail_mask = [fk], [fv], [eye & row_ok[:, :, None]]
@@ -308,7 +310,7 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
         mask = torch.cat(blocks + tail_mask, dim=-1)[:, None]
         if future is not None:  # the last m columns are the rows' future keys
             mask = head.future_mask(mask, slice(mask.shape[-1] - m, None))
-        out = layer.attend(hidden, q, torch.cat(keys + tail_k, 2), torch.cat(values + tail_v, 2), mask)
+        out = layer.attend(hidden, q, torch.cat(keys + tail_k, 2), torch.cat(values + tail_v, 2), mask, shift)
         logits = head.logits(out).float()
         logit_pos = (rows + 1 + k).clamp(max=n - 1)
         target_p = torch.softmax(tb.logits[bidx, logit_pos].float(), dim=-1)
