@@ -144,9 +144,12 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["eagle3", "confu"])
+@pytest.mark.parametrize("method", ["eagle3", "confu", "confu+deviations"])
 def test_resume_is_exact(method: str, tiny_data: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
-    kw = dict(steps=10, method=method, ttt_steps=3, anchors=4, replicate=2, eval_every=0)
+    """Also for ConFu with the three deviations from the paper (`--future-bias/-residual/-loss`)."""
+    deviations = dict(future_bias=2.0, future_residual=True, future_loss=0.5) if "+" in method else {}
+    method = method.split("+")[0]
+    kw = dict(steps=10, method=method, ttt_steps=3, anchors=4, replicate=2, eval_every=0, **deviations)
     full = train(_cfg(tiny_data, tiny_llama_dir, tmp_path / "full", **kw))
 
     def crash_at_7(step: int, _: dict) -> None:
@@ -164,6 +167,7 @@ def test_resume_is_exact(method: str, tiny_data: Path, tiny_llama_dir: Path, tmp
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["step"] for r in _log(parts) if "loss" in r] == list(range(1, 11))  # no step logged twice
+    assert all(("future_ce" in r) == bool(deviations) for r in _log(parts) if "loss" in r)
     def losses(out: Path) -> list:
         return [r.get("loss", r.get("eval")) for r in _log(out)]
 
@@ -273,6 +277,30 @@ def test_draft_rows_match_drafter(tiny_target: Target, option: str) -> None:
         assert weight.grad is not None and (weight.grad != 0).all()
 
 
+def test_future_loss_reads_f_with_the_targets_output_layer(tiny_target: Target) -> None:
+    """`--future-loss`: the oracle f (the target's final hidden state at a+1) scores exactly the entropy of the
+    target's distribution of x_{a+2}, the least any f can; a contemplate f scores more, and its loss reaches
+    the soft prompt. An anchor without a row a+1 is left out."""
+    from confu.training.features import DraftLabels
+    from confu.training.ttt import future_prediction_ce, oracle_futures
+
+    head = new_draft(tiny_target, "confu", draft_vocab_size=512, seed=3)
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(8))
+    tb = run_target(tiny_target.model, tiny_target.feature_layers, head, ids, torch.tensor([24]),
+                    torch.ones(1, 24, dtype=torch.bool), keep_kv=True)
+    labels = DraftLabels(tiny_target, torch.arange(512) + head.d2t)
+    anchors = torch.tensor([[3, 9, 20, 23]])
+    ok = torch.ones(1, 4, dtype=torch.bool)
+    best, count = future_prediction_ce(oracle_futures(tb, anchors, 1), tb, anchors, ok, labels)
+    p = torch.softmax(tb.logits[0, anchors[0, :3] + 1].float(), -1)
+    assert count == 3
+    torch.testing.assert_close(best, -(p * p.log()).sum(), rtol=1e-4, atol=1e-4)
+    ce, _ = future_prediction_ce(contemplate_futures(tiny_target.model, head, tb, anchors), tb, anchors, ok, labels)
+    assert ce > best
+    ce.backward()
+    assert head.soft_prompt.grad is not None and head.soft_prompt.grad.abs().sum() > 0
+
+
 def test_confu_gradients_and_learning(eagle3_run: Path, tiny_data: Path, tiny_llama_dir: Path,
                                       tiny_target: Target, tmp_path: Path) -> None:
     cfg = _cfg(tiny_data, tiny_llama_dir, tmp_path, method="confu", init=str(eagle3_run), steps=40, anchors=6,
@@ -339,14 +367,14 @@ def test_cli_options() -> None:
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--data", "d.jsonl", "--out", "o", "--method", "confu", "--no-moe",
                               "--no-replicate", "--anchors", "8", "--future-bias", "4",
-                              "--future-residual"])
+                              "--future-residual", "--future-loss", "0.5"])
     from confu.cli.train import config_from_args
 
     cfg = config_from_args(args)
     assert (cfg.n_expert, cfg.replicate, cfg.anchors, cfg.ttt_steps, cfg.lr) == (1, 0, 8, 7, 1e-4)
-    assert cfg.future_bias == 4.0 and cfg.future_residual
+    assert cfg.future_bias == 4.0 and cfg.future_residual and cfg.future_loss == 0.5
     paper = config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o"]))
-    assert paper.future_bias is None and not paper.future_residual
+    assert paper.future_bias is None and not paper.future_residual and paper.future_loss == 0
     from confu.errors import InputError
 
     with pytest.raises(InputError):

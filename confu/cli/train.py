@@ -30,7 +30,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         save_every=args.save_every, resume=args.resume, save_fp16=args.save_fp16, anchors=args.anchors,
         replicate=0 if args.no_replicate else args.replicate, soft_prompt_len=args.soft_prompt_len,
         n_expert=1 if args.no_moe else args.n_expert, top_k_expert=args.top_k_expert,
-        future_bias=args.future_bias, future_residual=args.future_residual, device=args.device,
+        future_bias=args.future_bias, future_residual=args.future_residual, future_loss=args.future_loss,
+        device=args.device,
         stop_after=args.stop_after, progress=not args.no_progress, command=" ".join(sys.argv),
     )
 
@@ -117,6 +118,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--future-residual", action="store_true",
                    help="ConFu, a deviation from the paper: f is also added to every draft row's residual after "
                         "attention, through a learned linear map that starts at zero")
+    p.add_argument("--future-loss", type=float, default=0.0,
+                   help="ConFu, a deviation from the paper: weight of an auxiliary loss that teaches f to hold the "
+                        "token after next, read by the target's own output layer (0: the paper's loss only)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this run after this global step, with a checkpoint (continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

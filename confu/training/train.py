@@ -44,7 +44,7 @@ AUX_PREFIXES = ("soft_prompt", "con_moe.", "future_moe.", "future_bias", "future
 # split and the schedule, without which "resume" would silently be a different run.
 RESUME_KEYS = ("method", "data", "batch_tokens", "max_len", "seed", "eval_fraction", "total_steps",
                "ttt_steps", "ttt_warmup", "anchors", "replicate", "oracle_future", "future_bias",
-               "future_residual")
+               "future_residual", "future_loss")
 LENGTH_BUCKET = 32  # sequences whose lengths agree to this many tokens are interchangeable within an epoch
 
 
@@ -92,6 +92,9 @@ class TrainConfig:
     # starting at this value; None = the paper's plain attention
     future_bias: float | None = None
     future_residual: bool = False  # deviation (`DraftConfig.future_residual`): f also added to the residual
+    # Deviation from the paper: weight of an auxiliary loss that teaches f to hold x_{a+2} as the target's own
+    # output layer reads it (`confu.training.ttt.future_prediction_ce`); 0 = the paper's draft loss only
+    future_loss: float = 0.0
     zero_future: bool = False  # ConFu probe for `confu evaluate`: the draft gets f = 0 (does it use f?)
     # ConFu plumbing probe: f is the target's own final hidden state this many positions after the anchor
     # (a future prediction that certainly holds the future), instead of the contemplate token's; 0 = off
@@ -121,6 +124,7 @@ class TrainConfig:
             "--head-init": self.head_init in HEAD_INITS,
             "--oracle-future": self.oracle_future >= 0,
             "--fc-rms": self.fc_rms >= 0,
+            "--future-loss": self.future_loss >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -297,15 +301,15 @@ def _needs_kv(head, cfg: TrainConfig) -> bool:
 
 def open_source(target, head, seqs: Sequence[Seq], cfg: TrainConfig, d: _Dist) -> TargetSource:
     """The source `cfg` asks for: with `feature_cache`, heads that need no KV read the stored target pass."""
-    if not cfg.feature_cache or _needs_kv(head, cfg):
-        return TargetSource(target, seqs)
     from confu.training.features import DraftLabels, feature_store, store_key
 
+    labels = DraftLabels(target, torch.arange(len(head.d2t)) + head.d2t.cpu())
+    if not cfg.feature_cache or _needs_kv(head, cfg):
+        return TargetSource(target, seqs, labels=labels)
     layers = head.cfg.feature_layers
     key = store_key(cfg.data, cfg.max_len, target, layers)
     store = feature_store(target, seqs, layers, key, d.rank, d.world, progress=cfg.progress and d.main)
-    draft_ids = torch.arange(len(head.d2t)) + head.d2t.cpu()
-    return TargetSource(target, seqs, store, DraftLabels(target, draft_ids))
+    return TargetSource(target, seqs, store, labels)
 
 
 def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequence[str], cfg: TrainConfig,
@@ -321,6 +325,7 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
         assign_anchor_rows,
         contemplate_futures,
         eagle3_rows,
+        future_prediction_ce,
         loss_rows,
         oracle_futures,
         plan_anchors,
@@ -351,10 +356,16 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
         f = oracle_futures(tb, plan.anchors, cfg.oracle_future)
     else:
         f = contemplate_futures(source.target.model, head, tb, plan.anchors)
+    aux = None
+    if cfg.future_loss and not cfg.oracle_future:
+        aux = future_prediction_ce(f, tb, plan.anchors, plan.anchor_ok, source.labels)
     if cfg.zero_future:
         f = torch.zeros_like(f)
     future = f[torch.arange(len(indices), device=device)[:, None], plan.row_slot]
-    return ttt_forward(head, tb, valid, plan.rows, plan.row_ok, depth, future)
+    res = ttt_forward(head, tb, valid, plan.rows, plan.row_ok, depth, future)
+    if aux is not None:
+        res.future_ce_sum, res.future_count = aux
+    return res
 
 
 def _autocast(device: torch.device):
@@ -566,6 +577,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         counts = stats[cfg.ttt_steps : 2 * cfg.ttt_steps].clamp(min=1)
         # Normalised by the global counts, so summing the ranks' gradients gives the single-process gradient.
         loss = sum(w * res.ce_sum[k] / counts[k] for k, w in enumerate(weights[:depth]))
+        future_ce = None
+        if res.future_ce_sum is not None:
+            future_count = d.all_sum(res.future_count.reshape(1))[0].clamp(min=1)
+            loss = loss + cfg.future_loss * res.future_ce_sum / future_count
+            future_ce = float(d.all_sum(res.future_ce_sum.detach().reshape(1))[0] / future_count)
         loss.backward()
         if d.world > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -585,7 +601,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         record = {"step": step, "tokens": tokens, "depth": depth, "loss": round(metrics["loss"], 5),
                   "acc": metrics["acc"], "tau": round(metrics["tau"], 4), "lr": sched.get_last_lr()[0],
                   "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(batch_tokens / seconds, 1),
-                  "elapsed_s": round(elapsed, 2)}
+                  "elapsed_s": round(elapsed, 2)} | ({} if future_ce is None else {"future_ce": round(future_ce, 4)})
         log(record)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc'][0]:.3f}",
                         tau=f"{metrics['tau']:.2f}")

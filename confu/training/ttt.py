@@ -52,6 +52,8 @@ class TTTResult:
     correct: Tensor  # (L,) valid rows whose draft argmax equals the target argmax
     tau_sum: Tensor  # () sum over rows valid at step 0 of the simulated acceptance length
     tau_rows: Tensor  # () rows valid at step 0
+    future_ce_sum: Tensor | None = None  # () ConFu `--future-loss`: `future_prediction_ce`, with gradients
+    future_count: Tensor | None = None  # () anchors in it
 
 
 def collate(samples: Sequence[tuple[Sequence[int], Sequence[int]]], device: torch.device | str = "cpu"):
@@ -252,6 +254,23 @@ def oracle_futures(tb: TargetBatch, anchors: Tensor, ahead: int) -> Tensor:
     target's own final-norm hidden state `ahead` positions after each anchor (clamped to the sequence)."""
     pos = torch.minimum(anchors + ahead, tb.lengths[:, None] - 1)
     return _gather_rows(tb.last_hidden, pos)
+
+
+def future_prediction_ce(f: Tensor, tb: TargetBatch, anchors: Tensor, anchor_ok: Tensor,
+                         labels) -> tuple[Tensor, Tensor]:
+    """How well the target's own output layer reads x_{a+2} out of f_a: the auxiliary loss of `--future-loss`
+    (a deviation from the paper, which trains f through the draft's loss only).
+
+    Soft cross-entropy of `labels(f_a)` (the target's logits over the draft vocabulary of a final-norm hidden
+    state, `DraftLabels`) against the target's own distribution at row a+1, which predicts x_{a+2}: the
+    token the draft's step 0 must guess at anchor row a. Returns the sum over anchors that have that row, and
+    their count.
+    """
+    n = tb.shape[1]
+    target_p = torch.softmax(_gather_rows(tb.logits, (anchors + 1).clamp(max=n - 1)).float(), dim=-1)
+    ce = -(target_p * torch.log_softmax(labels(f).float(), dim=-1)).sum(-1)  # (B, K)
+    ok = anchor_ok & (anchors + 1 < tb.lengths[:, None])
+    return torch.where(ok, ce, torch.zeros_like(ce)).sum(), ok.sum().float()
 
 
 def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
