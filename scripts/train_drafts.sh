@@ -14,9 +14,9 @@
 # Since then training batches sequences of similar length under a token budget (BATCH_TOKENS: about the old
 # batch of 4 random sequences, 1,463 tokens on average), reads a stored target pass, and the prompt source skips
 # repeated first turns, so a rerun follows the same recipe and budget with other prompts and batch
-# compositions: not the same bits. The shipped EAGLE-3 draft is newer than this recipe: step 140 of a
-# session-12 run with --fc-rms 1 (now the default) on 1,088 regenerated conversations; its config.json holds the
-# command. --head-init random and no TTT curriculum are the shipped drafts' choices (the target-initialised head and the curriculum are measured in BENCHMARKS.md).
+# compositions: not the same bits. The shipped EAGLE-3 draft is newer than this recipe: step 570 of a
+# 600-step run (sessions 12-13) with --fc-rms 1 (now the default) on 1,088 regenerated conversations; its
+# config.json holds the command. --head-init random and no TTT curriculum are the shipped drafts' choices (the target-initialised head and the curriculum are measured in BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFU=${CONFU:-.venv/bin/confu}
