@@ -225,6 +225,10 @@ class ConFuHead(Eagle3Head):
     """EAGLE-3 head + the ConFu parts that live on the target side (soft prompt, [con] MoE)
     and on the draft side ([f] MoE)."""
 
+    # Its own parameters and modules (first component of a state-dict name), which an EAGLE-3 head lacks:
+    # they start fresh when a ConFu head is made from an EAGLE-3 one, and may train at a larger lr.
+    NEW_PARTS = ("soft_prompt", "con_moe", "future_moe", "future_bias", "future_proj")
+
     def __init__(self, cfg: DraftConfig):
         super().__init__(cfg)
         h = cfg.hidden_size

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from confu.engine.draft import ConFuHead
 from confu.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:  # annotations only: confu.training.train imports this module
@@ -42,9 +43,8 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
             head = new_draft(target, "confu", src.d2t.clone(), src.t2d.clone(), seed=cfg.seed,
                              **_confu_overrides(cfg))
             result = head.load_state_dict(src.state_dict(), strict=False)
-            new_parts = sorted({k.split(".")[0] for k in result.missing_keys})
-            if result.unexpected_keys or not set(new_parts) <= {"soft_prompt", "con_moe", "future_moe",
-                                                                 "future_bias", "future_proj"}:
+            new_parts = {k.split(".")[0] for k in result.missing_keys}
+            if result.unexpected_keys or not new_parts <= set(ConFuHead.NEW_PARTS):
                 raise CheckpointError(f"{cfg.init}: cannot start a ConFu head from it (missing "
                                       f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
             return head.train(), {"init": str(cfg.init), "init_method": "eagle3"}

@@ -32,14 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from confu.engine.draft import ConFuHead
 from confu.errors import InputError
 from confu.training.heads import FC_RMS_SEQS, HEAD_INITS, build_head, scale_fc_to_rms
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
 LOG_NAME = "train_log.jsonl"
-# ConFu's new parts (they may take a larger lr)
-AUX_PREFIXES = ("soft_prompt", "con_moe.", "future_moe.", "future_bias", "future_proj.")
 # Settings a resumed run must share with the run that wrote the checkpoint: they fix the data order, the
 # split and the schedule, without which "resume" would silently be a different run.
 RESUME_KEYS = ("method", "data", "batch_tokens", "max_len", "seed", "eval_fraction", "total_steps",
@@ -419,10 +418,10 @@ def evaluate(source: TargetSource, head, indices: Sequence[int], cfg: TrainConfi
 
 
 def make_optimizer(head, cfg: TrainConfig, total_steps: int):
-    main, aux = [], []
+    main, aux = [], []  # aux: ConFu's own parts, at lr x aux_lr_mult
     for name, p in head.named_parameters():
         if p.requires_grad:
-            (aux if name.startswith(AUX_PREFIXES) else main).append(p)
+            (aux if name.split(".")[0] in ConFuHead.NEW_PARTS else main).append(p)
     groups = [{"params": main, "lr": cfg.lr}]
     if aux:
         groups.append({"params": aux, "lr": cfg.lr * cfg.aux_lr_mult})

@@ -256,6 +256,12 @@ def oracle_futures(tb: TargetBatch, anchors: Tensor, ahead: int) -> Tensor:
     return _gather_rows(tb.last_hidden, pos)
 
 
+def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
+    """Cross-entropy of `logits` against softmax(`target_logits`) over the last dimension, in float32."""
+    target_p = torch.softmax(target_logits.float(), dim=-1)
+    return -(target_p * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
 def future_prediction_ce(f: Tensor, tb: TargetBatch, anchors: Tensor, anchor_ok: Tensor,
                          labels) -> tuple[Tensor, Tensor]:
     """How well the target's own output layer reads x_{a+2} out of f_a: the auxiliary loss of `--future-loss`
@@ -267,8 +273,7 @@ def future_prediction_ce(f: Tensor, tb: TargetBatch, anchors: Tensor, anchor_ok:
     their count.
     """
     n = tb.shape[1]
-    target_p = torch.softmax(_gather_rows(tb.logits, (anchors + 1).clamp(max=n - 1)).float(), dim=-1)
-    ce = -(target_p * torch.log_softmax(labels(f).float(), dim=-1)).sum(-1)  # (B, K)
+    ce = soft_cross_entropy(labels(f), _gather_rows(tb.logits, (anchors + 1).clamp(max=n - 1)))  # (B, K)
     ok = anchor_ok & (anchors + 1 < tb.lengths[:, None])
     return torch.where(ok, ce, torch.zeros_like(ce)).sum(), ok.sum().float()
 
@@ -332,8 +337,7 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
         out = layer.attend(hidden, q, torch.cat(keys + tail_k, 2), torch.cat(values + tail_v, 2), mask, shift)
         logits = head.logits(out).float()
         logit_pos = (rows + 1 + k).clamp(max=n - 1)
-        target_p = torch.softmax(tb.logits[bidx, logit_pos].float(), dim=-1)
-        ce = -(target_p * torch.log_softmax(logits, dim=-1)).sum(-1)  # (B, M)
+        ce = soft_cross_entropy(logits, tb.logits[bidx, logit_pos])  # (B, M)
         ok = step_valid[..., k]
         ce_sum.append(torch.where(ok, ce, torch.zeros_like(ce)).sum())
         count.append(ok.sum())
