@@ -1,6 +1,7 @@
 """The training pipeline's throughput parts on the tiny random Llama: the stored target pass equals the live one,
-its build resumes, length-bucketed batches cover every sequence once per epoch within the token budget, a
-fresh head's output layer is the target's own, and the TTT-depth curriculum."""
+its build resumes, several data files read as one (a store each), length-bucketed batches cover every sequence
+once per epoch within the token budget, a fresh head's output layer is the target's own, and the TTT-depth
+curriculum."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ import torch
 from confu.engine.checkpoint import new_draft
 from confu.engine.target import Target
 from confu.training import features
-from confu.training.features import DraftLabels, FeatureStore, build_feature_store, feature_store, store_key
+from confu.training.features import (
+    DraftLabels,
+    FeatureStore,
+    StoreSet,
+    build_feature_store,
+    feature_store,
+    store_key,
+)
 from confu.training.heads import init_output_from_target
 from confu.training.train import LengthBatches, TrainConfig, train
 from confu.training.ttt import collate, run_target, stored_target_batch
@@ -96,6 +104,18 @@ def test_an_interrupted_build_resumes(target, seqs, cache, monkeypatch):
     assert reopened.rows(len(seqs) - 1).stop == sum(len(ids) for ids, _ in seqs)
 
 
+def test_a_store_set_reads_several_stores_as_one_data_set(target, seqs, cache):
+    whole = feature_store(target, seqs, target.feature_layers, "whole", progress=False)
+    split = StoreSet([feature_store(target, seqs[:5], target.feature_layers, "a", progress=False),
+                      feature_store(target, seqs[5:], target.feature_layers, "b", progress=False)])
+    assert split.sequences == len(seqs) and split.hidden_size == whole.hidden_size
+    for i in range(len(seqs)):
+        for got, want in zip(split.sequence(i), whole.sequence(i), strict=True):
+            assert got.shape == want.shape and np.allclose(got, want, atol=2e-3, rtol=1e-3)  # other chunks
+    with pytest.raises(IndexError):
+        split.sequence(len(seqs))
+
+
 def test_store_key_follows_the_data_and_the_layers(target, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1]}\n')
@@ -170,6 +190,36 @@ def test_training_from_the_store_equals_training_live(tiny_llama_dir, tmp_path, 
         la, lb = a.get("loss", a.get("eval", {}).get("loss")), b.get("loss", b.get("eval", {}).get("loss"))
         assert la == pytest.approx(lb, rel=2e-3)
     assert len(list((cache / "features").iterdir())) == 1
+
+
+def test_two_data_files_train_as_their_concatenation_and_resume_old_checkpoints(tiny_llama_dir, tmp_path, cache):
+    """--data A B: the same split, batches and losses as one file holding A then B; a store per file. A
+    checkpoint written when --data took one path (a string in its run keys) still resumes."""
+    data = _random_data(tmp_path / "data.jsonl")
+    lines = data.read_text().splitlines(keepends=True)
+    (tmp_path / "a.jsonl").write_text("".join(lines[:10]))
+    (tmp_path / "b.jsonl").write_text("".join(lines[10:]))
+    logs = {}
+    for name, files in (("one", [str(data)]), ("two", [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])):
+        cfg = TrainConfig(data=files, out=str(tmp_path / name), target=str(tiny_llama_dir), batch_tokens=200,
+                          max_len=64, lr=1e-3, draft_vocab_size=256, eval_fraction=0.2, eval_every=2, save_every=2,
+                          ttt_steps=2, steps=4, progress=False, stop_after=2)
+        train(cfg)
+        if name == "one":  # as written before --data took several files
+            state_path = tmp_path / name / "checkpoint" / "trainer_state.pt"
+            state = torch.load(state_path, weights_only=False)
+            state["run"]["data"] = str(data)
+            torch.save(state, state_path)
+        train(TrainConfig(**{**cfg.__dict__, "resume": True, "stop_after": None}))
+        logs[name] = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs["one"]] == [r["step"] for r in logs["two"]] == [0, 1, 2, 2, 3, 4, 4]
+    for a, b in zip(logs["one"], logs["two"], strict=True):
+        assert a["tokens"] == b["tokens"]
+        la, lb = a.get("loss", a.get("eval", {}).get("loss")), b.get("loss", b.get("eval", {}).get("loss"))
+        assert la == pytest.approx(lb, rel=2e-3)
+    assert len(list((cache / "features").iterdir())) == 3
+    provenance = json.loads((tmp_path / "two" / "config.json").read_text())["extra"]["training"]
+    assert provenance["data"] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
 
 
 def test_oracle_future_reads_the_target_ahead_and_needs_no_kv(target, seqs, cache):

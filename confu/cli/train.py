@@ -57,7 +57,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     """What `train` and `evaluate` share: the target, the data and its held-out split, the TTT depth."""
     p.add_argument("--target", default="smollm2-135m",
                    help="embedded name (smollm2-135m), a local HF model directory, or a .gguf file")
-    p.add_argument("--data", required=True, help="prepared dataset (confu data prepare)")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                   help="prepared datasets (confu data prepare), read as one in the order given; each keeps "
+                        "its own target-feature store, so a file added later costs only its own target pass")
     p.add_argument("--batch-tokens", type=int, default=4096,
                    help="padded tokens per global batch of similar-length sequences (split across torchrun "
                         "processes); must be >= --max-len")

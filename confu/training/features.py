@@ -76,8 +76,49 @@ class FeatureStore:
         return cls(root, offsets, mm("features.f16", np.float16, (t, 3 * h)),
                    mm("last_hidden.f32", np.float32, (t, h)), mm("argmax.i32", np.int32, (t,)))
 
+    @property
+    def sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def hidden_size(self) -> int:
+        return self.last_hidden.shape[1]
+
     def rows(self, index: int) -> slice:
         return slice(int(self.offsets[index]), int(self.offsets[index + 1]))
+
+    def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features, last_hidden, argmax) of sequence `index`."""
+        rows = self.rows(index)
+        return self.features[rows], self.last_hidden[rows], self.argmax[rows]
+
+
+class StoreSet:
+    """Several stores read as one data set: sequence i of the set is sequence i - start[k] of store k.
+
+    Why not one store: each `--data` file keeps its own store, so a data set that grows by a file costs the
+    target pass of that file only, not a rebuild of everything before it.
+    """
+
+    def __init__(self, stores: Sequence[FeatureStore]):
+        if len({s.hidden_size for s in stores}) != 1:
+            raise CheckpointError("feature stores of different hidden sizes cannot be read as one data set")
+        self.stores = list(stores)
+        self.starts = np.cumsum([0] + [s.sequences for s in self.stores])
+
+    @property
+    def sequences(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def hidden_size(self) -> int:
+        return self.stores[0].hidden_size
+
+    def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not 0 <= index < self.sequences:
+            raise IndexError(f"sequence {index} of a store set of {self.sequences}")
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.stores[k].sequence(index - int(self.starts[k]))
 
 
 def _progress(marker: Path) -> int:
@@ -141,14 +182,15 @@ def build_feature_store(target, seqs: Sequence[tuple[list[int], list[int]]], fea
         for r, i in enumerate(chunk):
             ids[r, : lengths[i]] = torch.tensor(seqs[i][0])
         # Right padding needs no mask: no real token sees a pad under causal attention. transformers' own
-        # linear layers: the quantized kernels are built for the few rows of a decoding step, not thousands.
+        # linear layers, the output layer included: the quantized kernels are built for the few rows of a
+        # decoding step, and on thousands of rows the output layer alone took 86% of the build.
         with target.reference_numerics():
             out = decoder(input_ids=ids.to(target.device), use_cache=False, output_hidden_states=True)
+            last = out.last_hidden_state
+            argmax = target.logits(last).argmax(-1)
         features = torch.cat([out.hidden_states[j] for j in feature_layers], dim=-1)
         if features.abs().max() > FP16_MAX:
             raise CheckpointError("target features exceed the fp16 range; this target needs an fp32 store")
-        last = out.last_hidden_state
-        argmax = target.logits(last).argmax(-1)
         for r, i in enumerate(chunk):
             rows, n = store.rows(i), lengths[i]
             store.features[rows] = features[r, :n].half().cpu().numpy()

@@ -49,7 +49,7 @@ LENGTH_BUCKET = 32  # sequences whose lengths agree to this many tokens are inte
 
 @dataclass
 class TrainConfig:
-    data: str
+    data: list[str]  # prepared files read as one data set, in this order (a single path is accepted)
     out: str
     target: str = "smollm2-135m"
     method: str = "eagle3"  # eagle3 | confu
@@ -105,9 +105,11 @@ class TrainConfig:
     command: str = ""  # provenance only
 
     def __post_init__(self) -> None:
+        self.data = [self.data] if isinstance(self.data, str) else [str(p) for p in self.data]
         if self.method not in ("eagle3", "confu"):
             raise InputError(f"--method must be eagle3 or confu, got {self.method!r}")
         checks = {
+            "--data (at least one file)": len(self.data) >= 1,
             "--batch-tokens (must be >= --max-len)": self.batch_tokens >= self.max_len,
             "--max-len": self.max_len >= 3,
             "--lr": self.lr > 0,
@@ -204,6 +206,11 @@ def load_sequences(path: str, max_len: int) -> list[Seq]:
     return out
 
 
+def load_parts(paths: Sequence[str], max_len: int) -> list[list[Seq]]:
+    """The sequences of each `--data` file; the data set is their concatenation, in this order."""
+    return [load_sequences(path, max_len) for path in paths]
+
+
 def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, eval) sample indices, a fixed function of the seed."""
     order = list(range(n))
@@ -277,7 +284,7 @@ class TargetSource:
 
     target: Any
     seqs: Sequence[Seq]  # the whole data set; batches name dataset indices
-    store: Any = None  # FeatureStore
+    store: Any = None  # FeatureStore or StoreSet over `seqs`
     labels: Any = None  # DraftLabels of the head's vocabulary
 
     def batch(self, head, indices: Sequence[int], keep_kv: bool):
@@ -298,17 +305,21 @@ def _needs_kv(head, cfg: TrainConfig) -> bool:
     return head.is_confu and not cfg.oracle_future
 
 
-def open_source(target, head, seqs: Sequence[Seq], cfg: TrainConfig, d: _Dist) -> TargetSource:
-    """The source `cfg` asks for: with `feature_cache`, heads that need no KV read the stored target pass."""
-    from confu.training.features import DraftLabels, feature_store, store_key
+def open_source(target, head, parts: Sequence[Sequence[Seq]], cfg: TrainConfig, d: _Dist) -> TargetSource:
+    """The source `cfg` asks for: with `feature_cache`, heads that need no KV read the stored target pass.
 
+    parts: the sequences of each file of `cfg.data` (`load_parts`); each file has its own store.
+    """
+    from confu.training.features import DraftLabels, StoreSet, feature_store, store_key
+
+    seqs = [s for part in parts for s in part]
     labels = DraftLabels(target, torch.arange(len(head.d2t)) + head.d2t.cpu())
     if not cfg.feature_cache or _needs_kv(head, cfg):
         return TargetSource(target, seqs, labels=labels)
     layers = head.cfg.feature_layers
-    key = store_key(cfg.data, cfg.max_len, target, layers)
-    store = feature_store(target, seqs, layers, key, d.rank, d.world, progress=cfg.progress and d.main)
-    return TargetSource(target, seqs, store, labels)
+    stores = [feature_store(target, part, layers, store_key(path, cfg.max_len, target, layers), d.rank, d.world,
+                            progress=cfg.progress and d.main) for path, part in zip(cfg.data, parts, strict=True)]
+    return TargetSource(target, seqs, StoreSet(stores), labels)
 
 
 def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequence[str], cfg: TrainConfig,
@@ -465,6 +476,10 @@ def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, tok
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _as_list(data: str | list[str] | None) -> list[str] | None:
+    return [data] if isinstance(data, str) else data
+
+
 def _find_checkpoint(out: Path) -> Path | None:
     for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):  # .old: a crash between the two renames
         path = out / name
@@ -494,7 +509,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     d = _setup(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    seqs = load_sequences(cfg.data, cfg.max_len)
+    parts = load_parts(cfg.data, cfg.max_len)
+    seqs = [s for part in parts for s in part]
     train_idx, eval_idx = split_indices(len(seqs), cfg.eval_fraction, cfg.seed)
     train_seqs = [seqs[i] for i in train_idx]
     order = LengthBatches([len(ids) for ids, _ in train_seqs], cfg.batch_tokens, cfg.seed, min_size=d.world)
@@ -505,8 +521,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     ckpt = _find_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
-        diff = [f"{k}: checkpoint {state['run'].get(k)!r}, now {v!r}" for k, v in run_keys.items()
-                if state["run"].get(k) != v]
+        was = state["run"] | {"data": _as_list(state["run"].get("data"))}  # one path before --data took several
+        diff = [f"{k}: checkpoint {was.get(k)!r}, now {v!r}" for k, v in run_keys.items() if was.get(k) != v]
         if diff:
             raise InputError(f"--resume with different settings than {ckpt}: " + "; ".join(diff))
         head = load_draft(ckpt, target).train()
@@ -528,7 +544,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
             dist.broadcast(t, 0)
     if cfg.freeze_lm_head:
         head.lm_head.weight.requires_grad_(False)
-    source = open_source(target, head, seqs, cfg, d)
+    source = open_source(target, head, parts, cfg, d)
     if state is None and not cfg.init and cfg.fc_rms:
         factor = scale_fc_to_rms(head, source, train_idx[:FC_RMS_SEQS], cfg.fc_rms, d)
         provenance |= {"fc_rms": cfg.fc_rms, "fc_init_factor": round(factor, 6)}
@@ -622,7 +638,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
             **provenance,
             "method": cfg.method,
             "target": cfg.target,
-            "data": str(cfg.data),
+            "data": cfg.data,
             "data_samples": len(train_seqs),
             "data_tokens": sum(len(ids) for ids, _ in train_seqs),
             "loss_tokens": sum(sum(m) for _, m in train_seqs),
@@ -654,14 +670,14 @@ def evaluate_draft(draft_dir: str, cfg: TrainConfig) -> dict[str, Any]:
     from confu.engine.target import Target
 
     d = _setup(cfg.device)
-    seqs = load_sequences(cfg.data, cfg.max_len)
-    _, eval_idx = split_indices(len(seqs), cfg.eval_fraction, cfg.seed)
+    parts = load_parts(cfg.data, cfg.max_len)
+    _, eval_idx = split_indices(sum(len(p) for p in parts), cfg.eval_fraction, cfg.seed)
     if not eval_idx:
-        raise InputError(f"--eval-fraction {cfg.eval_fraction} holds out no sequence of {cfg.data}")
+        raise InputError(f"--eval-fraction {cfg.eval_fraction} holds out no sequence of {' '.join(cfg.data)}")
     target = Target.load(cfg.target)
     head = load_draft(draft_dir, target).float()
     if (cfg.zero_future or cfg.oracle_future) and not head.is_confu:
         raise InputError("--zero-future and --oracle-future need a ConFu draft")
     target.model.to(d.device)
     head.to(d.device)
-    return evaluate(open_source(target, head, seqs, cfg, d), head, eval_idx, cfg, d)
+    return evaluate(open_source(target, head, parts, cfg, d), head, eval_idx, cfg, d)

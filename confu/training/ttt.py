@@ -104,22 +104,22 @@ def run_target(model, feature_layers: Sequence[int], head: Eagle3Head, input_ids
 
 def stored_target_batch(store, labels, head: Eagle3Head, seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
                         indices: Sequence[int], device: torch.device | str = "cpu") -> TargetBatch:
-    """`run_target`'s batch read back from a `FeatureStore` (dataset indices `indices` of `seqs`).
+    """`run_target`'s batch read back from a `FeatureStore` or `StoreSet` (dataset indices `indices` of `seqs`).
 
     labels: a `DraftLabels` for the head's draft vocabulary (soft labels from the stored hidden states).
     """
     input_ids, lengths, loss_mask = collate([seqs[i] for i in indices], device)
     b, n = input_ids.shape
-    h = store.last_hidden.shape[1]
+    h = store.hidden_size
     features = torch.zeros(b, n, 3 * h)
     last = torch.zeros(b, n, h)
     argmax = torch.zeros(b, n, dtype=torch.long)
     for r, i in enumerate(indices):
-        rows = store.rows(i)
-        m = rows.stop - rows.start
-        features[r, :m] = torch.from_numpy(store.features[rows])
-        last[r, :m] = torch.from_numpy(store.last_hidden[rows])
-        argmax[r, :m] = torch.from_numpy(store.argmax[rows])
+        feats, hidden, top = store.sequence(i)
+        m = len(top)
+        features[r, :m] = torch.from_numpy(feats)
+        last[r, :m] = torch.from_numpy(hidden)
+        argmax[r, :m] = torch.from_numpy(top)
     argmax = argmax.to(device)
     last = last.to(device)
     return TargetBatch(input_ids=input_ids, lengths=lengths, loss_mask=loss_mask, features=features.to(device),
