@@ -367,14 +367,16 @@ def test_cli_options() -> None:
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--data", "d.jsonl", "--out", "o", "--method", "confu", "--no-moe",
                               "--no-replicate", "--anchors", "8", "--future-bias", "4",
-                              "--future-residual", "--future-loss", "0.5"])
+                              "--future-residual", "--future-loss", "0.5", "--layer-init", "-1"])
     from confu.cli.train import config_from_args
 
     cfg = config_from_args(args)
     assert (cfg.n_expert, cfg.replicate, cfg.anchors, cfg.ttt_steps, cfg.lr) == (1, 0, 8, 7, 1e-4)
-    assert cfg.future_bias == 4.0 and cfg.future_residual and cfg.future_loss == 0.5
-    paper = config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o"]))
+    assert cfg.future_bias == 4.0 and cfg.future_residual and cfg.future_loss == 0.5 and cfg.layer_init == -1
+    assert cfg.data == ["d.jsonl"]
+    paper = config_from_args(parser.parse_args(["train", "--data", "d", "e", "--out", "o"]))
     assert paper.future_bias is None and not paper.future_residual and paper.future_loss == 0
+    assert paper.layer_init is None and paper.data == ["d", "e"]
     from confu.errors import InputError
 
     with pytest.raises(InputError):

@@ -15,6 +15,7 @@ import torch
 
 from confu.engine.checkpoint import new_draft
 from confu.engine.target import Target
+from confu.errors import InputError
 from confu.training import features
 from confu.training.features import (
     DraftLabels,
@@ -24,7 +25,7 @@ from confu.training.features import (
     feature_store,
     store_key,
 )
-from confu.training.heads import init_output_from_target
+from confu.training.heads import init_layer_from_target, init_output_from_target
 from confu.training.train import LengthBatches, TrainConfig, train
 from confu.training.ttt import collate, run_target, stored_target_batch
 
@@ -153,6 +154,25 @@ def test_fresh_head_reads_hidden_states_like_the_target(target):
     with torch.no_grad():
         torch.testing.assert_close(head.logits(x), target.logits(final_norm(x))[:, draft_ids], atol=1e-4,
                                    rtol=1e-4)
+
+
+def test_fresh_layer_starts_as_a_target_layer(target):
+    """--layer-init K: with a zero embedding, the draft layer's q / k / v are the target layer K's on the same
+    hidden state, and its MLP block is the target's; an index past the target's layers is refused."""
+    head = _head(target)
+    assert init_layer_from_target(head, target, -1) == len(target.model.get_decoder().layers) - 1
+    src, dst = target.model.get_decoder().layers[-1], head.layer
+    x = torch.randn(5, target.hidden_size) * 3
+    with torch.no_grad():
+        both = torch.cat([dst.embed_norm(torch.zeros_like(x)), dst.hidden_norm(x)], dim=-1)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            torch.testing.assert_close(getattr(dst, name)(both),
+                                       getattr(src.self_attn, name)(src.input_layernorm(x)), atol=1e-5, rtol=1e-4)
+        y = dst.post_norm(x)
+        torch.testing.assert_close(dst.down_proj(torch.nn.functional.silu(dst.gate_proj(y)) * dst.up_proj(y)),
+                                   src.mlp(src.post_attention_layernorm(x)), atol=1e-5, rtol=1e-4)
+    with pytest.raises(InputError, match="layers"):
+        init_layer_from_target(head, target, len(target.model.get_decoder().layers))
 
 
 def test_ttt_curriculum():

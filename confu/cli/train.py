@@ -23,7 +23,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, batch_tokens=args.batch_tokens, max_len=args.max_len, lr=args.lr,
         aux_lr_mult=args.aux_lr_mult, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, ttt_warmup=args.ttt_warmup,
-        head_init=args.head_init, freeze_lm_head=args.freeze_lm_head, fc_rms=args.fc_rms,
+        head_init=args.head_init, freeze_lm_head=args.freeze_lm_head, layer_init=args.layer_init, fc_rms=args.fc_rms,
         feature_cache=not args.no_feature_cache, oracle_future=args.oracle_future,
         seed=args.seed,
         draft_vocab_size=args.draft_vocab_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
@@ -97,6 +97,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--head-init", choices=["target", "random"], default="target",
                    help="a fresh head's lm_head and final norm: the target's (draft-vocabulary rows) or random")
     p.add_argument("--freeze-lm-head", action="store_true", help="keep lm_head at its initial value")
+    p.add_argument("--layer-init", type=int, default=None, metavar="K",
+                   help="a fresh head's decoder layer starts as the target's layer K (negative: from the end; "
+                        "Llama-style layers); default random")
     p.add_argument("--fc-rms", type=float, default=1.0,
                    help="a fresh head's fc starts scaled to this output RMS on the data (0: nn.Linear's init)")
     p.add_argument("--draft-vocab-size", type=int, default=8192,

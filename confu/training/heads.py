@@ -1,6 +1,7 @@
 """How a training run gets its draft head: fresh (with a draft vocabulary from the data), or from `--init`
 (continued, or an EAGLE-3 head's shared weights copied into a fresh ConFu head); a fresh head's output layer
-initialised from the target's (`--head-init target`), and its fc scaled to an output RMS (`--fc-rms`).
+initialised from the target's (`--head-init target`), its decoder layer from one of the target's
+(`--layer-init K`), and its fc scaled to an output RMS (`--fc-rms`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
         init_output_from_target(head, target)
     note = {"draft_vocab_size": vocab.draft_vocab_size, "vocab_coverage": round(vocab.coverage, 4),
             "head_init": cfg.head_init}
+    if cfg.layer_init is not None:
+        note["layer_init"] = init_layer_from_target(head, target, cfg.layer_init)
     return head.train(), note
 
 
@@ -79,21 +82,70 @@ def scale_fc_to_rms(head, source: TargetSource, indices: Sequence[int], rms: flo
     return float(factor)
 
 
+def _norm_scale(norm, size: int, eps: float, like: torch.Tensor) -> torch.Tensor:
+    """The effective per-channel scale of a target RMSNorm, measured on an all-ones vector (RMS 1) rather
+    than copied, because conventions differ (Gemma's multiplies by 1 + weight); (1 + eps) ** -0.5 divided out."""
+    ones = torch.ones(1, size, dtype=like.dtype, device=like.device)
+    return norm(ones)[0].float() * math.sqrt(1 + eps)
+
+
+# The target decoder layer's parts a draft layer copies: (draft attribute, path in a Llama-style layer).
+LAYER_PARTS = (("o_proj", "self_attn.o_proj"), ("gate_proj", "mlp.gate_proj"), ("up_proj", "mlp.up_proj"),
+               ("down_proj", "mlp.down_proj"))
+QKV_PARTS = (("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"), ("v_proj", "self_attn.v_proj"))
+
+
+@torch.no_grad()
+def init_layer_from_target(head, target, index: int) -> int:
+    """Start the draft's decoder layer as the target's layer `index` (negative counts from the end); returns
+    the layer index used.
+
+    Attention and MLP weights and the norms are copied. The draft's q / k / v read [norm(embedding),
+    norm(hidden)], 2H wide, where the target's read one H-wide stream: both halves get the target's weight,
+    so at step 0 the layer reads the sum of the two normalised inputs through the target's projections.
+    Needs a Llama-style layer (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, two RMSNorms) of the
+    draft's shapes.
+    """
+    layers = target.model.get_decoder().layers
+    if not -len(layers) <= index < len(layers):
+        raise InputError(f"--layer-init {index}: the target has {len(layers)} layers")
+    index %= len(layers)
+    src, dst = layers[index], head.layer
+
+    def part(path: str) -> torch.Tensor:
+        module = src
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                raise InputError(f"--layer-init needs a Llama-style target layer; layer {index} has no {path}")
+        return module.weight
+
+    for mine, theirs in LAYER_PARTS + QKV_PARTS:
+        w, d = part(theirs), getattr(dst, mine).weight
+        halves = 2 if (mine, theirs) in QKV_PARTS else 1
+        if (w.shape[0], w.shape[1] * halves) != tuple(d.shape):
+            raise InputError(f"--layer-init {index}: target {theirs} is {tuple(w.shape)}, the draft's {mine} "
+                             f"{tuple(d.shape)}")
+        d.copy_(w.repeat(1, halves).to(d))
+    for norm, name in ((dst.hidden_norm, "input_layernorm"), (dst.embed_norm, "input_layernorm"),
+                       (dst.post_norm, "post_attention_layernorm")):
+        theirs = getattr(src, name, None)
+        if theirs is None:
+            raise InputError(f"--layer-init needs a Llama-style target layer; layer {index} has no {name}")
+        norm.weight.copy_(_norm_scale(theirs, norm.weight.shape[0], norm.eps, theirs.weight).to(norm.weight))
+    return index
+
+
 @torch.no_grad()
 def init_output_from_target(head, target) -> None:
     """Start the head's final norm and lm_head as the target's own, for the draft vocabulary's rows.
 
-    The draft's last hidden state then begins in a space the target's output embedding already reads. The
-    norm's effective scale is measured rather than copied, because conventions differ (Gemma's RMSNorm
-    multiplies by 1 + weight): the target's final norm of an all-ones vector (RMS 1) is that scale, up to
-    the factor (1 + eps) ** -0.5, which is divided out.
+    The draft's last hidden state then begins in a space the target's output embedding already reads
+    (the norm's scale measured, `_norm_scale`).
     """
-    decoder = target.model.get_decoder()
-    norm = getattr(decoder, "norm", None)
+    norm = getattr(target.model.get_decoder(), "norm", None)
     if norm is not None:
-        ones = torch.ones(1, target.hidden_size, dtype=target.dtype, device=target.device)
-        scale = norm(ones)[0].float() * math.sqrt(1 + head.norm.eps)
-        head.norm.weight.copy_(scale.to(head.norm.weight))
+        head.norm.weight.copy_(_norm_scale(norm, target.hidden_size, head.norm.eps, norm.weight).to(head.norm.weight))
     weight = target.model.get_output_embeddings().weight
     draft_ids = torch.arange(len(head.d2t), device=head.d2t.device) + head.d2t
     head.lm_head.weight.copy_(weight[draft_ids.to(weight.device)].to(head.lm_head.weight))
