@@ -14,9 +14,12 @@
 # Since then training batches sequences of similar length under a token budget (BATCH_TOKENS: about the old
 # batch of 4 random sequences, 1,463 tokens on average), reads a stored target pass, and the prompt source skips
 # repeated first turns, so a rerun follows the same recipe and budget with other prompts and batch
-# compositions: not the same bits. The shipped EAGLE-3 draft is newer than this recipe: step 570 of a
-# 600-step run (sessions 12-13) with --fc-rms 1 (now the default) on 1,088 regenerated conversations; its
-# config.json holds the command. --head-init random and no TTT curriculum are the shipped drafts' choices (the target-initialised head and the curriculum are measured in BENCHMARKS.md).
+# compositions: not the same bits. The shipped EAGLE-3 draft is newer than this recipe, two stages:
+#   a. step 570 of a 600-step run (sessions 12-13), --fc-rms 1 (now the default), --head-init random, on 1,088
+#      regenerated conversations (688 greedy, 400 at T=0.8);
+#   b. continued (--init a) on 2,380 conversations (those plus 1,292 greedy ones on other prompts): step 230 of
+#      a 300-step run, --steps 300 --batch-tokens 4096 --max-len 1024 --ttt-steps 6 --lr 3e-4 (session 14).
+# Its config.json holds both commands. The ConFu drafts below come from the older recipe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFU=${CONFU:-.venv/bin/confu}
