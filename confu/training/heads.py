@@ -82,17 +82,18 @@ def scale_fc_to_rms(head, source: TargetSource, indices: Sequence[int], rms: flo
     return float(factor)
 
 
-def _norm_scale(norm, size: int, eps: float, like: torch.Tensor) -> torch.Tensor:
+def _norm_scale(norm, eps: float) -> torch.Tensor:
     """The effective per-channel scale of a target RMSNorm, measured on an all-ones vector (RMS 1) rather
     than copied, because conventions differ (Gemma's multiplies by 1 + weight); (1 + eps) ** -0.5 divided out."""
-    ones = torch.ones(1, size, dtype=like.dtype, device=like.device)
+    ones = torch.ones_like(norm.weight)[None]
     return norm(ones)[0].float() * math.sqrt(1 + eps)
 
 
-# The target decoder layer's parts a draft layer copies: (draft attribute, path in a Llama-style layer).
-LAYER_PARTS = (("o_proj", "self_attn.o_proj"), ("gate_proj", "mlp.gate_proj"), ("up_proj", "mlp.up_proj"),
-               ("down_proj", "mlp.down_proj"))
-QKV_PARTS = (("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"), ("v_proj", "self_attn.v_proj"))
+# The target decoder layer's parts a draft layer copies: (draft attribute, path in a Llama-style layer, how many
+# times the target's input width fits in the draft's: q / k / v read [embedding, hidden]).
+LAYER_PARTS = (("q_proj", "self_attn.q_proj", 2), ("k_proj", "self_attn.k_proj", 2), ("v_proj", "self_attn.v_proj", 2),
+               ("o_proj", "self_attn.o_proj", 1), ("gate_proj", "mlp.gate_proj", 1), ("up_proj", "mlp.up_proj", 1),
+               ("down_proj", "mlp.down_proj", 1))
 
 
 @torch.no_grad()
@@ -112,27 +113,21 @@ def init_layer_from_target(head, target, index: int) -> int:
     index %= len(layers)
     src, dst = layers[index], head.layer
 
-    def part(path: str) -> torch.Tensor:
-        module = src
-        for name in path.split("."):
-            module = getattr(module, name, None)
-            if module is None:
-                raise InputError(f"--layer-init needs a Llama-style target layer; layer {index} has no {path}")
-        return module.weight
+    def part(path: str) -> torch.nn.Module:
+        try:
+            return src.get_submodule(path)
+        except AttributeError:
+            raise InputError(f"--layer-init needs a Llama-style target layer; layer {index} has no {path}") from None
 
-    for mine, theirs in LAYER_PARTS + QKV_PARTS:
-        w, d = part(theirs), getattr(dst, mine).weight
-        halves = 2 if (mine, theirs) in QKV_PARTS else 1
+    for mine, theirs, halves in LAYER_PARTS:
+        w, d = part(theirs).weight, getattr(dst, mine).weight
         if (w.shape[0], w.shape[1] * halves) != tuple(d.shape):
             raise InputError(f"--layer-init {index}: target {theirs} is {tuple(w.shape)}, the draft's {mine} "
                              f"{tuple(d.shape)}")
         d.copy_(w.repeat(1, halves).to(d))
     for norm, name in ((dst.hidden_norm, "input_layernorm"), (dst.embed_norm, "input_layernorm"),
                        (dst.post_norm, "post_attention_layernorm")):
-        theirs = getattr(src, name, None)
-        if theirs is None:
-            raise InputError(f"--layer-init needs a Llama-style target layer; layer {index} has no {name}")
-        norm.weight.copy_(_norm_scale(theirs, norm.weight.shape[0], norm.eps, theirs.weight).to(norm.weight))
+        norm.weight.copy_(_norm_scale(part(name), norm.eps).to(norm.weight))
     return index
 
 
@@ -145,7 +140,7 @@ def init_output_from_target(head, target) -> None:
     """
     norm = getattr(target.model.get_decoder(), "norm", None)
     if norm is not None:
-        head.norm.weight.copy_(_norm_scale(norm, target.hidden_size, head.norm.eps, norm.weight).to(head.norm.weight))
+        head.norm.weight.copy_(_norm_scale(norm, head.norm.eps).to(head.norm.weight))
     weight = target.model.get_output_embeddings().weight
     draft_ids = torch.arange(len(head.d2t), device=head.d2t.device) + head.d2t
     head.lm_head.weight.copy_(weight[draft_ids.to(weight.device)].to(head.lm_head.weight))

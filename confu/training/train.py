@@ -106,7 +106,7 @@ class TrainConfig:
     command: str = ""  # provenance only
 
     def __post_init__(self) -> None:
-        self.data = [self.data] if isinstance(self.data, str) else [str(p) for p in self.data]
+        self.data = [str(p) for p in _as_list(self.data)]
         if self.method not in ("eagle3", "confu"):
             raise InputError(f"--method must be eagle3 or confu, got {self.method!r}")
         checks = {
@@ -190,6 +190,11 @@ def _setup(device: str) -> _Dist:
 
 
 Seq = tuple[list[int], list[int]]  # (input_ids, loss_mask)
+
+
+def _as_list(data: str | Sequence[str] | None) -> Sequence[str] | None:
+    """`--data` as a list: one path was a plain string (and is one in checkpoints written before several)."""
+    return [data] if isinstance(data, str) else data
 
 
 def load_sequences(path: str, max_len: int) -> list[Seq]:
@@ -475,10 +480,6 @@ def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, tok
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _as_list(data: str | list[str] | None) -> list[str] | None:
-    return [data] if isinstance(data, str) else data
 
 
 def _find_checkpoint(out: Path) -> Path | None:
