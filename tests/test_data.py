@@ -290,8 +290,10 @@ def test_resume_refuses_output_of_another_input(tmp_path: Path, tiny_llama) -> N
 
 def test_cli_prompts_and_prepare(tmp_path: Path, tiny_llama_dir: Path) -> None:
     prompts_path, regen, data = tmp_path / "p.jsonl", tmp_path / "r.jsonl", tmp_path / "d.jsonl"
-    _cli(["data", "prompts", "--n", "4", "--seed", "3", "--out", str(prompts_path), "--no-man-pages"])
-    assert len(load_conversations(prompts_path)) == 4
+    _cli(["data", "prompts", "--n", "4", "--seed", "3", "--out", str(prompts_path), "--no-man-pages",
+          "--words", "3", "--target", str(tiny_llama_dir)])
+    records = [json.loads(line) for line in prompts_path.read_text().splitlines()]
+    assert len(load_conversations(prompts_path)) == 7 and sum(r["id"].startswith("words-3-") for r in records) == 3
     _write_jsonl(regen, [SHAREGPT, OPENAI])
     _cli(["data", "prepare", "--target", str(tiny_llama_dir), "--input", str(regen), str(prompts_path),
           "--out", str(data), "--max-len", "64"])
@@ -314,6 +316,38 @@ def test_offline_prompts_are_deterministic_and_balanced() -> None:
     assert len({r["turns"][0] for r in a}) == 60
     rag = next(r for r in a if r["category"] == "rag")["turns"][0]
     assert "Passage (" in rag and "Question:" in rag
+
+
+class _WordTokenizer:
+    """The two things `vocabulary_words` asks of a tokenizer: its size and the text of one token."""
+
+    pieces = [" the", "the", " Maps", " maps", " Basque", " cat", " ab", " naïve", " x2y2", "ing", " Lighthouse"]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.pieces[ids[0]]
+
+
+def test_vocabulary_words_keeps_word_starts_of_letters() -> None:
+    # Not word starts ("the", "ing"), too short (" cat", " ab"), not ASCII letters (" naïve", " x2y2") and a
+    # capitalized duplicate (" Maps") go; a proper noun and a capitalized word without a lowercase twin stay.
+    assert prompts.vocabulary_words(_WordTokenizer(), min_letters=3) == ["the", "maps", "Basque", "cat",
+                                                                          "Lighthouse"]
+    assert prompts.vocabulary_words(_WordTokenizer()) == ["maps", "Basque", "Lighthouse"]
+
+
+def test_word_prompts_are_deterministic_and_use_the_words() -> None:
+    words = [f"word{c}" for c in "abcdefghij"]
+    a = prompts.word_prompts(words, 40, seed=2)
+    assert a == prompts.word_prompts(words, 40, seed=2) and a != prompts.word_prompts(words, 40, seed=3)
+    assert len({r["id"] for r in a}) == 40 and {r["category"] for r in a} <= set(prompts.CATEGORIES)
+    assert all(any(w in r["turns"][0] for w in words) for r in a)
+    assert "{" not in "".join(t for r in a for t in r["turns"])  # every slot filled
+    assert any(len(r["turns"]) == 2 for r in a)
+    with pytest.raises(InputError, match="at least 3 words"):
+        prompts.word_prompts(words[:2], 1)
 
 
 _FAKE_MAN_PAGE = r""".\" a comment that must vanish

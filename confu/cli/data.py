@@ -35,12 +35,14 @@ def _load_target(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_prompts(args: argparse.Namespace) -> None:
-    from confu.training.prompts import offline_prompts
+    from confu.training.prompts import offline_prompts, vocabulary_words, word_prompts
     from confu.training.self_written import self_written_prompts
 
-    if args.n < 0 or args.self_written < 0:
-        raise InputError("--n and --self-written must be >= 0")
+    if args.n < 0 or args.self_written < 0 or args.words < 0:
+        raise InputError("--n, --self-written and --words must be >= 0")
     records = offline_prompts(args.n, seed=args.seed, use_man_pages=not args.no_man_pages)
+    if args.words:
+        records += word_prompts(vocabulary_words(_load_tokenizer(args.target)), args.words, seed=args.seed)
     if args.self_written:
         model, tokenizer = _load_target(args)
         records += self_written_prompts(model, tokenizer, args.self_written, seed=args.seed,
@@ -57,14 +59,17 @@ def cmd_regenerate(args: argparse.Namespace) -> None:
     print(f"regenerated {n} conversations into {args.out}")
 
 
-def cmd_prepare(args: argparse.Namespace) -> None:
+def _load_tokenizer(target: str) -> Any:
     from transformers import AutoTokenizer
 
     from confu.hub import resolve_target
 
     # Only the tokenizer is needed; loading the weights would cost time and memory for nothing.
-    tokenizer = AutoTokenizer.from_pretrained(resolve_target(args.target))
-    stats = prepare(args.input, tokenizer, args.out, args.max_len)
+    return AutoTokenizer.from_pretrained(resolve_target(target))
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    stats = prepare(args.input, _load_tokenizer(args.target), args.out, args.max_len)
     print(json.dumps(stats.to_dict()))
 
 
@@ -88,6 +93,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-man-pages", action="store_true", help="use only Python docstrings as passages")
     p.add_argument("--self-written", type=int, default=0, metavar="N",
                    help="also ask the target to write N prompts itself")
+    p.add_argument("--words", type=int, default=0, metavar="N",
+                   help="also write N prompts seeded with words of the target's vocabulary (more topics)")
     _model_args(p)
     p.set_defaults(func=cmd_prompts)
 

@@ -13,10 +13,11 @@ third carry a follow-up second turn so the multi-turn path of regeneration and t
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from confu.errors import InputError
 from confu.training.passages import Passage, man_passages, stdlib_passages
 
 CATEGORIES: tuple[str, ...] = (
@@ -353,4 +354,59 @@ def offline_prompts(n: int, seed: int = 0, use_man_pages: bool = True) -> list[d
         if rng.random() < FOLLOW_UP_RATE:
             turns = [turns[0], _follow_up(rng, category, turns[0])]
         records.append({"id": f"offline-{seed}-{len(records):06d}", "category": category, "turns": turns})
+    return records
+
+
+# --------------------------------------------------------------------------------- vocabulary-seeded prompts
+# The slot lists above cover a few dozen topics, so the replies to them use few distinct words: 2,380
+# conversations of them hold only 11.3k distinct reply tokens, and 5.7% of the tokens the target writes for
+# our own evaluation prompts never occur in any reply. Seeding prompts with words drawn from the target's own
+# vocabulary spreads the replies over everything the target can talk about, without any outside data.
+
+_WORD_TEMPLATES: tuple[tuple[str, str], ...] = (
+    ("qa", 'What does the word "{w}" mean? Give two example sentences that use it.'),
+    ("qa", 'Give me five words related to "{w}" and say how each one is connected to it.'),
+    ("stem", "Tell me about {w}."),
+    ("stem", 'Explain "{w}" to a curious teenager.'),
+    ("humanities", 'Where does the word "{w}" come from, and how is it used today?'),
+    ("writing", 'Write a short story that uses the words "{w}", "{v}" and "{u}".'),
+    ("writing", "Write a short poem about {w}."),
+    ("writing", 'Write a paragraph for a travel blog that mentions "{w}" and "{v}".'),
+    ("roleplay", 'Pretend you are {p}. Tell me what "{w}" makes you think of. Respond in character.'),
+    ("translation", 'Translate the word "{w}" into {lang}, and use it in one sentence in both languages.'),
+    ("coding", 'Write a {code} function that counts how often the word "{w}" appears in a text, with an '
+               "example."),
+)
+
+
+def vocabulary_words(tokenizer: Any, min_letters: int = 4) -> list[str]:
+    """Whole words of the target's vocabulary: tokens that start a word and are ``min_letters`` or more
+    ASCII letters, as the tokenizer decodes them, in id order (so a seed picks the same words every time).
+    A capitalized word whose lowercase form is also a token is left out: "Tell me about Maps." reads badly."""
+    words: dict[str, None] = {}
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        word = text.strip()
+        if text[:1] == " " and len(word) >= min_letters and word.isascii() and word.isalpha():
+            words[word] = None
+    return [w for w in words if w == w.lower() or w.lower() not in words]
+
+
+def word_prompts(words: Sequence[str], n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` prompt records (ids ``words-<seed>-<i>``) built from :data:`_WORD_TEMPLATES`, each seeded with
+    words drawn uniformly from ``words``; about a third get a generic follow-up turn."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if len(words) < 3:
+        raise InputError(f"word prompts need at least 3 words, got {len(words)}")
+    rng, pool = random.Random(seed), list(words)
+    records: list[dict[str, Any]] = []
+    for i in range(n):
+        category, template = _WORD_TEMPLATES[i % len(_WORD_TEMPLATES)]
+        w, v, u = rng.sample(pool, 3)
+        turns = [template.format(w=w, v=v, u=u, p=rng.choice(_PERSONAS), lang=rng.choice(_TARGET_LANGS),
+                                 code=rng.choice(_LANGUAGES))]
+        if rng.random() < FOLLOW_UP_RATE:
+            turns.append(rng.choice(_GENERIC_FOLLOW_UPS))
+        records.append({"id": f"words-{seed}-{i:06d}", "category": category, "turns": turns})
     return records
