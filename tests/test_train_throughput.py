@@ -25,7 +25,7 @@ from confu.training.features import (
     feature_store,
     store_key,
 )
-from confu.training.heads import init_layer_from_target, init_output_from_target
+from confu.training.heads import build_head, init_layer_from_target, init_output_from_target, widen_vocab
 from confu.training.train import LengthBatches, TrainConfig, train
 from confu.training.ttt import collate, run_target, stored_target_batch
 
@@ -154,6 +154,31 @@ def test_fresh_head_reads_hidden_states_like_the_target(target):
     with torch.no_grad():
         torch.testing.assert_close(head.logits(x), target.logits(final_norm(x))[:, draft_ids], atol=1e-4,
                                    rtol=1e-4)
+
+
+def test_widen_vocab_keeps_the_old_rows_and_maps_the_new_ones(target, seqs):
+    """--widen-vocab: the old tokens keep their rows and every other weight; a new token's row is the target's
+    output row through the linear map that takes the target's rows of the old tokens onto the head's."""
+    src = _head(target)
+    out_emb = target.model.get_output_embeddings().weight
+    mapping = torch.randn(target.hidden_size, target.hidden_size, generator=torch.Generator().manual_seed(1))
+    old_ids = torch.arange(len(src.d2t)) + src.d2t
+    with torch.no_grad():
+        src.lm_head.weight.copy_(out_emb[old_ids] @ mapping)  # a head whose output space moved by `mapping`
+    head, note = widen_vocab(src, target, seqs, 300)
+    new_ids = torch.arange(len(head.d2t)) + head.d2t
+    assert len(new_ids) == 300 and head.cfg.draft_vocab_size == 300 and bool(head.t2d[old_ids].all())
+    assert note["widened_vocab"] == [200, 300] and note["widen_fit_residual"] < 1e-3
+    x = torch.randn(4, target.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(head.logits(x)[:, src.t2d[new_ids]], src.logits(x))  # old rows unchanged
+        torch.testing.assert_close(head.lm_head.weight, out_emb[new_ids] @ mapping, atol=1e-3, rtol=1e-3)
+    same = {k for k in src.state_dict() if k not in ("lm_head.weight", "d2t", "t2d")}
+    assert all(torch.equal(head.state_dict()[k], src.state_dict()[k]) for k in same)
+    with pytest.raises(InputError, match="smaller"):
+        widen_vocab(src, target, seqs, 100)
+    with pytest.raises(InputError, match="--widen-vocab grows the vocabulary of an --init head"):
+        build_head(TrainConfig(data="d", out="o", widen_vocab=True), target, seqs)
 
 
 def test_fresh_layer_starts_as_a_target_layer(target):

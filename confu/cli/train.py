@@ -24,6 +24,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         aux_lr_mult=args.aux_lr_mult, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, ttt_warmup=args.ttt_warmup,
         head_init=args.head_init, freeze_lm_head=args.freeze_lm_head, layer_init=args.layer_init, fc_rms=args.fc_rms,
+        widen_vocab=args.widen_vocab,
         feature_cache=not args.no_feature_cache, oracle_future=args.oracle_future,
         seed=args.seed,
         draft_vocab_size=args.draft_vocab_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
@@ -103,7 +104,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--fc-rms", type=float, default=1.0,
                    help="a fresh head's fc starts scaled to this output RMS on the data (0: nn.Linear's init)")
     p.add_argument("--draft-vocab-size", type=int, default=8192,
-                   help="draft vocabulary built from the data (ignored with --init)")
+                   help="draft vocabulary built from the data (ignored with --init, unless --widen-vocab)")
+    p.add_argument("--widen-vocab", action="store_true",
+                   help="with --init: grow the head's draft vocabulary to --draft-vocab-size tokens by this run's "
+                        "data, keeping its tokens and their rows (for data with new words)")
     p.add_argument("--eval-every", type=int, default=100,
                    help="steps between evaluations (0: only at the end)")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: none)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,10 +37,17 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
     """
     from confu.engine.checkpoint import load_draft, new_draft
 
+    if cfg.widen_vocab and not cfg.init:
+        raise InputError("--widen-vocab grows the vocabulary of an --init head; a fresh head takes "
+                         "--draft-vocab-size as it is")
     if cfg.init:
         src = load_draft(cfg.init, target)
+        if cfg.widen_vocab:
+            src, note = widen_vocab(src, target, train_seqs, cfg.draft_vocab_size)
+        else:
+            note = {}
         if src.cfg.method == cfg.method:
-            return src.train(), {"init": str(cfg.init)}
+            return src.train(), {"init": str(cfg.init)} | note
         if cfg.method == "confu" and src.cfg.method == "eagle3":
             head = new_draft(target, "confu", src.d2t.clone(), src.t2d.clone(), seed=cfg.seed,
                              **_confu_overrides(cfg))
@@ -48,7 +56,7 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
             if result.unexpected_keys or not new_parts <= set(ConFuHead.NEW_PARTS):
                 raise CheckpointError(f"{cfg.init}: cannot start a ConFu head from it (missing "
                                       f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
-            return head.train(), {"init": str(cfg.init), "init_method": "eagle3"}
+            return head.train(), {"init": str(cfg.init), "init_method": "eagle3"} | note
         raise InputError(f"--init {cfg.init} is a {src.cfg.method} head; "
                          f"--method {cfg.method} cannot start from it")
     from confu.training.vocab import build_draft_vocab
@@ -64,6 +72,44 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
     if cfg.layer_init is not None:
         note["layer_init"] = init_layer_from_target(head, target, cfg.layer_init)
     return head.train(), note
+
+
+@torch.no_grad()
+def widen_vocab(src, target, train_seqs: Sequence[Seq], size: int) -> tuple[Any, dict[str, Any]]:
+    """A copy of the trained head `src` with a draft vocabulary of `size` tokens: all of `src`'s, then the most
+    frequent response tokens of `train_seqs` (`build_draft_vocab`). Every other weight is `src`'s.
+
+    A kept token keeps its lm_head row. A new token's row is the target's output-embedding row mapped into the
+    draft's output space by the linear map that best takes (least squares) the target's rows of the kept tokens
+    onto the draft's trained rows: the draft's space has moved away from the target's during training, and a
+    row copied unmapped would be scored on another scale.
+    """
+    from confu.engine.checkpoint import attach_target_embedding
+    from confu.engine.draft import build_head as build_draft_head
+    from confu.training.vocab import build_draft_vocab
+
+    old_ids = src.to_target_ids(torch.arange(len(src.d2t)))
+    if size < len(old_ids):
+        raise InputError(f"--widen-vocab: --draft-vocab-size {size} is smaller than the --init head's "
+                         f"{len(old_ids)} tokens")
+    vocab = build_draft_vocab([{"input_ids": i, "loss_mask": m} for i, m in train_seqs], target.vocab_size, size,
+                              always_include=old_ids.tolist(), eos_token_id=sorted(target.eos_ids))
+    head = build_draft_head(replace(src.cfg, draft_vocab_size=vocab.draft_vocab_size, extra=dict(src.cfg.extra)))
+    head.load_state_dict({k: v for k, v in src.state_dict().items() if k not in ("lm_head.weight", "d2t", "t2d")},
+                         strict=False)
+    head.set_vocab(vocab.d2t, vocab.t2d)
+    attach_target_embedding(head, target)
+    new_ids = vocab.target_ids
+    kept = src.t2d[new_ids]  # new draft rows whose token the old vocabulary had, in the new order
+    out_emb = target.model.get_output_embeddings().weight.float()
+    old_rows, emb_old = src.lm_head.weight.float(), out_emb[old_ids]
+    mapping = torch.linalg.lstsq(emb_old, old_rows).solution  # (H_target, H): target row -> draft row
+    rows = out_emb[new_ids] @ mapping
+    rows[kept] = old_rows  # old ids ascend, and so do the kept ones among the new ids
+    head.lm_head.weight.copy_(rows.to(head.lm_head.weight))
+    fit = float((emb_old @ mapping - old_rows).norm() / old_rows.norm())
+    return head, {"widened_vocab": [len(old_ids), vocab.draft_vocab_size], "vocab_coverage": round(vocab.coverage, 4),
+                  "draft_vocab_size": vocab.draft_vocab_size, "widen_fit_residual": round(fit, 4)}
 
 
 @torch.no_grad()

@@ -69,6 +69,9 @@ class TrainConfig:
     head_init: str = "target"  # lm_head and final norm from the target's (draft vocabulary rows), or random
     freeze_lm_head: bool = False  # keep lm_head at its initial value (EAGLE-1/2 froze the target's)
     layer_init: int | None = None  # a fresh head's decoder layer starts as this target layer's (None: random)
+    # with --init: rebuild the draft vocabulary from this run's data at draft_vocab_size tokens, keeping the
+    # init's tokens and rows (new rows mapped from the target's output embedding: heads.widen_vocab)
+    widen_vocab: bool = False
     # A fresh head's fc starts scaled so its output (the draft layer's residual stream) has this RMS on the
     # first training sequences; 0 keeps nn.Linear's init. Why: the target's mid and high features have RMS
     # ~65 here, so the default fc makes a residual of RMS ~30 that swamps attention (the only way in for the
