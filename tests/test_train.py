@@ -400,6 +400,9 @@ def test_evaluate_cli_reproduces_the_logged_eval_and_probes_f(eagle3_run: Path, 
     got = run("--draft", str(eagle3_run))
     logged = [r["eval"] for r in _log(eagle3_run) if "eval" in r][-1]
     assert got["loss"] == pytest.approx(logged["loss"], rel=1e-5) and got["tau"] == pytest.approx(logged["tau"])
+    # --whole reads every sequence of the file: more rows than the split's
+    whole = run("--draft", str(eagle3_run), "--whole")
+    assert whole["whole"] and whole["rows"] > got["rows"] and whole["tau"] != got["tau"]
     # The probe replaces f: a ConFu head's predictions change with it.
     torch.manual_seed(0)
     confu_dir = save_draft(new_draft(tiny_target, "confu", draft_vocab_size=256), tmp_path / "confu")

@@ -50,8 +50,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                       max_len=args.max_len, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,
                       eval_fraction=args.eval_fraction, device=args.device, zero_future=args.zero_future,
                       feature_cache=not args.no_feature_cache, oracle_future=args.oracle_future)
-    metrics = evaluate_draft(args.draft, cfg)
-    print(json.dumps({"draft": args.draft, "zero_future": args.zero_future} | metrics))
+    metrics = evaluate_draft(args.draft, cfg, whole=args.whole)
+    print(json.dumps({"draft": args.draft, "zero_future": args.zero_future, "whole": args.whole} | metrics))
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -138,6 +138,8 @@ def add_parser(subparsers: Any) -> None:
     e = subparsers.add_parser("evaluate", help="held-out loss, accuracy per TTT step and simulated tau of a draft")
     _add_run_args(e)
     e.add_argument("--draft", required=True, help="draft directory")
+    e.add_argument("--whole", action="store_true",
+                   help="evaluate on every sequence of --data (a file kept apart from training), not its split")
     e.add_argument("--zero-future", action="store_true",
                    help="ConFu probe: give the draft f = 0; a tau that does not drop means the draft ignores f")
     e.set_defaults(func=cmd_evaluate)

@@ -668,15 +668,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     return out
 
 
-def evaluate_draft(draft_dir: str, cfg: TrainConfig) -> dict[str, Any]:
+def evaluate_draft(draft_dir: str, cfg: TrainConfig, whole: bool = False) -> dict[str, Any]:
     """Held-out metrics of a saved draft, on the split `confu train` holds out with the same data, max length,
-    eval fraction and seed."""
+    eval fraction and seed; with `whole`, on every sequence of the data (files no training run has read)."""
     from confu.engine.checkpoint import load_draft
     from confu.engine.target import Target
 
     d = _setup(cfg.device)
     parts = load_parts(cfg.data, cfg.max_len)
-    _, eval_idx = split_indices(sum(len(p) for p in parts), cfg.eval_fraction, cfg.seed)
+    n = sum(len(p) for p in parts)
+    eval_idx = list(range(n)) if whole else split_indices(n, cfg.eval_fraction, cfg.seed)[1]
     if not eval_idx:
         raise InputError(f"--eval-fraction {cfg.eval_fraction} holds out no sequence of {' '.join(cfg.data)}")
     target = Target.load(cfg.target)
