@@ -17,8 +17,8 @@
 # compositions: not the same bits. The shipped EAGLE-3 draft is newer than this recipe, two stages:
 #   a. step 570 of a 600-step run (sessions 12-13), --fc-rms 1 (now the default), --head-init random, on 1,088
 #      regenerated conversations (688 greedy, 400 at T=0.8);
-#   b. continued (--init a) on 2,380 conversations (those plus 1,292 greedy ones on other prompts): step 230 of
-#      a 300-step run, --steps 300 --batch-tokens 4096 --max-len 1024 --ttt-steps 6 --lr 3e-4 (session 14).
+#   b. continued (--init a) on 2,380 conversations (those plus 1,292 greedy ones on other prompts): a 300-step
+#      run, --steps 300 --batch-tokens 4096 --max-len 1024 --ttt-steps 6 --ttt-warmup 0 --lr 3e-4 (sessions 14-15).
 # Its config.json holds both commands. The ConFu drafts below come from the older recipe.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -173,6 +173,12 @@ def test_resume_is_exact(method: str, tiny_data: Path, tiny_llama_dir: Path, tmp
 
     assert losses(parts) == losses(full)
 
+    def record(out: Path) -> dict:  # how the head began, as the final draft's config records it
+        training = json.loads((out / "config.json").read_text())["extra"]["training"]
+        return {k: training.get(k) for k in ("vocab_coverage", "draft_vocab_size", "fc_init_factor", "head_init")}
+
+    assert record(parts) == record(full) and record(full)["vocab_coverage"] is not None
+
 
 def test_resume_refuses_other_settings(tiny_data: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
     from confu.errors import InputError

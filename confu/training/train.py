@@ -460,7 +460,8 @@ def make_optimizer(head, cfg: TrainConfig, total_steps: int):
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, tokens: int, run_keys: dict) -> None:
+def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, tokens: int, run_keys: dict,
+                     provenance: dict) -> None:
     """Draft + trainer state into OUT/checkpoint, swapped in as a whole so a crash never leaves a mix."""
     from confu.engine.checkpoint import save_draft
 
@@ -469,6 +470,7 @@ def _save_checkpoint(out: Path, head, opt, sched, step: int, elapsed: float, tok
     save_draft(head, tmp)
     state = {
         "step": step,
+        "provenance": provenance,  # how the head began (init, vocabulary, fc scale): the draft's config gets it at the end
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -531,7 +533,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         if diff:
             raise InputError(f"--resume with different settings than {ckpt}: " + "; ".join(diff))
         head = load_draft(ckpt, target).train()
-        provenance = dict(head.cfg.extra.get("training", {}))
+        # Checkpoints before the trainer state kept it: the head's own record (right for fresh heads only).
+        provenance = state.get("provenance", dict(head.cfg.extra.get("training", {})))
     else:
         if cfg.resume and d.main:
             print(f"no checkpoint in {out}; starting from scratch", file=sys.stderr)
@@ -632,7 +635,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
             bar.write(f"step {step}: eval loss {last_eval['loss']:.4f} acc {last_eval['acc'][0]:.3f} "
                       f"tau {last_eval['tau']:.3f}")
         if d.main and ((cfg.save_every and step % cfg.save_every == 0) or (step == stop < total)):
-            _save_checkpoint(out, head, opt, sched, step, elapsed, tokens, run_keys)
+            _save_checkpoint(out, head, opt, sched, step, elapsed, tokens, run_keys, provenance)
         d.barrier()
         if on_step is not None:
             on_step(step, record)
