@@ -59,10 +59,7 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
             return head.train(), {"init": str(cfg.init), "init_method": "eagle3"} | note
         raise InputError(f"--init {cfg.init} is a {src.cfg.method} head; "
                          f"--method {cfg.method} cannot start from it")
-    from confu.training.vocab import build_draft_vocab
-
-    vocab = build_draft_vocab([{"input_ids": i, "loss_mask": m} for i, m in train_seqs], target.vocab_size,
-                              cfg.draft_vocab_size, eos_token_id=sorted(target.eos_ids))
+    vocab = _data_vocab(target, train_seqs, cfg.draft_vocab_size)
     overrides = _confu_overrides(cfg) if cfg.method == "confu" else {}
     head = new_draft(target, cfg.method, vocab.d2t, vocab.t2d, seed=cfg.seed, **overrides)
     if cfg.head_init == "target":
@@ -72,6 +69,15 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
     if cfg.layer_init is not None:
         note["layer_init"] = init_layer_from_target(head, target, cfg.layer_init)
     return head.train(), note
+
+
+def _data_vocab(target, train_seqs: Sequence[Seq], size: int, always_include: Sequence[int] = ()):
+    """The draft vocabulary of `size` tokens for the training data: the target's EOS ids, `always_include`,
+    then the most frequent response tokens (`build_draft_vocab`)."""
+    from confu.training.vocab import build_draft_vocab
+
+    return build_draft_vocab([{"input_ids": i, "loss_mask": m} for i, m in train_seqs], target.vocab_size, size,
+                             always_include=always_include, eos_token_id=sorted(target.eos_ids))
 
 
 @torch.no_grad()
@@ -86,14 +92,11 @@ def widen_vocab(src, target, train_seqs: Sequence[Seq], size: int) -> tuple[Any,
     """
     from confu.engine.checkpoint import attach_target_embedding
     from confu.engine.draft import build_head as build_draft_head
-    from confu.training.vocab import build_draft_vocab
-
     old_ids = src.to_target_ids(torch.arange(len(src.d2t)))
     if size < len(old_ids):
         raise InputError(f"--widen-vocab: --draft-vocab-size {size} is smaller than the --init head's "
                          f"{len(old_ids)} tokens")
-    vocab = build_draft_vocab([{"input_ids": i, "loss_mask": m} for i, m in train_seqs], target.vocab_size, size,
-                              always_include=old_ids.tolist(), eos_token_id=sorted(target.eos_ids))
+    vocab = _data_vocab(target, train_seqs, size, always_include=old_ids.tolist())
     head = build_draft_head(replace(src.cfg, draft_vocab_size=vocab.draft_vocab_size, extra=dict(src.cfg.extra)))
     head.load_state_dict({k: v for k, v in src.state_dict().items() if k not in ("lm_head.weight", "d2t", "t2d")},
                          strict=False)
