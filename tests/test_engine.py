@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,16 @@ def test_stream_yields_what_generate_returns(tiny_llama_dir):
     cfg = GenerationConfig(max_new_tokens=15, tree=TreeConfig(8, 3, 2), auto_tree=False)
     chunks = list(Decoder.for_head(target, head).stream(ids, cfg))
     assert [t for c in chunks for t in c] == Decoder.for_head(target, head).generate(ids, cfg).tokens
+
+
+def test_decoding_passes_the_cache_under_the_models_own_keyword(tiny_llama_dir):
+    # transformers 5 renamed past_key_values to cache and warns on every call that uses the old name
+    target = load_target(tiny_llama_dir)
+    head = new_draft(target, "eagle3", draft_vocab_size=256)
+    cfg = GenerationConfig(max_new_tokens=6, tree=TreeConfig(4, 2, 2), auto_tree=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        Decoder.for_head(target, head).generate(chat_ids(target, PROMPTS[0]), cfg)
 
 
 def test_stops_at_eos_and_budget(tiny_llama_dir):

@@ -295,6 +295,12 @@ def _in_window(query_pos: Tensor, key_pos: Tensor, window: int, prefix: int) -> 
     return inside
 
 
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The name `module.forward` gives its KV cache argument: transformers renamed `past_key_values` to
+    `cache` (the old name still works there, with a deprecation warning on every call)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def check_supported(model: PreTrainedModel) -> AttentionLayout:
     """Refuse, by name, the architectures the wrapper cannot run (before a forward would fail obscurely);
     returns the attention layout of those it can."""
@@ -366,6 +372,7 @@ class Target:
         if numerics not in NUMERICS:
             raise InputError(f"numerics must be one of {NUMERICS} (got {numerics!r})")
         self.layout = check_supported(model)
+        self._cache_keyword = cache_keyword(model.get_decoder())
         self.model = model.eval().requires_grad_(False)
         probe = _probe_reference(model)  # transformers' own attention, before the switch
         self.model.set_attn_implementation(SPLIT_ATTENTION)
@@ -510,7 +517,7 @@ class Target:
             position_ids=positions[None],
             attention_mask=self.layout.masks(mask_with_cache(cache, new_mask, contemplate_rows)[None, None],
                                              positions, torch.cat([committed, positions]), cache.prefix),
-            past_key_values=cache.kv,
+            **{self._cache_keyword: cache.kv},
             use_cache=True,
             output_hidden_states=True,
             contemplate_split=(cache.prefix, n - contemplate_rows),

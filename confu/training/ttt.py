@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from confu.engine.draft import ConFuHead, Eagle3Head
-from confu.engine.target import AttentionLayout
+from confu.engine.target import AttentionLayout, cache_keyword
 
 
 @dataclass
@@ -79,8 +79,8 @@ def run_target(model, feature_layers: Sequence[int], head: Eagle3Head, input_ids
     window). Running this pass without the soft prompt is exact: ordinary rows never attend the soft prompt,
     so neither their outputs nor their KV entries depend on it (the property that makes ConFu lossless).
     """
-    out = model(input_ids=input_ids, past_key_values=DynamicCache() if keep_kv else None, use_cache=keep_kv,
-                output_hidden_states=True)
+    out = model(input_ids=input_ids, **{cache_keyword(model): DynamicCache() if keep_kv else None},
+                use_cache=keep_kv, output_hidden_states=True)
     hidden = out.hidden_states
     features = torch.cat([hidden[i] for i in feature_layers], dim=-1)
     logits = out.logits
@@ -88,7 +88,7 @@ def run_target(model, feature_layers: Sequence[int], head: Eagle3Head, input_ids
     draft_ids = torch.arange(len(head.d2t), device=logits.device) + head.d2t
     kv = None
     if keep_kv:
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in out[cache_keyword(model)].layers]
     return TargetBatch(
         input_ids=input_ids,
         lengths=lengths,
@@ -241,7 +241,7 @@ def contemplate_futures(model, head: ConFuHead, tb: TargetBatch, anchors: Tensor
         inputs_embeds=con.to(dtype),
         position_ids=anchors + 1,
         attention_mask=AttentionLayout.of(model).masks(mask[:, None], anchors[:, None] + 1, key_pos[:, None], s),
-        past_key_values=cache,
+        **{cache_keyword(model): cache},
         use_cache=True,
         output_hidden_states=True,
         logits_to_keep=1,  # the [con] rows need no logits
