@@ -97,19 +97,27 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        # One fused op (a draft level runs four norms); in float32 for half-precision inputs, like the target's
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
 
-def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotary embedding, half-split convention. x: (B, heads, n, d); positions: (B, n)."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, n, d/2)
-    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None].to(x.dtype)
-    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None].to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+def rope_angles(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, (B, 1, n, head_dim / 2) each, for positions (B, n)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding, half-split convention: x (B, heads, n, d), cos / sin from `rope_angles`.
+
+    Written on the halves, (x1 cos - x2 sin, x2 cos + x1 sin), which is x * [cos, cos] + [-x2, x1] * [sin, sin]
+    with the same roundings, and fewer ops.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class DraftLayer(nn.Module):
@@ -138,8 +146,9 @@ class DraftLayer(nn.Module):
         """q (B, nh, n, d), k and v (B, nkv, n, d); q and k rotated."""
         x = torch.cat([self.embed_norm(emb), self.hidden_norm(hidden)], dim=-1)
         cfg = self.cfg
-        q = apply_rope(self._heads(self.q_proj(x), cfg.num_attention_heads), positions, cfg.rope_theta)
-        k = apply_rope(self._heads(self.k_proj(x), cfg.num_key_value_heads), positions, cfg.rope_theta)
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        q = apply_rope(self._heads(self.q_proj(x), cfg.num_attention_heads), cos, sin)
+        k = apply_rope(self._heads(self.k_proj(x), cfg.num_key_value_heads), cos, sin)
         v = self._heads(self.v_proj(x), cfg.num_key_value_heads)
         return q, k, v
 
@@ -147,10 +156,9 @@ class DraftLayer(nn.Module):
                shift: Tensor | None = None) -> Tensor:
         """Attention over given keys (mask (B or 1, 1, n, K), True = attend), then the MLP block; `shift`
         (broadcast to (B, n, H)) is added to the residual after attention (`ConFuHead.future_shift`)."""
-        groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        # grouped KV heads as they are: expanding them would copy the whole draft cache at every level
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                              enable_gqa=self.cfg.num_attention_heads != self.cfg.num_key_value_heads)
         b, _, n, _ = attn.shape
         h = hidden + self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
         if shift is not None:
