@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from confu.engine.draft import DraftConfig, Eagle3Head, build_head, init_weights_like_eagle
+from confu.engine.draft import DraftConfig, Eagle3Head, apply_rope, build_head, init_weights_like_eagle, rope_angles
 from confu.engine.drafter import Drafter
 from confu.engine.tree import DraftTree, TreeConfig
 
@@ -183,3 +183,25 @@ def test_ties_keep_creation_order(method: str, scale: float) -> None:
         else:  # equal siblings
             siblings = [got.scores[kids].tolist() for kids in got.children if len(kids) > 1]
             assert any(len(set(s)) < len(s) for s in siblings)
+
+
+def test_rotary_embedding_is_a_rotation_by_position():
+    # Each pair (x[i], x[i + d/2]) turns by position * theta^(-2i/d): so q.k after rotation depends only on
+    # the positions' difference, and lengths are kept (the angles are float32, hence 1e-6).
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 16, dtype=torch.float64), torch.randn(1, 2, 1, 16, dtype=torch.float64)
+
+    def rotated(x: Tensor, pos: int) -> Tensor:
+        cos, sin = rope_angles(torch.tensor([[pos]]), 16, 500.0, torch.float64)
+        return apply_rope(x, cos, sin)
+
+    dots = [float((rotated(q, m + 7) * rotated(k, m)).sum()) for m in (0, 3, 40)]
+    assert dots == pytest.approx([dots[0]] * 3, rel=1e-6)
+    assert float((rotated(q, 5) * rotated(k, 5)).sum()) == pytest.approx(float((q * k).sum()), rel=1e-6)
+    assert rotated(q, 11).norm() == pytest.approx(q.norm(), rel=1e-6)
+    angle = 3 * 500.0 ** (-2 * 1 / 16)  # pair 1 at position 3
+    x = torch.zeros(1, 1, 1, 16, dtype=torch.float64)
+    x[..., 1] = 1.0
+    y = rotated(x, 3)
+    assert float(y[..., 1]) == pytest.approx(torch.cos(torch.tensor(angle, dtype=torch.float64)).item())
+    assert float(y[..., 9]) == pytest.approx(torch.sin(torch.tensor(angle, dtype=torch.float64)).item())
