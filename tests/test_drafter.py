@@ -198,7 +198,7 @@ def test_rotary_embedding_is_a_rotation_by_position():
     dots = [float((rotated(q, m + 7) * rotated(k, m)).sum()) for m in (0, 3, 40)]
     assert dots == pytest.approx([dots[0]] * 3, rel=1e-6)
     assert float((rotated(q, 5) * rotated(k, 5)).sum()) == pytest.approx(float((q * k).sum()), rel=1e-6)
-    assert rotated(q, 11).norm() == pytest.approx(q.norm(), rel=1e-6)
+    assert float(rotated(q, 11).norm()) == pytest.approx(float(q.norm()), rel=1e-6)
     angle = 3 * 500.0 ** (-2 * 1 / 16)  # pair 1 at position 3
     x = torch.zeros(1, 1, 1, 16, dtype=torch.float64)
     x[..., 1] = 1.0
