@@ -111,11 +111,35 @@ def test_drafting_that_loses_on_the_clock_backs_off():
     assert not sizer.drafting_loses and sizer.explore_gap == 4
 
 
+def test_a_draft_that_pays_only_shallow_is_drafted_shallow():
+    """On the clock, depth 1 beats plain decoding and depth 2 loses (each level costs more than it brings):
+    the first, depth-2 round loses, yet a re-check at depth 1 finds what pays and drafting stays there, with
+    only the periodic look one level deeper. (One mean over all drafted rounds would call drafting a loss.)"""
+    sizer = AutoSizer(COSTS, max_depth=4, explore_every=8)
+    round_s = {1: 0.046, 2: 0.080, 3: 0.100, 4: 0.120}  # plain: 0.040 s a token; 1.5 tokens a drafted round
+    depths = []
+    for i in range(120):
+        depth = sizer.plan_round()
+        depths.append(depth)
+        if depth:
+            sizer.observe(sizer.choose_nodes(_chain_tree(depth, -0.7), 0.004 * depth), depth, i % 2,
+                          0.004 * depth, round_s[depth] - 0.004 * depth)
+        else:
+            sizer.observe_plain(0.040)
+    assert depths[0] == 2 and not sizer.drafting_loses
+    assert sum(d == 1 for d in depths) >= 90, f"depth 1 pays and must be the usual choice: {depths}"
+    assert sum(d >= 2 for d in depths) <= 20, depths
+    plain, depth_rate, _ = sizer.clock()
+    seeded = AutoSizer(COSTS, max_depth=4, explore_every=8)
+    seeded.set_clock((plain, depth_rate, 8))
+    assert seeded.plan_round() == 1, "the next sequence starts at the depth that paid"
+
+
 def test_the_clock_carries_over_to_the_next_sequence():
     """A sizer seeded with a clock that says drafting loses does not draft at once (it waits for a re-check)."""
     fresh = AutoSizer(COSTS, max_depth=3, explore_every=4)
     assert fresh.plan_round() == 2
     seeded = AutoSizer(COSTS, max_depth=3, explore_every=4)
-    seeded.set_clock((0.030, 20.0, 16))  # plain 33 tokens/s, drafting 20
+    seeded.set_clock((0.030, [0.0, 20.0], 16))  # plain 33 tokens/s, drafting 20 (at depth 2)
     depths = [seeded.plan_round() for _ in range(16)]
     assert depths[:15] == [0] * 15 and depths[15] == 2, depths

@@ -108,7 +108,7 @@ class Decoder:
         self.feature_layers = proposer.feature_layers if proposer is not None else target.feature_layers
         check_feature_layers(self.feature_layers, target.num_layers)
         self._verify_costs: VerifyCosts | None = None
-        self._clock: tuple[float, float, int] | None = None  # the last sequence's AutoSizer.clock()
+        self._clock: tuple[float, list[float], int] | None = None  # the last sequence's AutoSizer.clock()
 
     def sizer(self, cfg: GenerationConfig) -> AutoSizer | None:
         """Per-sequence tree sizing under `auto_tree` (the cost curve is loaded, or measured, once)."""

@@ -12,10 +12,14 @@ acceptance observed online:
 Each round `AutoSizer` picks the depth with the best expected tokens per second, or no draft at all when
 plain decoding is expected to be faster; it drafts one level deeper than that as soon as the deepest level
 keeps being accepted, and every `explore_every` rounds to re-check (so a draft that improves mid-sequence is
-noticed). The model is checked against the clock: while rounds with a draft make fewer tokens per second
-than rounds without, it drafts only to re-check, and the gap between re-checks doubles (up to
-MAX_EXPLORE_GAP). It then keeps the number of nodes whose calibrated expected gain pays for their verify rows. A draft
-that cannot pay therefore costs a catch-up per token and a shallow tree now and then, not a tree per token.
+noticed). The model is checked against the clock, depth by depth: where a depth has been drafted, its
+measured tokens per second replace the model's estimate, and while no depth makes more tokens per second
+than rounds without a draft, it drafts only to re-check (depth 1 first, the cheapest round), and the gap
+between re-checks doubles (up to MAX_EXPLORE_GAP). It then keeps the number of nodes whose calibrated
+expected gain pays for their verify rows. A draft that cannot pay therefore costs a catch-up per token and a
+shallow tree now and then, not a tree per token; one that pays only with tiny trees (a 2-core CPU, where each
+draft level and verify row costs several ms) is drafted at the depth that pays, and the decoder hands those
+per-depth rates to its next sequence.
 """
 
 from __future__ import annotations
@@ -152,18 +156,27 @@ class AutoSizer:
     # What rounds really took, on the clock: the cost model misses what it cannot see (catch-up after rounds
     # without a draft, the context length, other processes), so drafting stops when it measurably loses.
     plain_s: float = 0.0  # running mean of the seconds of a round without a draft
-    draft_rate: float = 0.0  # running mean of the tokens per second of rounds with a draft
+    # depth_rate[d - 1]: running mean of the tokens per second of rounds drafted d levels deep (0: none yet).
+    # Per depth, because one mean over all drafted rounds mixes the depth that pays with the explorations
+    # around it, and a draft that pays only shallow (tiny trees on a CPU) would be judged a loss.
+    depth_rate: list[float] = field(default_factory=list)
     explore_gap: int = 0  # rounds until the next re-check: explore_every, doubled while drafting loses
     next_explore: int = 0
 
     def __post_init__(self) -> None:
         self.gain = [0.0] * self.max_depth
+        self.depth_rate = [0.0] * self.max_depth
         self.explore_gap = self.next_explore = self.explore_every
 
     @property
+    def draft_rate(self) -> float:
+        """Tokens per second of rounds drafted at the best depth measured so far (0: none measured)."""
+        return max(self.depth_rate, default=0.0)
+
+    @property
     def drafting_loses(self) -> bool:
-        """Rounds with a draft have measurably made fewer tokens per second than rounds without (the cost
-        curve's one-row pass stands in for those until one has run)."""
+        """Rounds with a draft, at their best depth, have measurably made fewer tokens per second than rounds
+        without (the cost curve's one-row pass stands in for those until one has run)."""
         plain_s = self.plain_s or self.costs(self._rows(0))
         return self.draft_rate > 0 and self.draft_rate * plain_s < 1.0
 
@@ -184,26 +197,30 @@ class AutoSizer:
         `explore_every` rounds, to re-check (so a draft that starts hitting later is noticed)."""
         self.rounds += 1
         if self.observed_depth == 0:  # nothing drafted yet in this sequence
+            # the previous sequences' clock, if any, says which depth paid; else a cheap first look
+            start = 1 + self.depth_rate.index(self.draft_rate) if self.draft_rate > 0 else self.first_depth
             if not self.drafting_loses:
-                return min(self.first_depth, self.max_depth)
-            if self.rounds < self.next_explore:  # the previous sequences' clock says drafting loses
+                return min(start, self.max_depth)
+            if self.rounds < self.next_explore:  # the clock says drafting loses
                 return 0
             self.next_explore = self.rounds + self.explore_gap
-            return min(self.first_depth, self.max_depth)
+            return min(start, self.max_depth)
         nodes = max(1, self.last_nodes)
-        best, best_rate = 0, 1.0 / self.costs(self._rows(0))
+        best, best_rate = 0, 1.0 / (self.plain_s or self.costs(self._rows(0)))
         for d in range(1, self.observed_depth + 1):
-            rate = (1.0 + self.gain[d - 1]) / (d * self.level_s + self.costs(self._rows(nodes)))
+            # what drafting d levels has made on the clock, where measured; the cost model's estimate if not
+            rate = self.depth_rate[d - 1] or (1.0 + self.gain[d - 1]) / (d * self.level_s + self.costs(self._rows(nodes)))
             if rate > best_rate:
                 best, best_rate = d, rate
         if self.drafting_loses:
             best = 0
-        deeper = min(self.max_depth, max(best, 1) + 1)
+        deeper = min(self.max_depth, best + 1)
         if best == self.observed_depth and best and self.reach(best) >= self.deepen_at:
             return deeper
         if self.rounds >= self.next_explore:
             self.next_explore = self.rounds + self.explore_gap
-            return deeper
+            # while drafting loses, re-check the depth that made the most (depth 1 first: the cheapest round)
+            return deeper if best else 1 + (self.depth_rate.index(self.draft_rate) if self.depth_rate[0] else 0)
         return best
 
     def choose_nodes(self, tree: DraftTree, draft_s: float) -> DraftTree:
@@ -221,13 +238,15 @@ class AutoSizer:
         self.last_nodes = best_n
         return prune(tree, sorted(order[:best_n]))
 
-    def clock(self) -> tuple[float, float, int]:
-        """What the clock has said: (plain_s, draft_rate, explore_gap). A decoder hands it to the sizer of its
-        next sequence, so a draft that loses is not re-learned at every prompt."""
-        return self.plain_s, self.draft_rate, self.explore_gap
+    def clock(self) -> tuple[float, list[float], int]:
+        """What the clock has said: (plain_s, depth_rate, explore_gap). A decoder hands it to the sizer of its
+        next sequence, so neither a draft that loses nor the depth that pays is re-learned at every prompt."""
+        return self.plain_s, list(self.depth_rate), self.explore_gap
 
-    def set_clock(self, clock: tuple[float, float, int]) -> None:
-        self.plain_s, self.draft_rate, self.explore_gap = clock
+    def set_clock(self, clock: tuple[float, list[float], int]) -> None:
+        plain_s, depth_rate, self.explore_gap = clock
+        self.plain_s = plain_s
+        self.depth_rate = (list(depth_rate) + [0.0] * self.max_depth)[: self.max_depth]
         self.next_explore = self.explore_gap
 
     def observe_plain(self, seconds: float) -> None:
@@ -241,7 +260,8 @@ class AutoSizer:
             return
         if verify_s is not None:
             rate = (1 + accepted) / (draft_s + verify_s)
-            self.draft_rate = rate if self.draft_rate == 0 else DECAY * self.draft_rate + (1 - DECAY) * rate
+            old = self.depth_rate[depth - 1]
+            self.depth_rate[depth - 1] = rate if old == 0 else DECAY * old + (1 - DECAY) * rate
             self.explore_gap = min(2 * self.explore_gap, MAX_EXPLORE_GAP) if self.drafting_loses \
                 else self.explore_every
         for d in range(1, depth + 1):  # a level's first observation is its mean; later ones decay into it
