@@ -197,8 +197,7 @@ class AutoSizer:
         `explore_every` rounds, to re-check (so a draft that starts hitting later is noticed)."""
         self.rounds += 1
         if self.observed_depth == 0:  # nothing drafted yet in this sequence
-            # the previous sequences' clock, if any, says which depth paid; else a cheap first look
-            start = 1 + self.depth_rate.index(self.draft_rate) if self.draft_rate > 0 else self.first_depth
+            start = self._clock_depth(default=self.first_depth)  # what paid in earlier sequences, if measured
             if not self.drafting_loses:
                 return min(start, self.max_depth)
             if self.rounds < self.next_explore:  # the clock says drafting loses
@@ -219,9 +218,15 @@ class AutoSizer:
             return deeper
         if self.rounds >= self.next_explore:
             self.next_explore = self.rounds + self.explore_gap
-            # while drafting loses, re-check the depth that made the most (depth 1 first: the cheapest round)
-            return deeper if best else 1 + (self.depth_rate.index(self.draft_rate) if self.depth_rate[0] else 0)
+            if best:
+                return deeper
+            # drafting loses: re-check depth 1 (the cheapest round) until measured, then the depth that made most
+            return self._clock_depth(default=1) if self.depth_rate[0] else 1
         return best
+
+    def _clock_depth(self, default: int) -> int:
+        """The depth whose rounds made the most tokens per second on the clock; `default` if none was measured."""
+        return 1 + self.depth_rate.index(self.draft_rate) if self.draft_rate > 0 else default
 
     def choose_nodes(self, tree: DraftTree, draft_s: float) -> DraftTree:
         """Keep the top-n nodes by score (a valid tree: a parent never scores below its child) for the n with
