@@ -163,6 +163,18 @@ def test_load_questions_filters_and_checks(tmp_path):
         load_questions(qfile)
 
 
+def test_a_prompt_file_is_one_turn_questions(tmp_path):
+    pfile = tmp_path / "mine.txt"
+    pfile.write_text("# our prompts\nWrite a haiku about rain.\n\nName three rivers.\n")
+    picked = load_questions(pfile)
+    assert [(q.question_id, q.category, q.turns) for q in picked] == [
+        (1, "prompts", ("Write a haiku about rain.",)), (2, "prompts", ("Name three rivers.",))]
+    assert [q.question_id for q in load_questions(pfile, limit_per_category=1)] == [1]
+    pfile.write_text("# only a comment\n")
+    with pytest.raises(InputError, match="no prompts"):
+        load_questions(pfile)
+
+
 def test_parse_methods():
     specs = parse_methods("ar, hf,eagle3:/x/e3_run,confu:/x/c=a/run=mine")
     assert [(s.kind, s.label, s.draft_dir) for s in specs] == [

@@ -16,7 +16,7 @@ import platform
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from confu.bench.report import render_report, summarize, write_plots
 from confu.bench.timing import timed
-from confu.chat import encode_prompt
+from confu.chat import encode_prompt, read_prompts_file
 from confu.errors import InputError
 
 if TYPE_CHECKING:
@@ -83,7 +83,9 @@ class Question:
 
 def load_questions(path: str | Path, categories: Sequence[str] | None = None,
                    limit_per_category: int | None = None) -> list[Question]:
-    """Spec-Bench JSONL (`question_id`, `category`, `turns`), filtered, in file order."""
+    """Spec-Bench JSONL (`question_id`, `category`, `turns`), filtered, in file order. A `.txt` file is a
+    prompt file instead (`confu generate --prompt-file`: one prompt per line, `#` comments): each prompt is
+    a one-turn question of category "prompts", numbered from 1."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"question file not found: {p}")
@@ -91,22 +93,15 @@ def load_questions(path: str | Path, categories: Sequence[str] | None = None,
     taken: Counter[str] = Counter()
     seen: set[str] = set()
     out: list[Question] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            q = Question(rec["question_id"], str(rec["category"]), tuple(str(t) for t in rec["turns"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise InputError(f"{p}:{n}: not a Spec-Bench question record ({err})") from err
+    for where, q in _prompt_file_questions(p) if p.suffix == ".txt" else _spec_bench_questions(p):
         if not q.turns:
-            raise InputError(f"{p}:{n}: question {q.question_id} has no turns")
+            raise InputError(f"{where}: question {q.question_id} has no turns")
         if wanted is not None and q.category not in wanted:
             continue
         if limit_per_category is not None and taken[q.category] >= limit_per_category:
             continue
         if str(q.question_id) in seen:  # results are keyed by it
-            raise InputError(f"{p}:{n}: question_id {q.question_id} appears twice")
+            raise InputError(f"{where}: question_id {q.question_id} appears twice")
         seen.add(str(q.question_id))
         taken[q.category] += 1
         out.append(q)
@@ -115,6 +110,23 @@ def load_questions(path: str | Path, categories: Sequence[str] | None = None,
     if not out:
         raise InputError(f"no questions selected from {p}")
     return out
+
+
+def _spec_bench_questions(p: Path) -> Iterator[tuple[str, Question]]:
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            q = Question(rec["question_id"], str(rec["category"]), tuple(str(t) for t in rec["turns"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"{p}:{n}: not a Spec-Bench question record ({err})") from err
+        yield f"{p}:{n}", q
+
+
+def _prompt_file_questions(p: Path) -> Iterator[tuple[str, Question]]:
+    for i, prompt in enumerate(read_prompts_file(str(p)), 1):
+        yield f"{p} prompt {i}", Question(i, "prompts", (prompt,))
 
 
 def encode_turn(tokenizer, history: Sequence[tuple[str, str]], question: str) -> list[int]:

@@ -41,7 +41,8 @@ def _add_bench(subparsers: Any) -> None:
     add_target_args(b)
     b.add_argument("--methods", required=True,
                    help="comma-separated: ar, hf, eagle3:DIR[=label], confu:DIR[=label]")
-    b.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
+    b.add_argument("--questions", required=True,
+                   help="Spec-Bench question.jsonl, or a .txt prompt file (one prompt per line)")
     b.add_argument("--categories", nargs="+", help="only these categories (space or comma separated)")
     b.add_argument("--limit-per-category", type=int, help="first K questions of each category")
     b.add_argument("--temperatures", type=comma_list(float, "--temperatures"),
