@@ -196,9 +196,10 @@ def _rec(qid, cat, method, kind, tokens, wall, accepted=None, temperature=0.0, n
            "turns": [], "steps": None}
     if accepted is not None:
         n = len(accepted)
-        rec["steps"] = {"accepted": accepted, "tree_nodes": [nodes or 0] * n,
+        per_round = nodes if isinstance(nodes, int) else 2 if nodes == "auto" else 0  # "auto": 2 nodes a round
+        rec["steps"] = {"accepted": accepted, "tree_nodes": [per_round] * n,
                         "contemplate_slots": steps.get("slots", [0] * n),
-                        "verify_tokens": steps.get("rows", [1 + (nodes or 0)] * n),
+                        "verify_tokens": steps.get("rows", [1 + per_round] * n),
                         "draft_s": steps.get("draft_s", [0.01] * n),
                         "verify_s": steps.get("verify_s", [0.02] * n)}
     return rec
@@ -240,6 +241,13 @@ def test_summarize_hand_computed():
     per_depth = e3["acceptance"]["per_depth"]
     assert [p["rate"] for p in per_depth] == pytest.approx([6 / 7, 4 / 6, 2 / 4, 1 / 2])
     assert [p["p"] for p in e3["acceptance"]["survival"]] == pytest.approx([1, 6 / 7, 4 / 7, 2 / 7, 1 / 7])
+
+
+def test_settings_sort_auto_before_fixed_node_counts():
+    # `--tree-nodes auto,16,2`: the report once sorted "auto" against 16 and failed at the end of the run
+    records = [_rec(1, "qa", "ar", "ar", 10, 2.0, [0] * 9)] + [
+        _rec(1, "qa", "e3", "eagle3", 10, 1.0, [1] * 5, nodes=n) for n in (16, "auto", 2)]
+    assert [s["tree_nodes"] for s in summarize(records)["settings"]] == [None, "auto", 2, 16]
 
 
 def test_speedup_uses_common_questions_and_contemplate_estimate():

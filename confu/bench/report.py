@@ -201,7 +201,9 @@ def _sort_key(key: SettingKey, kind: str, method_order: dict[str, int]) -> tuple
     method, temp, nodes = key
     if kind in BASELINE_KINDS:  # baselines on top, by temperature
         return (0, temp, KIND_ORDER[kind], 0, 0)
-    return (1, nodes if nodes is not None else 0, temp, method_order[method], 0)
+    # "auto" sizing before fixed node counts (a plain sort of the mixed values fails on str < int)
+    size = (1, nodes) if isinstance(nodes, int) else (0, 0)
+    return (1, size, temp, method_order[method], 0)
 
 
 def summarize(records: Sequence[dict], max_depth: int | None = None) -> dict[str, Any]:
