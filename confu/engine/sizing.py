@@ -174,11 +174,15 @@ class AutoSizer:
         return max(self.depth_rate, default=0.0)
 
     @property
+    def plain_round_s(self) -> float:
+        """Seconds of a round without a draft: on the clock, or the cost curve's one-row pass until one has run."""
+        return self.plain_s or self.costs(self._rows(0))
+
+    @property
     def drafting_loses(self) -> bool:
         """Rounds with a draft, at their best depth, have measurably made fewer tokens per second than rounds
-        without (the cost curve's one-row pass stands in for those until one has run)."""
-        plain_s = self.plain_s or self.costs(self._rows(0))
-        return self.draft_rate > 0 and self.draft_rate * plain_s < 1.0
+        without."""
+        return self.draft_rate > 0 and self.draft_rate * self.plain_round_s < 1.0
 
     def _rows(self, nodes: int) -> int:
         return nodes + 1 + (self.extra_rows(nodes) if self.extra_rows else 0)
@@ -205,7 +209,7 @@ class AutoSizer:
             self.next_explore = self.rounds + self.explore_gap
             return min(start, self.max_depth)
         nodes = max(1, self.last_nodes)
-        best, best_rate = 0, 1.0 / (self.plain_s or self.costs(self._rows(0)))
+        best, best_rate = 0, 1.0 / self.plain_round_s
         for d in range(1, self.observed_depth + 1):
             # what drafting d levels has made on the clock, where measured; the cost model's estimate if not
             rate = self.depth_rate[d - 1] or (1.0 + self.gain[d - 1]) / (d * self.level_s + self.costs(self._rows(nodes)))

@@ -79,7 +79,8 @@ def run_target(model, feature_layers: Sequence[int], head: Eagle3Head, input_ids
     window). Running this pass without the soft prompt is exact: ordinary rows never attend the soft prompt,
     so neither their outputs nor their KV entries depend on it (the property that makes ConFu lossless).
     """
-    out = model(input_ids=input_ids, **{cache_keyword(model): DynamicCache() if keep_kv else None},
+    cache_arg = cache_keyword(model)
+    out = model(input_ids=input_ids, **{cache_arg: DynamicCache() if keep_kv else None},
                 use_cache=keep_kv, output_hidden_states=True)
     hidden = out.hidden_states
     features = torch.cat([hidden[i] for i in feature_layers], dim=-1)
@@ -88,7 +89,7 @@ def run_target(model, feature_layers: Sequence[int], head: Eagle3Head, input_ids
     draft_ids = torch.arange(len(head.d2t), device=logits.device) + head.d2t
     kv = None
     if keep_kv:
-        kv = [(layer.keys, layer.values) for layer in out[cache_keyword(model)].layers]
+        kv = [(layer.keys, layer.values) for layer in out[cache_arg].layers]
     return TargetBatch(
         input_ids=input_ids,
         lengths=lengths,
