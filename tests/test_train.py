@@ -189,6 +189,35 @@ def test_resume_refuses_other_settings(tiny_data: Path, tiny_llama_dir: Path, tm
         train(_cfg(tiny_data, tiny_llama_dir, tmp_path, steps=4, batch_tokens=512, resume=True))
 
 
+def test_label_temperature_reaches_the_loss_and_fixes_the_run(tiny_data: Path, tiny_llama_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """`--label-temperature` changes what the draft learns, and a run resumes only under its own value; a
+    checkpoint written before the option existed resumes as the T = 1 it ran with."""
+    from confu.errors import InputError
+
+    def first_loss(out: Path) -> float:
+        return next(r["loss"] for r in _log(out) if "loss" in r)
+
+    train(_cfg(tiny_data, tiny_llama_dir, tmp_path / "t1", steps=1))
+    train(_cfg(tiny_data, tiny_llama_dir, tmp_path / "sharp", steps=4, stop_after=2, label_temperature=0.25))
+    assert first_loss(tmp_path / "sharp") != first_loss(tmp_path / "t1")  # same seed and data: only T differs
+    with pytest.raises(InputError, match="label_temperature"):
+        train(_cfg(tiny_data, tiny_llama_dir, tmp_path / "sharp", steps=4, resume=True))
+    train(_cfg(tiny_data, tiny_llama_dir, tmp_path / "sharp", steps=4, resume=True, label_temperature=0.25))
+    assert [r["step"] for r in _log(tmp_path / "sharp") if "loss" in r] == [1, 2, 3, 4]
+
+    old = tmp_path / "old"
+    train(_cfg(tiny_data, tiny_llama_dir, old, steps=4, stop_after=2))
+    state_path = old / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["run"]["label_temperature"]  # as written before the option existed
+    torch.save(state, state_path)
+    train(_cfg(tiny_data, tiny_llama_dir, old, steps=4, resume=True))
+    assert (old / "model.safetensors").is_file()
+    with pytest.raises(InputError):
+        TrainConfig(data="d", out="o", label_temperature=0)
+
+
 def test_anchor_assignment() -> None:
     with_loss = [False, False] + [True] * 10 + [False, True, True]
     # l = 0: only the anchor rows
@@ -373,16 +402,18 @@ def test_cli_options() -> None:
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--data", "d.jsonl", "--out", "o", "--method", "confu", "--no-moe",
                               "--no-replicate", "--anchors", "8", "--future-bias", "4",
-                              "--future-residual", "--future-loss", "0.5", "--layer-init", "-1"])
+                              "--future-residual", "--future-loss", "0.5", "--layer-init", "-1",
+                              "--label-temperature", "0.5"])
     from confu.cli.train import config_from_args
 
     cfg = config_from_args(args)
     assert (cfg.n_expert, cfg.replicate, cfg.anchors, cfg.ttt_steps, cfg.lr) == (1, 0, 8, 7, 1e-4)
     assert cfg.future_bias == 4.0 and cfg.future_residual and cfg.future_loss == 0.5 and cfg.layer_init == -1
+    assert cfg.label_temperature == 0.5
     assert cfg.data == ["d.jsonl"]
     paper = config_from_args(parser.parse_args(["train", "--data", "d", "e", "--out", "o"]))
     assert paper.future_bias is None and not paper.future_residual and paper.future_loss == 0
-    assert paper.layer_init is None and paper.data == ["d", "e"]
+    assert paper.layer_init is None and paper.data == ["d", "e"] and paper.label_temperature == 1.0
     from confu.errors import InputError
 
     with pytest.raises(InputError):

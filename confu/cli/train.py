@@ -24,7 +24,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         aux_lr_mult=args.aux_lr_mult, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, ttt_warmup=args.ttt_warmup,
         head_init=args.head_init, freeze_lm_head=args.freeze_lm_head, layer_init=args.layer_init, fc_rms=args.fc_rms,
-        widen_vocab=args.widen_vocab,
+        label_temperature=args.label_temperature, widen_vocab=args.widen_vocab,
         feature_cache=not args.no_feature_cache, oracle_future=args.oracle_future,
         seed=args.seed,
         draft_vocab_size=args.draft_vocab_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
@@ -103,6 +103,9 @@ def add_parser(subparsers: Any) -> None:
                         "Llama-style layers); default random")
     p.add_argument("--fc-rms", type=float, default=1.0,
                    help="a fresh head's fc starts scaled to this output RMS on the data (0: nn.Linear's init)")
+    p.add_argument("--label-temperature", type=float, default=1.0,
+                   help="a deviation from EAGLE-3's soft labels: the draft learns softmax(target logits / T); "
+                        "T < 1 sharpens them toward the target's argmax, what greedy verification accepts")
     p.add_argument("--draft-vocab-size", type=int, default=8192,
                    help="draft vocabulary built from the data (ignored with --init, unless --widen-vocab)")
     p.add_argument("--widen-vocab", action="store_true",

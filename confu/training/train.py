@@ -43,7 +43,9 @@ LOG_NAME = "train_log.jsonl"
 # split and the schedule, without which "resume" would silently be a different run.
 RESUME_KEYS = ("method", "data", "batch_tokens", "max_len", "seed", "eval_fraction", "total_steps",
                "ttt_steps", "ttt_warmup", "anchors", "replicate", "oracle_future", "future_bias",
-               "future_residual", "future_loss")
+               "future_residual", "future_loss", "label_temperature")
+# What a checkpoint written before a key existed ran with (so such runs still resume).
+RESUME_DEFAULTS = {"label_temperature": 1.0}
 LENGTH_BUCKET = 32  # sequences whose lengths agree to this many tokens are interchangeable within an epoch
 
 
@@ -77,6 +79,10 @@ class TrainConfig:
     # ~65 here, so the default fc makes a residual of RMS ~30 that swamps attention (the only way in for the
     # next token's embedding and for ConFu's f); see BENCHMARKS.md "What the draft reads".
     fc_rms: float = 1.0
+    # Deviation from EAGLE-3 (1.0 = its soft labels): the draft loss's target distribution is softmax(target
+    # logits / this). Below 1 the labels sharpen toward the target's argmax, the one token that greedy (T=0)
+    # verification accepts, at the price of matching the rest of the distribution less (sampled decoding).
+    label_temperature: float = 1.0
     feature_cache: bool = True  # EAGLE-3: run the target once per data set (see confu.training.features)
     seed: int = 0
     draft_vocab_size: int = 8192
@@ -130,6 +136,7 @@ class TrainConfig:
             "--oracle-future": self.oracle_future >= 0,
             "--fc-rms": self.fc_rms >= 0,
             "--future-loss": self.future_loss >= 0,
+            "--label-temperature (must be > 0)": self.label_temperature > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -358,7 +365,7 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
     valid = step_validity(tb, depth)
     if not head.is_confu:
         rows, row_ok = eagle3_rows(valid)
-        return ttt_forward(head, tb, valid, rows, row_ok, depth)
+        return ttt_forward(head, tb, valid, rows, row_ok, depth, label_temperature=cfg.label_temperature)
     per_seq = []
     for i, key in zip(indices, keys, strict=True):
         ids, mask = source.seqs[i]
@@ -381,7 +388,7 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
     if cfg.zero_future:
         f = torch.zeros_like(f)
     future = f[torch.arange(len(indices), device=device)[:, None], plan.row_slot]
-    res = ttt_forward(head, tb, valid, plan.rows, plan.row_ok, depth, future)
+    res = ttt_forward(head, tb, valid, plan.rows, plan.row_ok, depth, future, cfg.label_temperature)
     if aux is not None:
         res.future_ce_sum, res.future_count = aux
     return res
@@ -528,7 +535,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     ckpt = _find_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
-        was = state["run"] | {"data": _as_list(state["run"].get("data"))}  # one path before --data took several
+        # one path before --data took several; keys added since take the value such runs had
+        was = RESUME_DEFAULTS | state["run"] | {"data": _as_list(state["run"].get("data"))}
         diff = [f"{k}: checkpoint {was.get(k)!r}, now {v!r}" for k, v in run_keys.items() if was.get(k) != v]
         if diff:
             raise InputError(f"--resume with different settings than {ckpt}: " + "; ".join(diff))

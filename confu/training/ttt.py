@@ -290,10 +290,11 @@ def _gather_heads(x: Tensor, rows: Tensor) -> Tensor:
 
 
 def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, row_ok: Tensor,
-                ttt_steps: int, future: Tensor | None = None) -> TTTResult:
+                ttt_steps: int, future: Tensor | None = None, label_temperature: float = 1.0) -> TTTResult:
     """The train-time test for the query rows `rows` (B, M) (all keys of every row are always present).
 
     valid: (B, N, L) from `step_validity`. future: (B, M, H) f used by each query row (ConFu), or None.
+    label_temperature: the soft labels are softmax(target logits / it) (`TrainConfig.label_temperature`).
     """
     layer = head.layer
     b, n = tb.shape
@@ -338,7 +339,7 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
         out = layer.attend(hidden, q, torch.cat(keys + tail_k, 2), torch.cat(values + tail_v, 2), mask, shift)
         logits = head.logits(out).float()
         logit_pos = (rows + 1 + k).clamp(max=n - 1)
-        ce = soft_cross_entropy(logits, tb.logits[bidx, logit_pos])  # (B, M)
+        ce = soft_cross_entropy(logits, tb.logits[bidx, logit_pos] / label_temperature)  # (B, M)
         ok = step_valid[..., k]
         ce_sum.append(torch.where(ok, ce, torch.zeros_like(ce)).sum())
         count.append(ok.sum())
