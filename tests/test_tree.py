@@ -36,8 +36,7 @@ def _check_invariants(tree: DraftTree) -> None:
 
 def test_config_validation() -> None:
     assert TreeConfig() == TreeConfig(total_nodes=60, depth=5, topk=10)
-    for kwargs in ({"total_nodes": 0}, {"depth": 0}, {"topk": -1}, {"topk": 2.0}, {"depth": True},
-                   {"level_bonus": -0.1}, {"level_bonus": float("nan")}):
+    for kwargs in ({"total_nodes": 0}, {"depth": 0}, {"topk": -1}, {"topk": 2.0}, {"depth": True}):
         with pytest.raises(InputError):
             TreeConfig(**kwargs)
 
@@ -244,15 +243,14 @@ def test_sibling_order_uses_the_scores_as_given() -> None:
 
 def _eagle2_unpruned(cfg: TreeConfig, children) -> list[tuple[tuple[int, ...], float]]:
     """EAGLE-2 as published, as a reference: expand the top-k new candidates of every level, keep the best
-    `total_nodes` of everything. Candidates are (token path, score); `children(path)` gives (tokens, logps).
-    A level bonus adds to each level's log-prob, capped at 0 (`TreeConfig.level_bonus`)."""
+    `total_nodes` of everything. Candidates are (token path, score); `children(path)` gives (tokens, logps)."""
     cands: list[tuple[tuple[int, ...], float]] = []
     frontier = [((), 0.0)]
     for _ in range(cfg.depth):
         new = []
         for path, score in frontier:
             tokens, logps = children(path)
-            new += [(path + (t,), score + min(0.0, lp + cfg.level_bonus)) for t, lp in zip(tokens, logps, strict=True)]
+            new += [(path + (t,), score + lp) for t, lp in zip(tokens, logps, strict=True)]
         order = sorted(range(len(new)), key=lambda i: -new[i][1])  # stable: creation order on ties
         cands += new
         frontier = [new[i] for i in order[: cfg.topk]]
@@ -260,17 +258,15 @@ def _eagle2_unpruned(cfg: TreeConfig, children) -> list[tuple[tuple[int, ...], f
     return sorted(cands[i] for i in keep)
 
 
-@pytest.mark.parametrize("level_bonus", [0.0, 0.7])
-def test_pruned_frontier_builds_the_unpruned_tree(level_bonus: float) -> None:
+def test_pruned_frontier_builds_the_unpruned_tree() -> None:
     """Expanding only the nodes the final tree can still keep changes nothing in it (the proof is in
-    TreeBuilder.expand), while it skips expansions when the budget is small. With a level bonus, children
-    often tie with their parents (capped at 0): the proof needs only that no child outscores its parent."""
+    TreeBuilder.expand), while it skips expansions when the budget is small."""
     skipped = 0
     for seed in range(40):
         gen = torch.Generator().manual_seed(seed)
         cfg = TreeConfig(total_nodes=int(torch.randint(1, 30, (1,), generator=gen)),
                          depth=int(torch.randint(1, 6, (1,), generator=gen)),
-                         topk=int(torch.randint(1, 6, (1,), generator=gen)), level_bonus=level_bonus)
+                         topk=int(torch.randint(1, 6, (1,), generator=gen)))
 
         def children(path, cfg=cfg):
             g = torch.Generator().manual_seed(hash(path) % 2**31)  # the same children for the same node

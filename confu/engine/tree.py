@@ -33,26 +33,17 @@ _LOGPROB_SLACK = 1e-4
 
 @dataclass(frozen=True)
 class TreeConfig:
-    """Tree shape: ``total_nodes`` kept by the rerank, ``depth`` levels, ``topk`` children per expansion.
-
-    ``level_bonus`` (0 = EAGLE-2) is added to each level's draft log-prob, capped at 0: a node's score is the
-    sum over its path of min(0, log p + bonus), i.e. each level's probability times e^bonus, at most 1. Why:
-    acceptances along a path are positively correlated (a span the draft gets right tends to go on being
-    right), so the product of the draft's probabilities underestimates deep nodes, increasingly with depth.
-    """
+    """Tree shape: ``total_nodes`` kept by the rerank, ``depth`` levels, ``topk`` children per expansion."""
 
     total_nodes: int = 60
     depth: int = 5
     topk: int = 10
-    level_bonus: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("total_nodes", "depth", "topk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"tree {name} must be an integer >= 1, got {value!r}")
-        if not 0 <= self.level_bonus < float("inf"):
-            raise InputError(f"tree level_bonus must be a number >= 0, got {self.level_bonus!r}")
 
 
 def _as_index_tensor(values: Sequence[int] | Tensor, name: str) -> Tensor:
@@ -277,15 +268,14 @@ class TreeBuilder:
 
         ``parents=None`` expands the root (n = 1; a 1-D ``(k,)`` row is accepted too); otherwise ``parents``
         holds existing candidate indices (``grow`` checks them). Child ``(r, c)`` becomes candidate
-        ``len(self) + r * k + c`` and scores ``score(parents[r]) + min(0, child_logprobs[r, c] + level_bonus)``
-        (the root scores 0). The returned frontier is the ``topk`` best of the candidates added by this call,
-        best first (ties: creation order), less those that ``build`` can no longer keep.
+        ``len(self) + r * k + c`` and scores ``score(parents[r]) + child_logprobs[r, c]`` (the root scores
+        0). The returned frontier is the ``topk`` best of the candidates added by this call, best first (ties:
+        creation order), less those that ``build`` can no longer keep.
 
         Pruning that last part is exact. A candidate outside the ``total_nodes`` best so far has that many
         candidates ranked ahead of it; they stay ahead whatever is added later (the ranking is by score, then
-        creation order), and its descendants score no more (each level adds at most 0) and come later. So
-        neither it nor anything grown from it reaches the final tree, and expanding it would only cost the
-        drafter a forward row.
+        creation order), and its descendants score no more and come later. So neither it nor anything grown
+        from it reaches the final tree, and expanding it would only cost the drafter a forward row.
         """
         if parents is None:
             if len(self):
@@ -314,7 +304,7 @@ class TreeBuilder:
             raise InputError(f"child log-probabilities must be <= 0 (log_softmax output), got {float(logp[~valid][0])}")
 
         k = child_tokens.shape[1]
-        new_scores = (base[:, None] + (logp + self.config.level_bonus).clamp(max=0.0)).flatten()
+        new_scores = (base[:, None] + logp.clamp(max=0.0)).flatten()
         start = len(self)
         self._tokens = torch.cat([self._tokens, child_tokens.to("cpu", torch.long).flatten()])
         self._parents = torch.cat([self._parents, parents.repeat_interleave(k)])
