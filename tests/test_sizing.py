@@ -143,3 +143,39 @@ def test_the_clock_carries_over_to_the_next_sequence():
     seeded.set_clock((0.030, [0.0, 20.0], 16))  # plain 33 tokens/s, drafting 20 (at depth 2)
     depths = [seeded.plan_round() for _ in range(16)]
     assert depths[:15] == [0] * 15 and depths[15] == 2, depths
+
+
+def test_rounds_draft_toward_twice_the_nodes_they_keep():
+    """A round asks the drafter for twice the nodes the last one kept (at least 4), not for 60: growing toward
+    60 expanded up to top-k rows a level to verify two or three. A choice that fills the budget doubles it."""
+    sizer = AutoSizer(COSTS, max_depth=6)
+    assert sizer.draft_nodes() == 4
+    likely = DraftTree.from_parents(list(range(12)), [-1, 0, 1, 2, 3, 4, -1, 0, 1, 2, 3, 4],
+                                    [-0.05 * (i % 6 + 1) - (i >= 6) for i in range(12)])
+    kept = sizer.choose_nodes(likely, 0.006)
+    assert sizer.draft_nodes() == 2 * len(kept) > 4
+    sizer.choose_nodes(_chain_tree(4, -3.0), 0.006)  # unlikely nodes: one at most is worth a row
+    assert sizer.draft_nodes() == 4
+
+
+def test_auto_rounds_hand_the_drafter_their_node_budget(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONFU_CACHE", str(tmp_path))
+    target = load_target(tiny_llama_dir)
+    head = new_draft(target, "eagle3", draft_vocab_size=256)
+    asked = []
+
+    class Recording(OracleProposer):
+        def propose(self, max_nodes, depth):
+            asked.append((max_nodes, depth))
+            return super().propose(max_nodes, depth)
+
+    ids = chat_ids(target, PROMPTS[0])
+    ref = hf_greedy(target, ids, 32)
+    OracleProposer.reference = ids + ref
+    res = decoder_with(target, head, Recording).generate(ids, GenerationConfig(max_new_tokens=32,
+                                                                              tree=TreeConfig(60, 6, 4)))
+    assert res.tokens == ref
+    drafted = [s for s in res.steps if s.depth]
+    assert asked and asked[0][0] == 4 and len(asked) == len(drafted)
+    for (budget, depth), before in zip(asked[1:], drafted, strict=False):
+        assert budget == 2 * max(before.tree_nodes, 2) and depth <= budget, (budget, depth, before)

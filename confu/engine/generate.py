@@ -244,7 +244,9 @@ class Decoder:
                     return
                 tic = time.perf_counter()
                 depth = 0 if proposer is None or room < 2 else sizer.plan_round() if sizer else cfg.tree.depth
-                tree = proposer.propose(max_nodes=room - 1, depth=depth) if depth else None
+                budget = room - 1 if sizer is None else min(room - 1, sizer.draft_nodes())
+                depth = min(depth, budget)  # a node d levels deep brings d - 1 ancestors: no deeper level fits
+                tree = proposer.propose(max_nodes=budget, depth=depth) if depth else None
                 if sizer is not None and tree is not None:
                     tree = sizer.choose_nodes(tree, time.perf_counter() - tic)
                 toc = time.perf_counter()

@@ -41,6 +41,7 @@ from confu.engine.tree import DraftTree
 COST_ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 DECAY = 0.9  # weight of the past in the running means: about the last ten rounds count
 MAX_EXPLORE_GAP = 64  # rounds between re-checks of a draft that keeps losing to plain decoding
+MIN_DRAFT_NODES = 4  # the fewest nodes a round drafts toward (`AutoSizer.draft_nodes`)
 
 
 @dataclass
@@ -231,6 +232,16 @@ class AutoSizer:
     def _clock_depth(self, default: int) -> int:
         """The depth whose rounds made the most tokens per second on the clock; `default` if none was measured."""
         return 1 + self.depth_rate.index(self.draft_rate) if self.draft_rate > 0 else default
+
+    def draft_nodes(self) -> int:
+        """Nodes to draft toward this round: twice the last round's choice, at least MIN_DRAFT_NODES.
+
+        Why: a round verifies only the few nodes `choose_nodes` keeps (2-3 on a 2-core CPU), and growing a
+        tree toward 60 expands up to top-k rows a level to keep them. With this budget the drafter's exact
+        pruning expands only candidates that can still be among its best nodes, which are EAGLE-2's best
+        nodes of the full tree: so the choice is unchanged whenever fewer nodes than the budget pay, and a
+        choice that reaches the budget doubles the next round's."""
+        return 2 * max(self.last_nodes, MIN_DRAFT_NODES // 2)
 
     def choose_nodes(self, tree: DraftTree, draft_s: float) -> DraftTree:
         """Keep the top-n nodes by score (a valid tree: a parent never scores below its child) for the n with
