@@ -264,8 +264,7 @@ class AutoSizer:
         return self.plain_s, list(self.depth_rate), self.explore_gap
 
     def set_clock(self, clock: tuple[float, list[float], int]) -> None:
-        plain_s, depth_rate, self.explore_gap = clock
-        self.plain_s = plain_s
+        self.plain_s, depth_rate, self.explore_gap = clock
         self.depth_rate = (list(depth_rate) + [0.0] * self.max_depth)[: self.max_depth]
         self.next_explore = self.explore_gap
 

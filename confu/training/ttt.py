@@ -321,6 +321,8 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
         _, fk, fv = layer.qkv(head.future_embedding(hidden), future.to(hidden.dtype), rows + 1)
         tail_k, tail_v, tail_mask = [fk], [fv], [eye & row_ok[:, :, None]]
 
+    # soft labels at the requested temperature, scaled once for every step (not at all at 1, the default)
+    label_logits = tb.logits if label_temperature == 1.0 else tb.logits / label_temperature
     step_valid = valid[bidx, rows] & row_ok[..., None]  # (B, M, L)
     ce_sum, count, correct = [], [], []
     alive = step_valid[..., 0]
@@ -339,7 +341,7 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
         out = layer.attend(hidden, q, torch.cat(keys + tail_k, 2), torch.cat(values + tail_v, 2), mask, shift)
         logits = head.logits(out).float()
         logit_pos = (rows + 1 + k).clamp(max=n - 1)
-        ce = soft_cross_entropy(logits, tb.logits[bidx, logit_pos] / label_temperature)  # (B, M)
+        ce = soft_cross_entropy(logits, label_logits[bidx, logit_pos])  # (B, M)
         ok = step_valid[..., k]
         ce_sum.append(torch.where(ok, ce, torch.zeros_like(ce)).sum())
         count.append(ok.sum())
