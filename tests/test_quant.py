@@ -20,6 +20,7 @@ from confu.engine.quant import (
 )
 from confu.engine.target import Target
 from confu.engine.tree import TreeConfig
+from confu.errors import InputError
 from tests.helpers import PROMPTS, chat_ids, hf_greedy, load_target, single_thread
 
 
@@ -129,3 +130,32 @@ def test_quantized_target_runs_kernels_and_decodes_losslessly(tiny_llama_dir):
             cfg = GenerationConfig(max_new_tokens=16, tree=TreeConfig(8, 4, 3), auto_tree=False)
             ours = Decoder.for_head(target, head).generate(prompt, cfg)
             assert ours.tokens == hf_greedy(target, prompt, 16), (method, text)
+
+
+def test_long_prompts_prefill_in_one_dense_pass_and_stay_lossless(tiny_llama_dir):
+    """From `bulk_prefill` tokens on, a prompt's first n - 1 rows run transformers' dense layers in one pass:
+    the cache then holds MKL's rounding, not the kernels', and every method starts from those same bits."""
+    require_kernels()
+    target = quantized_tiny_target(tiny_llama_dir)
+    prompt = chat_ids(target, PROMPTS[1])
+    assert len(prompt) > 9
+    tree = TreeConfig(8, 4, 3)
+    bulk = GenerationConfig(max_new_tokens=12, tree=tree, auto_tree=False, bulk_prefill=8)
+    kernels_only = GenerationConfig(max_new_tokens=12, tree=tree, auto_tree=False, bulk_prefill=0)
+    plain = Decoder.for_head(target, None)
+    with torch.no_grad():
+        _, dense_features, _ = plain.prefill(target.new_cache(), torch.tensor(prompt), bulk, None)
+        _, kernel_features, _ = plain.prefill(target.new_cache(), torch.tensor(prompt), kernels_only, None)
+    torch.testing.assert_close(dense_features, kernel_features, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(dense_features[:-1], kernel_features[:-1]), "the bulk rows must run the dense layers"
+    want = plain.generate(prompt, bulk).tokens
+    assert want == hf_greedy(target, prompt, 12)
+    for method in ("eagle3", "confu"):
+        decoder = Decoder.for_head(target, new_draft(target, method, draft_vocab_size=256))
+        with torch.no_grad():
+            _, features, _ = decoder.prefill(target.new_cache(decoder.extension.soft_prompt()),
+                                             torch.tensor(prompt), bulk, None)
+        assert torch.equal(features, dense_features), method
+        assert decoder.generate(prompt, bulk).tokens == want, method
+    with pytest.raises(InputError, match="bulk_prefill"):
+        GenerationConfig(bulk_prefill=-1)
