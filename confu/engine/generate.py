@@ -180,7 +180,7 @@ class Decoder:
         n = len(prompt)
         features = []
         done = 0
-        if cfg.bulk_prefill and n - 1 >= cfg.bulk_prefill:
+        if cfg.bulk_prefill and n >= max(2, cfg.bulk_prefill):
             with t.reference_numerics():
                 features.append(self._prompt_rows(cache, prompt, 0, n - 1).features)
             done = n - 1
