@@ -19,7 +19,8 @@
 #      regenerated conversations (688 greedy, 400 at T=0.8);
 #   b. continued (--init a) on 2,380 conversations (those plus 1,292 greedy ones on other prompts): a 300-step
 #      run, --steps 300 --batch-tokens 4096 --max-len 1024 --ttt-steps 6 --ttt-warmup 0 --lr 3e-4 (sessions 14-15).
-# Its config.json holds both commands. The ConFu drafts below come from the older recipe.
+# Its config.json holds both commands. The shipped ConFu drafts (session 18) start from that EAGLE-3 draft, with
+# stage 5's recipe below on its 2,380 + 1,148 word-seeded conversations, 100 steps x 1,536 tokens, TTT 6.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFU=${CONFU:-.venv/bin/confu}
@@ -27,7 +28,7 @@ RUN=${RUN:-runs/smollm2}
 PROMPTS=${PROMPTS:-1600}
 ANSWER=${ANSWER:-600}            # prompts the target answers (the first ANSWER of PROMPTS)
 BASE_STEPS=${BASE_STEPS:-360}    # EAGLE-3 from scratch
-EXTRA_STEPS=${EXTRA_STEPS:-50}  # ConFu and EAGLE-3 continuation, each
+EXTRA_STEPS=${EXTRA_STEPS:-100}  # ConFu and EAGLE-3 continuation, each
 BATCH_TOKENS=${BATCH_TOKENS:-1536}
 MAX_LEN=${MAX_LEN:-768}
 TTT=${TTT:-6}                     # train-time-test steps = the depth of the trees we decode with
@@ -47,14 +48,21 @@ $CONFU train --method eagle3 --data "$RUN/data" --out "$RUN/eagle3" --steps "$BA
 
 # From that checkpoint, all with the same step budget, two at a time with one thread each: ConFu and the
 # EAGLE-3 continuation (the fair baseline), then the paper's two ablations (static [con]/[f]; no replication).
+# ConFu trains its own parts first: the EAGLE-3 body at lr 3e-7 (x10,000 for the soft prompt and the MoEs), with
+# two documented deviations from the paper, --future-residual and --future-loss 1 (BENCHMARKS.md, sessions 13-14
+# and 18: the recipe under which the real f carried signal at this scale).
+CONFU_RECIPE=(--lr 3e-7 --aux-lr-mult 10000 --anchors 64 --replicate 4 --future-residual --future-loss 1)
 extra() {  # extra NAME METHOD [FLAGS...]
   local name=$1 method=$2; shift 2
   OMP_NUM_THREADS=1 $CONFU train --method "$method" --init "$RUN/eagle3" --data "$RUN/data" --out "$RUN/$name" \
-    --steps "$EXTRA_STEPS" --batch-tokens "$BATCH_TOKENS" --max-len "$MAX_LEN" --ttt-steps "$TTT" --lr 1e-4 --save-every 50 \
+    --steps "$EXTRA_STEPS" --batch-tokens "$BATCH_TOKENS" --max-len "$MAX_LEN" --ttt-steps "$TTT" --save-every 50 \
     --eval-every 100 --save-fp16 --no-progress "$@" $(resume "$RUN/$name") > "$RUN/$name.log" 2>&1
 }
-extra confu confu & a=$!; extra eagle3-cont eagle3 & b=$!; wait $a; wait $b  # wait PID: a failed run stops the script
-extra confu-nomoe confu --no-moe & a=$!; extra confu-norep confu --no-replicate & b=$!; wait $a; wait $b
+extra confu confu "${CONFU_RECIPE[@]}" & a=$!; extra eagle3-cont eagle3 --lr 2e-4 & b=$!
+wait $a; wait $b  # wait PID: a failed run stops the script
+extra confu-nomoe confu "${CONFU_RECIPE[@]}" --no-moe & a=$!
+extra confu-norep confu "${CONFU_RECIPE[@]}" --no-replicate & b=$!
+wait $a; wait $b
 
 mkdir -p drafts
 for name in eagle3-cont confu confu-nomoe confu-norep; do
