@@ -420,7 +420,8 @@ class Target:
 
     @contextmanager
     def reference_numerics(self) -> Iterator[None]:
-        """Run transformers' own linear modules inside the block (the HF `generate` baseline)."""
+        """Run transformers' own linear modules inside the block: the HF `generate` baseline, and the bulk
+        prefill of long prompts (`Decoder.prefill`), where MKL's GEMM beats the kernels."""
         for parent, name, original, _ in self._swaps:
             setattr(parent, name, original)
         try:
