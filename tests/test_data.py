@@ -415,3 +415,45 @@ def test_self_written_prompts(tiny_llama) -> None:
     assert len(records) <= 3
     for r in records:
         assert r["category"] in prompts.CATEGORIES and len(r["turns"]) == 1 and len(r["turns"][0]) >= 10
+
+
+def test_magpie_prompts_sample_the_user_turn_and_keep_only_finished_new_messages(tiny_llama) -> None:
+    import torch
+
+    model, tok = tiny_llama
+    prefix = self_written.user_turn_prefix(tok)
+    assert prefix.endswith("<|im_start|>user\n") and "<|im_end|>" not in prefix.split("<|im_start|>user")[-1]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    message = tok("Please plan a garden for me.", add_special_tokens=False).input_ids
+    # What the sampler "writes" per row, in order: a finished message, the same again (a duplicate), one too short,
+    # one cut off by max_new_tokens (no end of turn), and a second finished message.
+    other = tok("How do tides work, exactly?", add_special_tokens=False).input_ids
+    scripted = [message + [end], message + [end], message[:2] + [end], message * 4, other + [end]]
+    seen_inputs = []
+
+    def fake_generate(input_ids, attention_mask, generation_config):
+        seen_inputs.append(input_ids)
+        rows = [scripted.pop(0) for _ in range(input_ids.shape[0])]
+        width = max(map(len, rows))
+        new = torch.tensor([r + [end] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+    model.generate = fake_generate  # the instance attribute shadows the method for this test only
+    try:
+        records = self_written.magpie_prompts(model, tok, n=5, seed=3, batch_size=3, max_new_tokens=8)
+    finally:
+        del model.generate
+    assert [r["turns"] for r in records] == [["Please plan a garden for me."], ["How do tides work, exactly?"]]
+    assert [r["id"] for r in records] == ["magpie-3-000000", "magpie-3-000004"]
+    assert [x.shape[0] for x in seen_inputs] == [3, 2]  # n = 5 in batches of 3
+    assert tok.decode(seen_inputs[0][0]) == prefix
+
+
+def test_magpie_needs_a_chat_template(tiny_llama) -> None:
+    import copy
+
+    _, tok = tiny_llama
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    with pytest.raises(InputError, match="chat template"):
+        self_written.user_turn_prefix(bare)

@@ -36,17 +36,20 @@ def _load_target(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_prompts(args: argparse.Namespace) -> None:
     from confu.training.prompts import offline_prompts, vocabulary_words, word_prompts
-    from confu.training.self_written import self_written_prompts
+    from confu.training.self_written import magpie_prompts, self_written_prompts
 
-    if args.n < 0 or args.self_written < 0 or args.words < 0:
-        raise InputError("--n, --self-written and --words must be >= 0")
+    if min(args.n, args.self_written, args.words, args.magpie) < 0:
+        raise InputError("--n, --self-written, --words and --magpie must be >= 0")
     records = offline_prompts(args.n, seed=args.seed, use_man_pages=not args.no_man_pages)
     if args.words:
         records += word_prompts(vocabulary_words(_load_tokenizer(args.target)), args.words, seed=args.seed)
-    if args.self_written:
+    if args.self_written or args.magpie:
         model, tokenizer = _load_target(args)
-        records += self_written_prompts(model, tokenizer, args.self_written, seed=args.seed,
-                                        batch_size=args.batch_size)
+        if args.self_written:
+            records += self_written_prompts(model, tokenizer, args.self_written, seed=args.seed,
+                                            batch_size=args.batch_size)
+        if args.magpie:
+            records += magpie_prompts(model, tokenizer, args.magpie, seed=args.seed, batch_size=args.batch_size)
     n = _write_jsonl(args.out, records)
     print(f"wrote {n} prompts to {args.out}")
 
@@ -95,6 +98,9 @@ def add_parser(subparsers: Any) -> None:
                    help="also ask the target to write N prompts itself")
     p.add_argument("--words", type=int, default=0, metavar="N",
                    help="also write N prompts seeded with words of the target's vocabulary (more topics)")
+    p.add_argument("--magpie", type=int, default=0, metavar="N",
+                   help="also sample N user messages from the target's chat template (Magpie; the instruct "
+                        "model writes requests like those it was tuned on)")
     _model_args(p)
     p.set_defaults(func=cmd_prompts)
 

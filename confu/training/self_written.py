@@ -1,5 +1,10 @@
-"""Prompts the target writes itself (`confu data prompts --self-written N`): it is asked for user requests of
-every category, so the prompts come from its own distribution."""
+"""Prompts the target writes itself, so they come from its own distribution.
+
+Two ways: `confu data prompts --self-written N` asks it, in an ordinary user turn, for a request of each category;
+`--magpie N` renders the chat template up to the start of a user turn and lets the instruct model write the user's
+message (Magpie, Xu et al. 2024, arXiv 2406.08464). A small model follows the explicit ask poorly (it often answers
+the ask instead of writing a request); the Magpie form needs no instruction following and yields requests that look
+like the ones the model was tuned on."""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import random
 import re
 from typing import Any
 
+from confu.chat import end_of_turn_ids
+from confu.errors import InputError
 from confu.training.data import generate_replies
 from confu.training.prompts import _HUMANITIES, _STEM_CONCEPTS, _TOPICS, CATEGORIES
 
@@ -63,4 +70,54 @@ def self_written_prompts(
             continue
         seen.add(text)
         records.append({"id": f"self-{seed}-{i:06d}", "category": category, "turns": [text]})
+    return records
+
+
+def user_turn_prefix(tokenizer: Any) -> str:
+    """The chat template rendered up to where a user's message begins (system prompt and header included)."""
+    sentinel = "\u2063confu-user-message\u2063"  # text no template adds by itself
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
+    except Exception as exc:  # no template, or one that rejects a lone user turn
+        raise InputError(f"--magpie needs a chat template that renders a user turn: {exc}") from exc
+    if sentinel not in rendered:
+        raise InputError("--magpie: the chat template does not place the user's message in its output")
+    return rendered[: rendered.index(sentinel)]
+
+
+def magpie_prompts(
+    model: Any, tokenizer: Any, n: int, seed: int = 0, batch_size: int = 8, max_new_tokens: int = 96,
+    temperature: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Sample ``n`` user messages from the target, starting from :func:`user_turn_prefix`.
+
+    A message is kept only when the model ends the user turn itself within ``max_new_tokens`` (a cut-off one
+    is usually rambling), is at least 10 characters long and is new; so fewer than ``n`` can come back.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    prefix = tokenizer(user_turn_prefix(tokenizer), add_special_tokens=False, return_tensors="pt").input_ids
+    end_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
+    # A fresh config: the checkpoint's own defaults (top_p, repetition penalty, ...) must not leak in.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=None,
+                              top_p=None, eos_token_id=end_ids, pad_token_id=end_ids[0])
+    device = next(model.parameters()).device
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with torch.random.fork_rng(devices=cuda), torch.inference_mode():
+        torch.manual_seed(seed)
+        for start in range(0, n, batch_size):
+            rows = min(batch_size, n - start)
+            ids = prefix.repeat(rows, 1).to(device)  # one shared prefix: no padding, no attention mask needed
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            for r in range(rows):
+                new = out[r, ids.shape[1]:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in end_ids), None)
+                text = tokenizer.decode(new[:cut], skip_special_tokens=True).strip() if cut is not None else ""
+                if len(text) < 10 or text in seen:
+                    continue
+                seen.add(text)
+                records.append({"id": f"magpie-{seed}-{start + r:06d}", "category": "magpie", "turns": [text]})
     return records
