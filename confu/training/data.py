@@ -262,15 +262,11 @@ def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[Convers
     Prompts longer than ``max_prompt_len`` tokens get ``None`` instead of a reply.
     """
     import torch
-    from transformers import GenerationConfig
 
     end_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
     prompts = [_encode(tokenizer, _render(tokenizer, c, add_generation_prompt=True)) for c in conversations]
-    # A fresh config: the checkpoint's own defaults (top_p, repetition penalty, ...) must not leak in.
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                              temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-                              eos_token_id=end_ids, pad_token_id=pad_id)
+    config = plain_sampling_config(max_new_tokens, temperature, end_ids, pad_id)
     replies: list[str | None] = [None] * len(prompts)
     todo = [i for i, p in enumerate(prompts) if max_prompt_len is None or len(p) <= max_prompt_len]
     todo.sort(key=lambda i: -len(prompts[i]))  # longest first: memory trouble shows up immediately
@@ -288,9 +284,26 @@ def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[Convers
                                  generation_config=config)
         for r, i in enumerate(rows):
             new = out[r, width:].tolist()
-            cut = next((j for j, t in enumerate(new) if t in end_ids), len(new))
-            replies[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+            replies[i] = tokenizer.decode(new[:turn_end(new, end_ids)], skip_special_tokens=True).strip()
     return replies
+
+
+def plain_sampling_config(max_new_tokens: int, temperature: float, end_ids: list[int], pad_id: int) -> Any:
+    """A transformers ``GenerationConfig`` that samples at ``temperature`` (0 = greedy) and nothing else.
+
+    Built fresh rather than from the checkpoint's: its own defaults (top_p, repetition penalty, ...) must not
+    leak into data that is meant to be the model's plain distribution.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                            temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
+                            eos_token_id=end_ids, pad_token_id=pad_id)
+
+
+def turn_end(tokens: Sequence[int], end_ids: Sequence[int]) -> int | None:
+    """Index of the first turn-end token in ``tokens``; None when the turn was cut off before ending."""
+    return next((j for j, t in enumerate(tokens) if t in end_ids), None)
 
 
 def _record_id(raw: dict[str, Any], index: int) -> str:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from confu.chat import end_of_turn_ids
 from confu.errors import InputError
-from confu.training.data import generate_replies
+from confu.training.data import generate_replies, plain_sampling_config, turn_end
 from confu.training.prompts import _HUMANITIES, _STEM_CONCEPTS, _TOPICS, CATEGORIES
 
 _SELF_WRITE_ASK = {
@@ -27,6 +29,17 @@ _SELF_WRITE_ASK = {
     "rag": "a question about a short passage they include",
 }
 _SELF_TOPICS = _TOPICS + _STEM_CONCEPTS + _HUMANITIES
+
+
+@contextmanager
+def _seeded(model: Any, seed: int) -> Iterator[None]:
+    """Seed generation without disturbing the caller's RNG streams (CPU and the model's CUDA devices)."""
+    import torch
+
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def _clean_self_written(text: str) -> str:
@@ -47,8 +60,6 @@ def self_written_prompts(
     might type; sampling (``temperature > 0``) keeps prompts for the same topic apart. Answers shorter than
     10 characters or repeated are dropped, so fewer than ``n`` records can come back.
     """
-    import torch
-
     rng = random.Random(seed)
     asks: list[tuple[str, list[dict[str, str]]]] = []
     for i in range(n):
@@ -56,10 +67,7 @@ def self_written_prompts(
         request = (f"Write {_SELF_WRITE_ASK[category]} that a user might send to an AI assistant about "
                    f"{rng.choice(_SELF_TOPICS)}. Reply with the user's message only, nothing else.")
         asks.append((category, [{"role": "user", "content": request}]))
-    # Seed generation without disturbing the caller's RNG streams (CPU and the model's CUDA device).
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+    with _seeded(model, seed):
         replies = generate_replies(model, tokenizer, [a[1] for a in asks], batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, temperature=temperature)
     records: list[dict[str, Any]] = []
@@ -95,27 +103,24 @@ def magpie_prompts(
     is usually rambling), is at least 10 characters long and is new; so fewer than ``n`` can come back.
     """
     import torch
-    from transformers import GenerationConfig
 
     prefix = tokenizer(user_turn_prefix(tokenizer), add_special_tokens=False, return_tensors="pt").input_ids
     end_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
-    # A fresh config: the checkpoint's own defaults (top_p, repetition penalty, ...) must not leak in.
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=None,
-                              top_p=None, eos_token_id=end_ids, pad_token_id=end_ids[0])
+    config = plain_sampling_config(max_new_tokens, temperature, end_ids, end_ids[0])
     device = next(model.parameters()).device
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
-    with torch.random.fork_rng(devices=cuda), torch.inference_mode():
-        torch.manual_seed(seed)
+    with _seeded(model, seed), torch.inference_mode():
         for start in range(0, n, batch_size):
             rows = min(batch_size, n - start)
             ids = prefix.repeat(rows, 1).to(device)  # one shared prefix: no padding, no attention mask needed
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
             for r in range(rows):
                 new = out[r, ids.shape[1]:].tolist()
-                cut = next((j for j, t in enumerate(new) if t in end_ids), None)
-                text = tokenizer.decode(new[:cut], skip_special_tokens=True).strip() if cut is not None else ""
+                cut = turn_end(new, end_ids)
+                if cut is None:  # cut off by max_new_tokens
+                    continue
+                text = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
                 if len(text) < 10 or text in seen:
                     continue
                 seen.add(text)
