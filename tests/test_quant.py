@@ -14,9 +14,11 @@ from confu.engine.quant import (
     kernel_status,
     load_kernels,
     pack_exact,
+    pack_model,
     pack_q4_1,
     pack_q8_0,
     packed_matmul,
+    quantize_i8,
 )
 from confu.engine.target import Target
 from confu.engine.tree import TreeConfig
@@ -95,6 +97,49 @@ def test_kernel_matches_dense_and_is_row_invariant(kind, build):
             assert torch.equal(out[row], packed_matmul(x[row : row + 1].contiguous(), packed, lib)[0])
     with single_thread():
         assert torch.equal(packed_matmul(x, packed, lib), packed_matmul(x, packed, lib))
+
+
+def int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The draft kernel's arithmetic in torch: int8 weights per output channel, int8 activations per row, an
+    exact integer dot product, then the two scales."""
+    w_scale = w.abs().amax(1) / 127
+    wq = (w / w_scale[:, None]).round().clamp(-127, 127)
+    x_max = x.abs().amax(1)
+    xq = (x * (127 / x_max)[:, None]).round().clamp(-127, 127)
+    dots = (xq.double() @ wq.double().T).long()  # exact: |sum| < 2^53
+    return dots.float() * (w_scale[None, :] * (x_max / 127)[:, None])
+
+
+def test_draft_int8_kernel_is_exact_integer_arithmetic_and_close_to_float():
+    lib = require_kernels()
+    if not kernel_status().int8:
+        pytest.skip("this CPU has no AVX512-VNNI: drafts run the Q8_0 kernel (tested above)")
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(71, 160, generator=gen) * 0.05  # 71: the last block of 16 outputs is partly padding
+    packed = quantize_i8(w)
+    assert packed.kind == "i8" and packed.q.shape == (5, 40, 16, 4) and packed.d.shape == (71,)
+    x = torch.randn(27, 160, generator=gen)
+    x[3] = 0  # a zero row: scale 0, output 0
+    for m in (1, 2, 7, 8, 9, 16, 17, 27):  # tiles of up to 8 rows: one, several and uneven chunks
+        out = packed_matmul(x[:m].contiguous(), packed, lib)
+        assert torch.equal(out, int8_reference(x[:m], w)), m
+        for row in (0, m - 1):
+            assert torch.equal(out[row], packed_matmul(x[row : row + 1].contiguous(), packed, lib)[0])
+    exact = x @ w.T
+    assert (out - exact).norm() / exact.norm() < 0.02  # int8 rounding: about 1% here
+
+
+def test_lossy_packing_takes_every_draft_layer_and_the_int8_kernel_where_built():
+    require_kernels()
+    layers = nn.Sequential(nn.Linear(64, 96, bias=False), nn.Linear(96, 64, bias=True), nn.Linear(64, 16))
+    with torch.no_grad():
+        reference = layers(torch.ones(2, 64))
+    assert pack_model(layers) == [], "float32 weights that no GGUF format reproduces are never packed without lossy"
+    swaps = pack_model(layers, lossy=True)
+    assert [type(m) for m in layers] == [PackedLinear, PackedLinear, nn.Linear], "16 outputs: below the block size"
+    assert {s[3].packed.kind for s in swaps} == {"i8" if kernel_status().int8 else "q8_0"}
+    with torch.no_grad():
+        torch.testing.assert_close(layers(torch.ones(2, 64)), reference, atol=0.05, rtol=0.05)
 
 
 def quantized_tiny_target(model_dir) -> Target:

@@ -17,8 +17,8 @@
  * rows from moving ordinary ones). The lane width is 16 where the compiler targets AVX-512 and 8 with AVX2;
  * one build uses one width for every call, so plain and speculative decoding share their numerics.
  *
- * Build: cc -O3 -mavx2 -mfma [-mavx512f] -fopenmp -shared -fPIC (confu/engine/quant.py, once per
- * machine).
+ * Build: cc -O3 -mavx2 -mfma [-mavx512f [-mavx512bw -mavx512vnni]] -fopenmp -shared -fPIC
+ * (confu/engine/quant.py, once per machine). The draft head's int8 kernel at the end needs AVX512-VNNI.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -155,6 +155,102 @@ void q4_1_matmul(const float* x, int M, int K, const uint8_t* q, const float* d,
 void q8_0_matmul(const float* x, int M, int K, const int8_t* q, const float* d, int N, float* out) {
     tiled_matmul(Q8_0, K, x, M, K, (const uint8_t*)q, d, 0, N, out);
 }
+
+/* ---- The draft head's kernel (lossy: a draft's numerics only change what it proposes, never the output) ----
+ * int8 weights with one scale per output channel, int8 activations with one scale per row:
+ *   out[r, n] = (sum_k xq[r, k] * wq[n, k]) * (sw[n] * sx[r]),  xq = round(x / sx), sx = max_k |x[r, k]| / 127.
+ * AVX512-VNNI's vpdpbusd multiplies 4 unsigned bytes by 4 signed ones and adds them to a 32-bit lane, 64
+ * products an instruction (16 fp32 FMAs do 16): activations go in as xq + 128 (1..255), and 128 * sum_k wq[n, k]
+ * (`wsum`) comes off the integer sum. The weights are stored [N/16][K/4][16 outputs][4 k], so one 64-byte load
+ * holds 4 consecutive k of 16 outputs, multiplied by 4 activation bytes broadcast to every lane: no horizontal
+ * sums. Integer sums are exact, so a row's result never depends on the tiling or the other rows.
+ * `w` is padded with zero outputs to a multiple of 16 (`sw`, `wsum` are not); K must be a multiple of 16. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <stdlib.h>
+#include <string.h>
+#define I8_ROWS 8 /* activation rows per tile */
+#define I8_COLS 2 /* blocks of 16 outputs per tile */
+
+static void i8_quantize_rows(const float* x, int M, int K, uint8_t* xq, float* sx) {
+    for (int r = 0; r < M; r++) {
+        const float* row = x + (long)r * K;
+        __m512 mx = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        sx[r] = amax / 127.0f;
+        const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+        for (int k = 0; k < K; k += 16) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), inv)); /* round to nearest even */
+            q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+            _mm_storeu_si128((__m128i*)(xq + (long)r * K + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128))));
+        }
+    }
+}
+
+#define I8_TILE(C, R)                                                                                       \
+static void i8_tile_##C##_##R(const uint8_t* xq, int K, const int8_t* w, long block_bytes, __m512i* out) { \
+    __m512i acc[C][R];                                                                                      \
+    for (int c = 0; c < C; c++)                                                                             \
+        for (int r = 0; r < R; r++) acc[c][r] = _mm512_setzero_si512();                                     \
+    for (int g = 0; g < K / 4; g++) {                                                                       \
+        __m512i wv[C];                                                                                      \
+        for (int c = 0; c < C; c++) wv[c] = _mm512_loadu_si512(w + c * block_bytes + 64L * g);            \
+        for (int r = 0; r < R; r++) {                                                                       \
+            int32_t four;                                                                                   \
+            memcpy(&four, xq + (long)r * K + 4 * g, 4);                                                     \
+            const __m512i xb = _mm512_set1_epi32(four);                                                     \
+            for (int c = 0; c < C; c++) acc[c][r] = _mm512_dpbusd_epi32(acc[c][r], xb, wv[c]);              \
+        }                                                                                                   \
+    }                                                                                                       \
+    for (int c = 0; c < C; c++)                                                                             \
+        for (int r = 0; r < R; r++) out[c * I8_ROWS + r] = acc[c][r];                                       \
+}
+#define I8_TILES(C) I8_TILE(C, 1) I8_TILE(C, 2) I8_TILE(C, 3) I8_TILE(C, 4) I8_TILE(C, 5) I8_TILE(C, 6)     \
+    I8_TILE(C, 7) I8_TILE(C, 8)
+#define I8_LIST(C)                                                                                          \
+    {0, i8_tile_##C##_1, i8_tile_##C##_2, i8_tile_##C##_3, i8_tile_##C##_4, i8_tile_##C##_5, i8_tile_##C##_6, \
+     i8_tile_##C##_7, i8_tile_##C##_8}
+typedef void (*i8_tile_fn)(const uint8_t*, int, const int8_t*, long, __m512i*);
+I8_TILES(1) I8_TILES(2)
+static const i8_tile_fn I8[I8_COLS][I8_ROWS + 1] = {I8_LIST(1), I8_LIST(2)};
+
+/* x: M x K float32; w: the layout above; sw: N float32; wsum: N int32; out: M x N. */
+void i8_matmul(const float* x, int M, int K, const int8_t* w, const float* sw, const int32_t* wsum, int N,
+               float* out) {
+    uint8_t* xq = malloc((size_t)M * K);
+    float* sx = malloc(sizeof(float) * M);
+    i8_quantize_rows(x, M, K, xq, sx);
+    const int blocks = (N + 15) / 16, tiles = (blocks + I8_COLS - 1) / I8_COLS;
+    const int chunks = (M + I8_ROWS - 1) / I8_ROWS;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        const int b0 = t * I8_COLS, C = blocks - b0 < I8_COLS ? blocks - b0 : I8_COLS;
+        int row = 0;
+        for (int ch = 0; ch < chunks; ch++) {
+            const int R = (M - row) / (chunks - ch);
+            __m512i acc[I8_COLS * I8_ROWS];
+            I8[C - 1][R](xq + (long)row * K, K, w + (long)b0 * 16 * K, 16L * K, acc);
+            for (int c = 0; c < C; c++) {
+                const int n = (b0 + c) * 16;
+                const __mmask16 keep = N - n >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+                const __m512i offset = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(keep, wsum + n), 7); /* 128 * wsum */
+                const __m512 scale = _mm512_maskz_loadu_ps(keep, sw + n);
+                for (int r = 0; r < R; r++) {
+                    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c * I8_ROWS + r], offset));
+                    _mm512_mask_storeu_ps(out + (long)(row + r) * N + n, keep,
+                                          _mm512_mul_ps(v, _mm512_mul_ps(scale, _mm512_set1_ps(sx[row + r]))));
+                }
+            }
+            row += R;
+        }
+    }
+    free(xq);
+    free(sx);
+}
+int i8_vnni(void) { return 1; }
+#else
+int i8_vnni(void) { return 0; }
+#endif
 
 /* The lane width of this build (8: AVX2, 16: AVX-512): it decides the summation order, so it is reported. */
 int kernel_lanes(void) { return LANES; }

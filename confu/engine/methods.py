@@ -47,9 +47,10 @@ class Proposer(Protocol):
 class DraftHeadProposer:
     """An EAGLE-3 or ConFu draft head growing EAGLE-2 dynamic trees (`confu.engine.drafter`).
 
-    On the CPU it drafts with a copy of the head whose linear layers run the Q8_0 kernels (`pack_model(...,
-    lossy=True)`): a draft level is a handful of small-row matmuls, which MKL runs several times slower than
-    one row, and a draft's numerics only change which tokens are proposed, never what the target emits.
+    On the CPU it drafts with a copy of the head whose linear layers run the quantized kernels (`pack_model(...,
+    lossy=True)`: int8 weights and activations on AVX512-VNNI, else Q8_0 weights): a draft level is a handful
+    of small-row matmuls, which MKL runs several times slower than one row, and a draft's numerics only change
+    which tokens are proposed, never what the target emits.
     """
 
     def __init__(self, head: Eagle3Head):
