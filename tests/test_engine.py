@@ -10,6 +10,7 @@ import torch
 
 from confu.engine.checkpoint import load_draft, new_draft, save_draft
 from confu.engine.generate import Decoder, GenerationConfig
+from confu.engine.target import RowLogits
 from confu.engine.tree import TreeConfig
 from confu.errors import DraftMismatchError
 from tests.helpers import (
@@ -147,6 +148,41 @@ def test_plain_features_match_hidden_states(tiny_llama_dir):
     want = torch.cat([hs[i][0] for i in target.feature_layers], -1)
     torch.testing.assert_close(out.features, want)
     assert target.feature_layers == (2, 4, 5)
+
+
+def test_commit_moves_only_displaced_entries_and_prefetched_rows_are_the_rows(tiny_llama_dir):
+    """A tree pass over root r and nodes a (child of r), b (child of a), c (child of r); keeping [r, c] or
+    [r, a, b] must leave the cache exactly as a plain pass over those tokens would (the second keeps its
+    entries in place, the first moves c's), and logits rows fetched together equal rows fetched alone."""
+    target = load_target(tiny_llama_dir)
+    ids = torch.tensor(chat_ids(target, PROMPTS[0]))
+    n = len(ids)
+    tree_ids = torch.tensor([5, 6, 7, 8])  # r, a, b, c
+    tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    positions = n + torch.tensor([0, 1, 2, 1])
+
+    def cache_after(keep):
+        cache = target.new_cache()
+        target.forward(cache, torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril(), input_ids=ids)
+        cache.commit(None)
+        out = target.forward(cache, positions, tree_mask, input_ids=tree_ids)
+        cache.commit(keep)
+        return cache, out
+
+    for keep in ([0, 3], [0, 1, 2]):
+        cache, out = cache_after(torch.tensor(keep))
+        plain = target.new_cache()
+        path = torch.cat([ids, tree_ids[keep]])
+        target.forward(plain, torch.arange(len(path)), torch.ones(len(path), len(path), dtype=torch.bool).tril(),
+                       input_ids=path)
+        plain.commit(None)
+        assert cache.num_tokens == plain.num_tokens == n + len(keep)
+        for ours, want in zip(cache.kv.layers, plain.kv.layers, strict=True):
+            torch.testing.assert_close(ours.view(), want.view())
+    together = RowLogits(target, out.logits.hidden)
+    together.prefetch([3, 1, 0])
+    assert sorted(together._rows) == [0, 1, 3]
+    assert all(torch.equal(together[row], out.logits[row]) for row in (0, 1, 3))  # rows computed one by one
 
 
 def test_generate_prompt_file_cli(tiny_llama_dir, tmp_path, capsys):

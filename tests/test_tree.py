@@ -106,6 +106,19 @@ def test_children_sorted_by_descending_score() -> None:
     assert [tree.tokens[c].item() for c in tree.children_of(1)] == [5, 6, 4]
 
 
+def test_likely_path_follows_the_top_child_while_it_is_likely_enough() -> None:
+    b = TreeBuilder(TreeConfig(total_nodes=10, depth=3, topk=2))
+    f = b.grow(None, torch.tensor([3, 1]), _lp(0.3, 0.7).flatten())  # token 1 (p 0.7) is the root's top child
+    f = b.grow(f[:1], torch.tensor([[4, 5]]), _lp(0.6, 0.4))  # below it: token 4, reached with p 0.42
+    b.grow(f[:1], torch.tensor([[6, 7]]), _lp(0.5, 0.5))  # then p 0.21
+    tree = b.build()
+    tokens = lambda path: [int(tree.tokens[n]) for n in path]  # noqa: E731
+    assert tokens(tree.likely_path(0.0)) == [1, 4, 6]
+    assert tokens(tree.likely_path(0.25)) == [1, 4]
+    assert tokens(tree.likely_path(0.5)) == [1]
+    assert tree.likely_path(0.8) == []
+
+
 def test_depth_one_tree() -> None:
     b = TreeBuilder(TreeConfig(total_nodes=60, depth=1, topk=4))
     f = b.grow(None, torch.tensor([[9, 8, 7, 6]]), _lp(0.1, 0.2, 0.3, 0.4))

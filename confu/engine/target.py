@@ -162,8 +162,12 @@ class PositionalLayer(CacheLayerMixin):
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def keep(self, start: int, index: Tensor) -> None:
-        """Keep the entries at `start + index` (ascending) as `start, start + 1, ...`; drop the rest."""
+    def keep(self, start: int, index: Tensor | None) -> None:
+        """Keep the entries at `start + index` (ascending) as `start, start + 1, ...`; drop the rest (None: keep
+        nothing from `start` on)."""
+        if index is None:
+            self.length = start
+            return
         if self.is_initialized:
             src = start + index
             self.keys[:, :, start : start + len(index)] = self.keys[:, :, src]
@@ -221,13 +225,17 @@ class TargetCache:
 
     def commit(self, keep: Tensor | None) -> None:
         """Keep the last forward's entries at local indices `keep` (ascending; None keeps all of them)."""
-        new = self.pending
-        if keep is None or (len(keep) == new and torch.equal(keep.cpu(), torch.arange(new))):
-            self.committed += new
+        if keep is None:
+            self.committed += self.pending
             return
+        # The leading entries already in their place (the root, and an accepted path along the first nodes)
+        # stay where they are; only the rest is copied.
+        kept = keep.tolist()
+        in_place = next((i for i, j in enumerate(kept) if i != j), len(kept))
+        moved = keep[in_place:].to(torch.long) - in_place if in_place < len(kept) else None
         for layer in self.kv.layers:
-            layer.keep(self.committed, keep.to(torch.long))
-        self.committed += len(keep)
+            layer.keep(self.committed + in_place, moved)
+        self.committed += len(kept)
 
     def rollback(self) -> None:
         """Drop what the last forward appended (a benchmark repeats one pass on the same cache)."""
@@ -340,6 +348,14 @@ class RowLogits:
         if row not in self._rows:
             self._rows[row] = self.target.logits(self.hidden[row : row + 1])[0]
         return self._rows[row]
+
+    def prefetch(self, rows: list[int]) -> None:
+        """Compute these rows now, in one call: a head that streams its weights once for a few rows costs
+        little more than for one (the rows' values are the same either way)."""
+        todo = sorted({int(r) for r in rows} - self._rows.keys())
+        if todo:
+            for row, logits in zip(todo, self.target.logits(self.hidden[todo]), strict=True):
+                self._rows[row] = logits
 
     def all(self) -> Tensor:
         return self.target.logits(self.hidden)

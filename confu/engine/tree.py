@@ -15,6 +15,7 @@ are stable sorts (equal scores keep creation order), and the ancestor mask is pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -123,6 +124,18 @@ class DraftTree:
     @property
     def max_depth(self) -> int:
         return int(self.depths.max()) if len(self) else 0
+
+    def likely_path(self, min_prob: float) -> list[int]:
+        """The draft's best guess at the accepted path: from the root, always the top-scored child, for as long
+        as its score says it is reached with probability at least `min_prob`."""
+        path, node = [], -1
+        while self.children[node + 1]:
+            child = self.children[node + 1][0]
+            if math.exp(float(self.scores[child])) < min_prob:
+                break
+            path.append(child)
+            node = child
+        return path
 
     def children_of(self, node: int) -> list[int]:
         """Children of ``node`` (``-1`` = root) by descending score."""
