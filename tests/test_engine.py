@@ -153,7 +153,8 @@ def test_plain_features_match_hidden_states(tiny_llama_dir):
 def test_commit_moves_only_displaced_entries_and_prefetched_rows_are_the_rows(tiny_llama_dir):
     """A tree pass over root r and nodes a (child of r), b (child of a), c (child of r); keeping [r, c] or
     [r, a, b] must leave the cache exactly as a plain pass over those tokens would (the second keeps its
-    entries in place, the first moves c's), and logits rows fetched together equal rows fetched alone."""
+    entries in place, the first moves c's), and logits rows fetched together equal rows fetched alone (bit for
+    bit with the quantized kernels: tests/test_quant.py checks their row invariance)."""
     target = load_target(tiny_llama_dir)
     ids = torch.tensor(chat_ids(target, PROMPTS[0]))
     n = len(ids)
@@ -182,7 +183,8 @@ def test_commit_moves_only_displaced_entries_and_prefetched_rows_are_the_rows(ti
     together = RowLogits(target, out.logits.hidden)
     together.prefetch([3, 1, 0])
     assert sorted(together._rows) == [0, 1, 3]
-    assert all(torch.equal(together[row], out.logits[row]) for row in (0, 1, 3))  # rows computed one by one
+    for row in (0, 1, 3):  # against rows computed one by one: MKL's rounding may depend on the row count
+        torch.testing.assert_close(together[row], out.logits[row], atol=1e-5, rtol=1e-5)
 
 
 def test_generate_prompt_file_cli(tiny_llama_dir, tmp_path, capsys):

@@ -329,8 +329,9 @@ class RowLogits:
     """The logits of a pass's rows, each computed when first read.
 
     Verification reads the rows on the accepted path and seldom more, and one row of a large vocabulary
-    head costs about as much as a whole decoder layer; rows are independent, so computing them one at a
-    time gives the same values as computing them together (the quantized kernels are row-invariant).
+    head costs about as much as a whole decoder layer. With the quantized kernels a row's value does not depend
+    on which rows share the call (they are row-invariant), so fetching rows alone or together gives the same
+    bits; on dense layers (MKL, GPU) it may differ by rounding, as the verify pass's own rows already do.
     """
 
     def __init__(self, target: Target, hidden: Tensor):
