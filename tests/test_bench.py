@@ -10,6 +10,7 @@ import pytest
 from confu.bench.report import acceptance_profile, speedup, summarize, timing_breakdown
 from confu.bench.specbench import load_questions, parse_methods, record_key
 from confu.cli import main
+from confu.engine.quant import draft_numerics
 from confu.errors import InputError
 
 # Our own questions (not Spec-Bench): two categories, one MT-bench-like 2-turn question; the third writing
@@ -104,6 +105,7 @@ def test_bench_end_to_end_and_resume(tiny_llama_dir, drafts, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| Method | Nodes | T | WRIT τ | WRIT SR | QA τ | QA SR | AVG τ | AVG SR |" in report
     assert "estimate" in report and "AVG pools all questions" in report
+    assert f"- draft numerics: {draft_numerics()} (" in report
     for png in ("accept_e3.png", "accept_cf.png"):
         assert (out / png).stat().st_size > 1000
         assert f"]({png})" in report

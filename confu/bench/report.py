@@ -372,6 +372,8 @@ def render_report(summary: dict[str, Any], run_info: dict[str, Any], plots: Sequ
         "method and setting; methods interleaved per question",
         f"- target numerics: {run_info.get('numerics', '?')} (every method but `hf`, which runs transformers' own "
         "modules)",
+        f"- draft numerics: {run_info.get('draft_numerics', '?')} (they change what a draft proposes, never what "
+        "is emitted)",
         "",
         "Metrics (Spec-Bench / the ConFu paper): τ = mean accepted draft tokens + 1 per verification step, "
         "pooled over all steps of all questions; a question's tokens/s = new tokens / generation wall time, "

@@ -380,6 +380,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
+    from confu.engine.quant import draft_numerics
     from confu.engine.target import Target
 
     questions = load_questions(cfg.questions, cfg.categories, cfg.limit_per_category)
@@ -424,7 +425,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "temperatures": cfg.temperatures, "tree_nodes": cfg.tree_nodes, "max_new_tokens": cfg.max_new_tokens,
         "top_p": cfg.top_p, "top_k": cfg.top_k, "depth": cfg.depth, "topk": cfg.topk,
         "contemplate": "all" if cfg.contemplate is None else cfg.contemplate, "seed": cfg.seed,
-        "warmup": cfg.warmup, "machine": _machine(), "numerics": runner.target.numerics, "torch": torch.__version__,
+        "warmup": cfg.warmup, "machine": _machine(), "numerics": runner.target.numerics,
+        "draft_numerics": draft_numerics(runner.target.device), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "ran": n_todo, "resumed": len(questions) * len(runs) - n_todo,
     }

@@ -240,6 +240,18 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.packed.kind}"
 
 
+def draft_numerics(device: torch.device | str = "cpu") -> str:
+    """What a float32 draft head on `device` drafts with (`pack_model(..., lossy=True)`), for reports."""
+    if torch.device(device).type != "cpu":
+        return "the draft's own weights and dtype (no kernels off the CPU)"
+    status = kernel_status()
+    if status.library is None:
+        return f"float32 ({status.reason})"
+    if status.int8:
+        return "int8 weights per output channel x int8 activations per row (AVX512-VNNI kernel)"
+    return f"Q8_0 weights, fp32 activations ({status.lanes}-lane kernel)"
+
+
 def _linear_children(model: nn.Module):
     for parent in model.modules():
         for name, child in parent.named_children():
