@@ -111,6 +111,39 @@ def test_drafting_that_loses_on_the_clock_backs_off():
     assert not sizer.drafting_loses and sizer.explore_gap == 4
 
 
+def test_a_stale_plain_clock_is_timed_again_while_every_round_drafts():
+    """Rounds without a draft were timed in a slow stretch of the machine (60 ms a token); drafting (2 tokens in
+    50 ms) beats that stale number, and since it then drafts every round, nothing would ever correct it. A
+    round without a draft is timed again after a few drafted rounds: at its real 20 ms, plain decoding wins."""
+    sizer = AutoSizer(COSTS, max_depth=2, explore_every=4)
+    for _ in range(20):
+        sizer.observe_plain(0.060)
+    depths = []
+    for _ in range(100):
+        depth = sizer.plan_round()
+        depths.append(depth)
+        if depth:
+            sizer.observe(sizer.choose_nodes(_chain_tree(depth, -0.7), 0.004), depth, 1, 0.004, 0.046)
+        else:
+            sizer.observe_plain(0.020)
+    assert depths[:3] != [0, 0, 0], "drafting first beats the stale clock"
+    assert 0 in depths[:8], f"a plain round is re-timed within a few drafted rounds: {depths}"
+    assert sizer.drafting_loses and sum(d == 0 for d in depths[-50:]) >= 40, depths
+    # ... and while drafting really wins, the re-timings grow rarer
+    winner = AutoSizer(COSTS, max_depth=2, explore_every=4)
+    winner.observe_plain(0.030)
+    plain_rounds = []
+    for i in range(200):
+        depth = winner.plan_round()
+        if depth:
+            winner.observe(winner.choose_nodes(_chain_tree(depth, -0.1), 0.004), depth, depth, 0.004, 0.026)
+        else:
+            plain_rounds.append(i)
+            winner.observe_plain(0.030)
+    gaps = [b - a for a, b in zip(plain_rounds, plain_rounds[1:], strict=False)]
+    assert not winner.drafting_loses and 3 <= len(plain_rounds) <= 7 and gaps == sorted(gaps), plain_rounds
+
+
 def test_a_draft_that_pays_only_shallow_is_drafted_shallow():
     """On the clock, depth 1 beats plain decoding and depth 2 loses (each level costs more than it brings):
     the first, depth-2 round loses, yet a re-check at depth 1 finds what pays and drafting stays there, with

@@ -163,11 +163,19 @@ class AutoSizer:
     depth_rate: list[float] = field(default_factory=list)
     explore_gap: int = 0  # rounds until the next re-check: explore_every, doubled while drafting loses
     next_explore: int = 0
+    # The other way round: while every round drafts, plain_s is never re-timed, and one slow stretch of the
+    # machine can leave it too high for good (drafting then "wins" against a stale number). So a round without
+    # a draft is timed again every plain_check_gap rounds (explore_every, doubled while drafting keeps
+    # winning), and its time replaces the stale mean.
+    plain_check_gap: int = 0
+    next_plain_check: int = 0
+    plain_check: bool = False  # this round is such a re-timing
 
     def __post_init__(self) -> None:
         self.gain = [0.0] * self.max_depth
         self.depth_rate = [0.0] * self.max_depth
         self.explore_gap = self.next_explore = self.explore_every
+        self.plain_check_gap = self.next_plain_check = self.explore_every
 
     @property
     def draft_rate(self) -> float:
@@ -199,8 +207,15 @@ class AutoSizer:
     def plan_round(self) -> int:
         """Depth to draft this round (0 = no draft): the best expected tokens per second among the depths
         measured so far, one level deeper when the deepest level keeps being accepted or, every
-        `explore_every` rounds, to re-check (so a draft that starts hitting later is noticed)."""
+        `explore_every` rounds, to re-check (so a draft that starts hitting later is noticed); and, once
+        rounds without a draft have been timed, one of those again every `plain_check_gap` rounds."""
         self.rounds += 1
+        depth = self._plan_depth()
+        self.plain_check = bool(depth) and self.plain_s > 0 and not self.drafting_loses \
+            and self.rounds >= self.next_plain_check
+        return 0 if self.plain_check else depth
+
+    def _plan_depth(self) -> int:
         if self.observed_depth == 0:  # nothing drafted yet in this sequence
             start = self._clock_depth(default=self.first_depth)  # what paid in earlier sequences, if measured
             if not self.drafting_loses:
@@ -270,7 +285,12 @@ class AutoSizer:
 
     def observe_plain(self, seconds: float) -> None:
         """A round without a draft took `seconds` on the clock."""
-        self.plain_s = seconds if self.plain_s == 0 else DECAY * self.plain_s + (1 - DECAY) * seconds
+        fresh = self.plain_s == 0 or self.plain_check
+        self.plain_s = seconds if fresh else DECAY * self.plain_s + (1 - DECAY) * seconds
+        self.plain_check = False
+        self.plain_check_gap = self.explore_every if self.draft_rate == 0 or self.drafting_loses \
+            else min(2 * self.plain_check_gap, MAX_EXPLORE_GAP)
+        self.next_plain_check = self.rounds + self.plain_check_gap
 
     def observe(self, tree: DraftTree | None, depth: int, accepted: int, draft_s: float,
                 verify_s: float | None = None) -> None:
