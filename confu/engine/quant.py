@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,9 +248,14 @@ def draft_numerics(device: torch.device | str = "cpu") -> str:
     status = kernel_status()
     if status.library is None:
         return f"float32 ({status.reason})"
+    return _draft_rounding(status)[1]
+
+
+def _draft_rounding(status: KernelStatus) -> tuple[Callable[[Tensor], PackedWeight], str]:
+    """How `pack_model(..., lossy=True)` rounds a draft's weights with these kernels, and its description."""
     if status.int8:
-        return "int8 weights per output channel x int8 activations per row (AVX512-VNNI kernel)"
-    return f"Q8_0 weights, fp32 activations ({status.lanes}-lane kernel)"
+        return quantize_i8, "int8 weights per output channel x int8 activations per row (AVX512-VNNI kernel)"
+    return quantize_q8_0, f"Q8_0 weights, fp32 activations ({status.lanes}-lane kernel)"
 
 
 def _linear_children(model: nn.Module):
@@ -261,18 +267,21 @@ def _linear_children(model: nn.Module):
 
 def pack_model(model: nn.Module, lossy: bool = False) -> list[tuple[nn.Module, str, nn.Linear, PackedLinear]]:
     """Swap every linear layer whose weight is GGUF-exact (with `lossy`, every float32 CPU layer at least 32
-    wide: rounded to Q8_0) for a `PackedLinear`; returns the swaps made (parent, attribute, original, packed)
-    so they can be undone. Nothing is swapped without the kernels."""
-    lib = kernel_status().library
+    wide: rounded to int8 where the kernels have AVX512-VNNI, else to Q8_0) for a `PackedLinear`; returns the
+    swaps made (parent, attribute, original, packed) so they can be undone. Nothing is swapped without the
+    kernels."""
+    status = kernel_status()
+    lib = status.library
     if lib is None:
         return []
+    round_lossy = _draft_rounding(status)[0]
     swaps = []
     for parent, name, linear in list(_linear_children(model)):
         w = linear.weight
         packed = pack_exact(w)
         if packed is None and lossy and w.dtype == torch.float32 and w.device.type == "cpu" \
                 and w.shape[1] % BLOCK == 0 and w.shape[0] >= BLOCK:
-            packed = quantize_i8(w) if kernel_status().int8 else quantize_q8_0(w)
+            packed = round_lossy(w)
         if packed is not None:
             swaps.append((parent, name, linear, PackedLinear(linear, packed, lib)))
     for parent, name, _, new in swaps:
