@@ -36,12 +36,14 @@ drafts: $(STAMP)
 	CONFU=$(VENV)/bin/confu scripts/train_drafts.sh
 
 # The BENCHMARKS.md run: make bench QUESTIONS=path/to/spec_bench/question.jsonl [BENCH_LIMIT=1] [BENCH_OUT=runs/specbench]
+# [NUMERICS=q8] (the target's numerics: auto = GGUF-exact fp32 kernels; q8 = llama.cpp's 8-bit activations)
 BENCH_LIMIT ?= 1
+NUMERICS ?= auto
 BENCH_OUT ?= runs/specbench
 D := drafts/smollm2-135m
 bench: $(STAMP)
 	@test -n "$(QUESTIONS)" || { echo "usage: make bench QUESTIONS=path/to/question.jsonl"; exit 2; }
-	$(VENV)/bin/confu bench --target smollm2-135m \
+	$(VENV)/bin/confu bench --target smollm2-135m --numerics $(NUMERICS) \
 	  --methods ar,hf,eagle3:$(D)-eagle3=EAGLE-3,confu:$(D)-confu=ConFu,confu:$(D)-confu-nomoe=ConFu-MoE,confu:$(D)-confu-norep=ConFu-replicate \
 	  --questions $(QUESTIONS) --limit-per-category $(BENCH_LIMIT) --temperatures 0,0.7 --tree-nodes auto,16 \
 	  --depth 6 --topk 8 --contemplate 4 --max-new-tokens 48 --out $(BENCH_OUT)

@@ -11,6 +11,7 @@ from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.quant import (
     CFLAGS,
     PackedLinear,
+    for_q8_activations,
     kernel_status,
     load_kernels,
     pack_exact,
@@ -129,6 +130,96 @@ def test_draft_int8_kernel_is_exact_integer_arithmetic_and_close_to_float():
     assert (out - exact).norm() / exact.norm() < 0.02  # int8 rounding: about 1% here
 
 
+def q8_activation_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`numerics="q8"` in torch: activations rounded per block of 32 (dx = max |x| / 127), exact integer block
+    dot products with the GGUF q, then dw * dx per block (and Q4_1's mw * dx * sum(xq))."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    amax = xb.abs().amax(-1)
+    xq = (xb * torch.where(amax > 0, 127 / amax, 0)[..., None]).round()
+    dx = amax / 127
+    packed = pack_exact(w)
+    if packed.kind == "q4_1":
+        q = torch.cat([(packed.q & 15).reshape(len(w), -1, 16), (packed.q >> 4).reshape(len(w), -1, 16)], -1)
+    else:
+        q = packed.q.reshape(len(w), -1, 32)
+    dots = torch.einsum("mgk,ngk->mng", xq.double(), q.double())  # exact integers
+    out = (dots * (packed.d.double()[None] * dx.double()[:, None])).sum(-1)
+    if packed.kind == "q4_1":
+        out += (packed.m.double()[None] * (dx * xq.sum(-1)).double()[:, None]).sum(-1)
+    return out.float()
+
+
+def require_int8(what: str):
+    lib = require_kernels()
+    if not kernel_status().int8:
+        pytest.skip(f"this CPU has no AVX512-VNNI: {what}")
+    return lib
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_q8_activation_kernel_is_its_definition_and_row_invariant(kind):
+    lib = require_int8("numerics 'q8' is refused there (test_q8_numerics_refuses_what_it_cannot_run)")
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(71, 160, generator=gen) * 0.05  # 71: the last block of 16 outputs is partly padding
+    w = gguf_q4_1(w) if kind == "q4_1" else gguf_q8_0(w)
+    packed = for_q8_activations(pack_exact(w))
+    assert packed.kind == f"a8_{kind}" and packed.out_features == 71
+    x = torch.randn(40, 160, generator=gen)
+    x[3] = 0  # a zero row: every block's scale is 0, and so is the output
+    x[5, 32:64] *= 100  # an outlier block: its scale must not touch the row's other blocks
+    for m in (1, 2, 5, 9, 16, 17, 33, 40):  # tiles of up to 16 rows: one, several and uneven chunks
+        out = packed_matmul(x[:m].contiguous(), packed, lib)
+        torch.testing.assert_close(out, q8_activation_reference(x[:m], w), atol=2e-5, rtol=2e-5)
+        for row in (0, m - 1):
+            assert torch.equal(out[row], packed_matmul(x[row : row + 1].contiguous(), packed, lib)[0])
+    assert torch.equal(out[3], torch.zeros(71))
+    exact = x @ w.T
+    assert (out - exact).norm() / exact.norm() < 0.02  # 8-bit activations: under 1% here
+    with single_thread():
+        assert torch.equal(packed_matmul(x, packed, lib), out)
+
+
+def test_q8_numerics_target_decodes_losslessly(tiny_llama_dir):
+    """Under `numerics="q8"` every method decodes the tokens plain decoding gives with the same numerics, and a
+    long prompt's bulk prefill stays on the kernels (they are the numerics, not a rounding of transformers')."""
+    require_int8("numerics 'q8' is refused there")
+    target = quantized_tiny_target(tiny_llama_dir, numerics="q8")
+    assert all(new.packed.kind.startswith("a8_") for *_, new in target._swaps) and "Q8 activation" in target.numerics
+    with target.bulk_numerics():
+        assert all(isinstance(m, PackedLinear) for m in target.model.modules() if isinstance(m, nn.Linear | PackedLinear))
+    with target.reference_numerics():  # the HF baseline and training still see transformers' own modules
+        assert not any(isinstance(m, PackedLinear) for m in target.model.modules())
+    ids = torch.tensor([chat_ids(target, PROMPTS[0])])
+    with torch.no_grad():
+        q8 = target.model(ids).logits
+        with target.reference_numerics():
+            reference = target.model(ids).logits
+    assert (q8 - reference).norm() / reference.norm() < 0.1, "8-bit activations: 4% on this random model"
+    assert not torch.equal(q8, reference)
+    tree = TreeConfig(8, 4, 3)
+    for bulk in (0, 8):
+        for text in PROMPTS[:3]:
+            prompt = chat_ids(target, text)
+            cfg = GenerationConfig(max_new_tokens=16, tree=tree, auto_tree=False, bulk_prefill=bulk)
+            want = Decoder.for_head(target, None).generate(prompt, cfg).tokens
+            for method in ("eagle3", "confu"):
+                head = new_draft(target, method, draft_vocab_size=256)
+                assert Decoder.for_head(target, head).generate(prompt, cfg).tokens == want, (method, text, bulk)
+
+
+def test_q8_numerics_refuses_what_it_cannot_run(tiny_llama_dir):
+    plain = load_target(tiny_llama_dir)
+    if kernel_status().int8:
+        with pytest.raises(InputError, match="GGUF block weights"):
+            Target(plain.model, plain.tokenizer, numerics="q8")  # float32 weights no block format reproduces
+    else:
+        with pytest.raises(InputError, match="AVX512-VNNI"):
+            Target(plain.model, plain.tokenizer, numerics="q8")
+    with pytest.raises(InputError, match="numerics must be one of"):
+        Target(plain.model, plain.tokenizer, numerics="int4")
+
+
 def test_lossy_packing_takes_every_draft_layer_and_the_int8_kernel_where_built():
     require_kernels()
     layers = nn.Sequential(nn.Linear(64, 96, bias=False), nn.Linear(96, 64, bias=True), nn.Linear(64, 16))
@@ -142,7 +233,7 @@ def test_lossy_packing_takes_every_draft_layer_and_the_int8_kernel_where_built()
         torch.testing.assert_close(layers(torch.ones(2, 64)), reference, atol=0.05, rtol=0.05)
 
 
-def quantized_tiny_target(model_dir) -> Target:
+def quantized_tiny_target(model_dir, numerics: str = "auto") -> Target:
     """The tiny Llama with every linear weight snapped to Q4_1 values, wrapped after the change."""
     plain = load_target(model_dir)  # float32 weights that no block format reproduces: nothing is packed
     assert "kernels" not in plain.numerics
@@ -150,7 +241,7 @@ def quantized_tiny_target(model_dir) -> Target:
         for module in list(plain.model.modules()):
             if type(module) is nn.Linear:
                 module.weight.copy_(gguf_q4_1(module.weight))
-    return Target(plain.model, plain.tokenizer, name="quantized")
+    return Target(plain.model, plain.tokenizer, name="quantized", numerics=numerics)
 
 
 def test_quantized_target_runs_kernels_and_decodes_losslessly(tiny_llama_dir):

@@ -32,11 +32,11 @@ AR_PROMPTS = (
 )
 
 
-def _load_target(target: Target | str) -> Target:
+def _load_target(target: Target | str, numerics: str) -> Target:
     if isinstance(target, str):
         from confu.engine.target import Target
 
-        return Target.load(target)
+        return Target.load(target, numerics=numerics)
     return target
 
 
@@ -57,12 +57,13 @@ def _our_tokens(decoder: Decoder, prompt_ids: list[int], cfg: GenerationConfig) 
 
 
 def run_bench_ar(target: Target | str, prompts: Sequence[str] = AR_PROMPTS, max_new_tokens: int = 64,
-                 repeats: int = 3, warmup: int = 1, profile: bool = False) -> dict[str, Any]:
-    """Greedy tokens/s of `Decoder.for_head(target, None)` vs `model.generate(do_sample=False)`, interleaved."""
+                 repeats: int = 3, warmup: int = 1, profile: bool = False, numerics: str = "auto") -> dict[str, Any]:
+    """Greedy tokens/s of `Decoder.for_head(target, None)` vs `model.generate(do_sample=False)`, interleaved.
+    `numerics` (a target named by a string): how ours runs; `generate` always runs transformers' own modules."""
     from confu.engine.generate import Decoder, GenerationConfig
     from confu.engine.sampling import SamplingConfig
 
-    target = _load_target(target)
+    target = _load_target(target, numerics)
     decoder = Decoder.for_head(target, None)
     gcfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(0.0))
     greedy = SamplingConfig(0.0)
@@ -133,7 +134,8 @@ def budget_name(budget: int | None) -> str:
 def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
                      budgets: Sequence[int | None] = (None, 1, 4, 8), repeats: int = 5, warmup: int = 1,
                      eagle3_dir: str | None = None, confu_dir: str | None = None, depth: int = 6,
-                     topk: int = 8, prompt: str = VERIFY_PROMPT, seed: int = 0) -> dict[str, Any]:
+                     topk: int = 8, prompt: str = VERIFY_PROMPT, seed: int = 0,
+                     numerics: str = "auto") -> dict[str, Any]:
     """Median wall time of one verification (target pass + greedy acceptance) for trees of each size, plain
     vs with contemplate slots, against a one-token step (the same, with no tree).
 
@@ -148,7 +150,7 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
     from confu.engine.contemplate import plan_contemplate_slots
     from confu.engine.generate import Decoder, GenerationConfig, RoundState
 
-    target = _load_target(target)
+    target = _load_target(target, numerics)
     vocab = min(8192, target.vocab_size)
 
     def head_for(method: str, path: str | None):

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 RECORDS_NAME = "records.jsonl"
 RUN_NAME = "run.json"
 # Decoding options that change what a record means: a resumed run must use the same ones.
-PINNED_OPTIONS = ("target", "max_new_tokens", "top_p", "top_k", "depth", "topk", "contemplate", "seed")
+PINNED_OPTIONS = ("target", "numerics", "max_new_tokens", "top_p", "top_k", "depth", "topk", "contemplate", "seed")
 # Per-round fields of `StepRecord` kept in a record, as parallel lists over rounds.
 STEP_FIELDS = ("accepted", "tree_nodes", "depth", "contemplate_slots", "verify_tokens", "draft_s", "verify_s")
 
@@ -219,6 +219,7 @@ class BenchConfig:
     methods: list[MethodSpec]
     questions: str
     out: str
+    numerics: str = "auto"  # `Target(numerics=...)`
     categories: list[str] | None = None
     limit_per_category: int | None = None
     temperatures: list[float] = field(default_factory=lambda: [0.0])
@@ -301,8 +302,8 @@ def _check_run_file(out: Path, cfg: BenchConfig) -> dict:
     path = out / RUN_NAME
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = [f"{k}: {old['pinned'].get(k)!r} -> {v!r}" for k, v in pinned.items()
-                if old["pinned"].get(k) != v]
+        before = {"numerics": "auto", **old["pinned"]}  # run files from before --numerics ran "auto"
+        diff = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in pinned.items() if before.get(k) != v]
         diff += [f"label {lab}: {old['drafts'][lab]} -> {d}" for lab, d in drafts.items()
                  if old["drafts"].get(lab, d) != d]
         if diff:
@@ -384,7 +385,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from confu.engine.target import Target
 
     questions = load_questions(cfg.questions, cfg.categories, cfg.limit_per_category)
-    target = Target.load(cfg.target)
+    target = Target.load(cfg.target, numerics=cfg.numerics)
     methods = load_methods(target, cfg.methods)  # checks every draft before anything is written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

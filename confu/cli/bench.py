@@ -11,7 +11,7 @@ from confu.bench.micro import AR_PROMPTS, parse_budgets, run_bench_ar, run_bench
 from confu.bench.report import compact_summary, render_ar_console, render_bench_console, render_verify_console
 from confu.bench.specbench import BenchConfig, parse_methods, run_bench
 from confu.chat import read_prompts_file
-from confu.cli.common import add_decoding_args, add_target_args, comma_list, parse_tree_nodes
+from confu.cli.common import add_decoding_args, add_numerics_arg, add_target_args, comma_list, parse_tree_nodes
 
 
 def cmd_bench(args) -> None:
@@ -19,7 +19,8 @@ def cmd_bench(args) -> None:
     if args.categories:
         categories = [c for part in args.categories for c in part.split(",") if c]
     cfg = BenchConfig(
-        target=args.target, methods=parse_methods(args.methods), questions=args.questions, out=args.out,
+        target=args.target, numerics=args.numerics, methods=parse_methods(args.methods), questions=args.questions,
+        out=args.out,
         categories=categories, limit_per_category=args.limit_per_category,
         temperatures=args.temperatures or [args.temperature], tree_nodes=args.tree_nodes,
         max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k, depth=args.depth,
@@ -39,6 +40,7 @@ def _add_bench(subparsers: Any) -> None:
     """`confu bench`."""
     b = subparsers.add_parser("bench", help="Spec-Bench: tau and speed-up of ar / hf / EAGLE-3 / ConFu")
     add_target_args(b)
+    add_numerics_arg(b)
     b.add_argument("--methods", required=True,
                    help="comma-separated: ar, hf, eagle3:DIR[=label], confu:DIR[=label]")
     b.add_argument("--questions", required=True,
@@ -59,7 +61,8 @@ def _add_bench(subparsers: Any) -> None:
 
 def cmd_bench_ar(args) -> None:
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else list(AR_PROMPTS)
-    res = run_bench_ar(args.target, prompts, args.max_new_tokens, args.repeats, args.warmup, args.profile)
+    res = run_bench_ar(args.target, prompts, args.max_new_tokens, args.repeats, args.warmup, args.profile,
+                       numerics=args.numerics)
     print(render_ar_console(res))
     if args.profile:
         print("\n== cProfile: ours ==\n" + res["profile_ours"] + "\n== cProfile: hf ==\n" + res["profile_hf"])
@@ -70,7 +73,8 @@ def cmd_bench_ar(args) -> None:
 
 def cmd_bench_verify(args) -> None:
     res = run_bench_verify(args.target, args.nodes, parse_budgets(args.budgets), args.repeats, args.warmup,
-                           args.draft_eagle3, args.draft_confu, args.depth, args.topk, seed=args.seed)
+                           args.draft_eagle3, args.draft_confu, args.depth, args.topk, seed=args.seed,
+                           numerics=args.numerics)
     print(render_verify_console(res))
     print(json.dumps(res))
 
@@ -79,6 +83,7 @@ def _add_micro(subparsers: Any) -> None:
     """`confu bench-ar` and `confu bench-verify`."""
     a = subparsers.add_parser("bench-ar", help="tokens/s of our plain decoding vs transformers generate")
     add_target_args(a)
+    add_numerics_arg(a)
     a.add_argument("--prompts-file", help="one prompt per line (default: built-in prompts)")
     a.add_argument("--max-new-tokens", type=int, default=64)
     a.add_argument("--repeats", type=int, default=3)
@@ -89,6 +94,7 @@ def _add_micro(subparsers: Any) -> None:
     v = subparsers.add_parser("bench-verify",
                               help="verify-pass time: EAGLE-3 trees vs ConFu contemplate slots")
     add_target_args(v)
+    add_numerics_arg(v)
     v.add_argument("--draft-eagle3", help="an eagle3 draft directory (default: an untrained head)")
     v.add_argument("--draft-confu", help="a confu draft directory (default: an untrained head)")
     v.add_argument("--nodes", type=comma_list(int, "--nodes"), default=[16, 32, 60])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from confu.engine import TARGET_NUMERICS
+
 
 def parse_contemplate(value: str) -> int | None:
     if value == "all":
@@ -45,6 +47,13 @@ def comma_list(kind, flag: str):
 def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="smollm2-135m",
                    help="embedded name (smollm2-135m), a local HF model directory, or a .gguf file")
+
+
+def add_numerics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--numerics", choices=TARGET_NUMERICS, default="auto",
+                   help="the target's linear layers: auto = GGUF-exact CPU kernels where the weights are GGUF blocks "
+                        "(else transformers'); reference = transformers' own; q8 = the GGUF weights with activations "
+                        "rounded to 8-bit blocks, llama.cpp's numerics (AVX512-VNNI; faster verify passes)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:

@@ -8,15 +8,15 @@ import sys
 from typing import Any
 
 from confu.chat import encode_prompt, read_prompts_file
-from confu.cli.common import add_decoding_args, add_target_args, parse_tree_nodes
+from confu.cli.common import add_decoding_args, add_numerics_arg, add_target_args, parse_tree_nodes
 
 
-def load_decoder(target_spec: str, draft: str):
+def load_decoder(target_spec: str, draft: str, numerics: str = "auto"):
     from confu.engine.checkpoint import load_draft
     from confu.engine.generate import Decoder
     from confu.engine.target import Target
 
-    target = Target.load(target_spec)
+    target = Target.load(target_spec, numerics=numerics)
     head = None if draft == "none" else load_draft(draft, target)
     return Decoder.for_head(target, head)
 
@@ -60,7 +60,7 @@ def result_record(decoder, res) -> dict:
 
 
 def cmd_generate(args) -> None:
-    decoder = load_decoder(args.target, args.draft)
+    decoder = load_decoder(args.target, args.draft, args.numerics)
     cfg = generation_config(args, args.tree_nodes)
     tok = decoder.target.tokenizer
     if args.prompt_file:
@@ -105,6 +105,7 @@ def add_parser(subparsers: Any) -> None:
     """`confu generate` and `confu init-draft`."""
     g = subparsers.add_parser("generate", help="decode one prompt (plain, EAGLE-3 or ConFu)")
     add_target_args(g)
+    add_numerics_arg(g)
     g.add_argument("--draft", default="none", help="a draft directory, or 'none' for plain decoding")
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="one prompt")

@@ -8,7 +8,7 @@ import json
 from contextlib import nullcontext
 from typing import Any
 
-from confu.cli.common import add_decoding_args, add_target_args, parse_tree_nodes
+from confu.cli.common import add_decoding_args, add_numerics_arg, add_target_args, parse_tree_nodes
 
 
 def serve_config(args, model_name: str, max_queue: int):
@@ -36,7 +36,7 @@ def cmd_serve(args) -> None:
     from confu.serve.server import make_server
 
     cfg = serve_config(args, args.served_model_name or args.target, args.max_queue)
-    decoder = load_decoder(args.target, args.draft)
+    decoder = load_decoder(args.target, args.draft, args.numerics)
     kind = "plain decoding" if args.draft == "none" else f"draft {args.draft}"
     print(f"serving {cfg.model_name!r} ({kind}); OpenAI API under /v1", flush=True)
     # uvicorn prints the address it bound (the chosen port for --port 0) and, on failure, why it could not.
@@ -63,7 +63,7 @@ def cmd_bench_serve(args) -> None:
         model = args.target
         # Room in the queue for every client: a 429 would count as an error of the run.
         cfg = serve_config(args, model, max_queue=args.clients)
-        server = serve_in_thread(make_server(load_decoder(args.target, args.draft), cfg))
+        server = serve_in_thread(make_server(load_decoder(args.target, args.draft, args.numerics), cfg))
     with server as base_url:
         report = run_load(LoadConfig(base_url=base_url, model=model, clients=args.clients,
                                      requests_per_client=args.requests, max_tokens=args.max_tokens))
@@ -80,6 +80,7 @@ def add_parser(subparsers: Any) -> None:
         description="The decoding flags are the defaults of requests that leave a parameter out. Requests are "
                     "decoded one at a time; up to --max-queue wait, more get 429.")
     add_target_args(s)
+    add_numerics_arg(s)
     s.add_argument("--draft", default="none",
                    help="a draft directory (confu, official / SpecForge or speculators EAGLE-3), or 'none'")
     s.add_argument("--host", default="127.0.0.1")
@@ -97,6 +98,7 @@ def add_parser(subparsers: Any) -> None:
                     "--requests requests each, half of them streaming, to both completion endpoints; checks the "
                     "/metrics counters against the per-response statistics.")
     add_target_args(b)
+    add_numerics_arg(b)
     b.add_argument("--draft", default="none", help="a draft directory, or 'none'")
     b.add_argument("--url", help="a running server (http://host:port) instead of starting one")
     b.add_argument("--clients", type=int, default=8)

@@ -173,7 +173,7 @@ class Decoder:
         """Prompt forward. Returns (first token, features of every prompt row, the extension's future or None).
 
         A long prompt (at least `cfg.bulk_prefill` tokens) runs its first n - 1 rows in one pass through
-        transformers' own dense linear layers (`Target.reference_numerics`: MKL's GEMM, which beats the
+        `Target.bulk_numerics` (transformers' own dense linear layers, MKL's GEMM, which beats the fp32
         row-independent kernels from about 80 rows, 2.8x at 1,024), then its last row like a short prompt's.
         Every method makes that same bulk call on the same rows, so they all start from the same cache bits.
 
@@ -185,7 +185,7 @@ class Decoder:
         features = []
         done = 0
         if cfg.bulk_prefill and n >= max(2, cfg.bulk_prefill):
-            with t.reference_numerics():
+            with t.bulk_numerics():
                 features.append(self._prompt_rows(cache, prompt, 0, n - 1).features)
             done = n - 1
         if not self.extension.root_round_in_prefill:

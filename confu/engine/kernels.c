@@ -18,7 +18,8 @@
  * one build uses one width for every call, so plain and speculative decoding share their numerics.
  *
  * Build: cc -O3 -mavx2 -mfma [-mavx512f [-mavx512bw -mavx512vnni]] -fopenmp -shared -fPIC
- * (confu/engine/quant.py, once per machine). The draft head's int8 kernel at the end needs AVX512-VNNI.
+ * (confu/engine/quant.py, once per machine). The int8 kernels at the end (the target's under numerics "q8",
+ * the draft head's) need AVX512-VNNI.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -245,6 +246,143 @@ void i8_matmul(const float* x, int M, int K, const int8_t* w, const float* sw, c
         }
     }
     free(xq);
+    free(sx);
+}
+/* ---- Target kernels with llama.cpp's numerics (opt-in: `numerics="q8"`) ----
+ * The GGUF weights exactly as above, but the activations rounded to 8 bits per block of 32, as llama.cpp
+ * does for its quantized matmuls (its Q8_1 / Q8_0 activation blocks, here with float32 scales):
+ *   xq = round(x / dx), dx = max |x_block| / 127, sx = dx * sum(xq)
+ *   Q4_1: out = sum_g dw_g * dx_g * (q . xq)_g + mw_g * sx_g        Q8_0: out = sum_g dw_g * dx_g * (q . xq)_g
+ * Each block's dot product is exact integer arithmetic (vpdpbusd: 64 byte products an instruction, 4 times the
+ * fp32 FMA rate, which bounds a verify pass of more than a few rows on a CPU), then one float FMA per block
+ * adds it to the output in the order of K. Rounding x changes the model's numerics (by about what llama.cpp
+ * changes them), so plain and speculative decoding must both run them; a row's result never depends on the
+ * other rows of the call. Weights are stored [N/16][K/32][j][16 outputs][4 bytes], so one 64-byte vector holds
+ * 4 consecutive k of 16 outputs: Q4_1 as nibbles (low: k = 4j.., high: k = 16 + 4j..), j < 4; Q8_0 as bytes
+ * (k = 4j..), j < 8, with the per-block sums of q (`wsum`) to undo the +128 that makes activations unsigned. */
+#define A8_ROWS 16 /* activation rows per tile */
+
+/* Per row and block of 32: int8 values (signed), the scale dx and dx * sum(xq). */
+static void a8_quantize_rows(const float* x, int M, int K, int8_t* xq, float* dx, float* sx) {
+    const int groups = K >> 5;
+    for (int r = 0; r < M; r++)
+        for (int g = 0; g < groups; g++) {
+            const float* b = x + (long)r * K + 32 * g;
+            const __m512 lo = _mm512_loadu_ps(b), hi = _mm512_loadu_ps(b + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            const float d = amax / 127.0f;
+            const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+            const __m512i ql = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qh = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+            int8_t* out = xq + (long)r * K + 32 * g;
+            _mm_storeu_si128((__m128i*)out, _mm512_cvtepi32_epi8(ql));
+            _mm_storeu_si128((__m128i*)(out + 16), _mm512_cvtepi32_epi8(qh));
+            dx[(long)r * groups + g] = d;
+            sx[(long)r * groups + g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
+        }
+}
+
+static inline __m512i bcast4(const int8_t* p, int32_t flip) {
+    int32_t four;
+    memcpy(&four, p, 4);
+    return _mm512_set1_epi32(four ^ flip);
+}
+
+/* One row's block g against 16 outputs: the integer dot products (two chains, for latency), then the float step. */
+static inline __m512 a8_row_q4_1(__m512 acc, const int8_t* xr, const __m512i* wl, const __m512i* wh, __m512 d,
+                                 __m512 m, float dx, float sx) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int j = 0; j < 4; j++) {
+        s0 = _mm512_dpbusd_epi32(s0, wl[j], bcast4(xr + 4 * j, 0));
+        s1 = _mm512_dpbusd_epi32(s1, wh[j], bcast4(xr + 16 + 4 * j, 0));
+    }
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc);
+    return _mm512_fmadd_ps(m, _mm512_set1_ps(sx), acc);
+}
+static inline __m512 a8_row_q8_0(__m512 acc, const int8_t* xr, const __m512i* wv, __m512i off, __m512 d, float dx) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int j = 0; j < 4; j++) {
+        s0 = _mm512_dpbusd_epi32(s0, bcast4(xr + 4 * j, (int32_t)0x80808080), wv[j]);
+        s1 = _mm512_dpbusd_epi32(s1, bcast4(xr + 16 + 4 * j, (int32_t)0x80808080), wv[4 + j]);
+    }
+    const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), off);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc);
+}
+
+/* One tile: 16 outputs (block `w` of the layout) against R activation rows. `aux`: Q4_1's minimums (float) or
+ * Q8_0's block sums of q (int32). */
+#define A8_TILE(R)                                                                                          \
+static void a8_q4_1_tile_##R(const int8_t* xq, const float* dx, const float* sx, int K, const uint8_t* w,  \
+                             const float* dw, const void* aux, float* out, long ldo, __mmask16 keep) {     \
+    const int groups = K >> 5;                                                                              \
+    const __m512i low = _mm512_set1_epi8(0x0F);                                                             \
+    __m512 acc[R];                                                                                          \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                               \
+    for (int g = 0; g < groups; g++) {                                                                      \
+        __m512i wl[4], wh[4];                                                                               \
+        for (int j = 0; j < 4; j++) {                                                                       \
+            const __m512i v = _mm512_loadu_si512(w + 256L * g + 64 * j);                                    \
+            wl[j] = _mm512_and_si512(v, low);                                                               \
+            wh[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                                         \
+        }                                                                                                   \
+        const __m512 d = _mm512_loadu_ps(dw + 16 * g), m = _mm512_loadu_ps((const float*)aux + 16 * g);     \
+        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                \
+            acc[r] = a8_row_q4_1(acc[r], xq + (long)r * K + 32 * g, wl, wh, d, m, dx[(long)r * groups + g], \
+                                 sx[(long)r * groups + g]);                                                 \
+    }                                                                                                       \
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + r * ldo, keep, acc[r]);                         \
+}                                                                                                           \
+static void a8_q8_0_tile_##R(const int8_t* xq, const float* dx, const float* sx, int K, const uint8_t* w,  \
+                             const float* dw, const void* aux, float* out, long ldo, __mmask16 keep) {     \
+    (void)sx;                                                                                               \
+    const int groups = K >> 5;                                                                              \
+    __m512 acc[R];                                                                                          \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                               \
+    for (int g = 0; g < groups; g++) {                                                                      \
+        __m512i wv[8];                                                                                      \
+        for (int j = 0; j < 8; j++) wv[j] = _mm512_loadu_si512(w + 512L * g + 64 * j);                      \
+        const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512((const int32_t*)aux + 16 * g), 7);        \
+        const __m512 d = _mm512_loadu_ps(dw + 16 * g);                                                      \
+        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                \
+            acc[r] = a8_row_q8_0(acc[r], xq + (long)r * K + 32 * g, wv, off, d, dx[(long)r * groups + g]);  \
+    }                                                                                                       \
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + r * ldo, keep, acc[r]);                         \
+}
+A8_TILE(1) A8_TILE(2) A8_TILE(3) A8_TILE(4) A8_TILE(5) A8_TILE(6) A8_TILE(7) A8_TILE(8) A8_TILE(9) A8_TILE(10)
+A8_TILE(11) A8_TILE(12) A8_TILE(13) A8_TILE(14) A8_TILE(15) A8_TILE(16)
+typedef void (*a8_tile_fn)(const int8_t*, const float*, const float*, int, const uint8_t*, const float*,
+                           const void*, float*, long, __mmask16);
+#define A8_LIST(KIND)                                                                                       \
+    {0, KIND##_tile_1, KIND##_tile_2, KIND##_tile_3, KIND##_tile_4, KIND##_tile_5, KIND##_tile_6,           \
+     KIND##_tile_7, KIND##_tile_8, KIND##_tile_9, KIND##_tile_10, KIND##_tile_11, KIND##_tile_12,           \
+     KIND##_tile_13, KIND##_tile_14, KIND##_tile_15, KIND##_tile_16}
+static const a8_tile_fn A8[2][A8_ROWS + 1] = {A8_LIST(a8_q8_0), A8_LIST(a8_q4_1)};
+
+/* x: M x K float32; w, dw, mw (Q4_1; NULL for Q8_0), wsum (Q8_0; NULL for Q4_1): the layout above for N
+ * outputs padded to a multiple of 16; out: M x N. K must be a multiple of 32. */
+void a8_matmul(const float* x, int M, int K, const uint8_t* w, const float* dw, const float* mw,
+               const int32_t* wsum, int N, float* out) {
+    const int groups = K >> 5, blocks = (N + 15) / 16, chunks = (M + A8_ROWS - 1) / A8_ROWS;
+    const long wblock = (mw ? 256L : 512L) * groups;
+    int8_t* xq = malloc((size_t)M * K);
+    float* dx = malloc(sizeof(float) * M * groups);
+    float* sx = malloc(sizeof(float) * M * groups);
+    a8_quantize_rows(x, M, K, xq, dx, sx);
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < blocks; c++) {
+        const int n = 16 * c;
+        const __mmask16 keep = N - n >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+        const long s = (long)c * 16 * groups;
+        int row = 0;
+        for (int ch = 0; ch < chunks; ch++) {
+            const int R = (M - row) / (chunks - ch);
+            A8[mw != 0][R](xq + (long)row * K, dx + (long)row * groups, sx + (long)row * groups, K, w + c * wblock,
+                           dw + s, mw ? (const void*)(mw + s) : (const void*)(wsum + s), out + (long)row * N + n, N,
+                           keep);
+            row += R;
+        }
+    }
+    free(xq);
+    free(dx);
     free(sx);
 }
 int i8_vnni(void) { return 1; }

@@ -9,6 +9,11 @@ float32 weight wherever the kernel does not apply (autograd through the target, 
 
 Same weights, different summation order: the kernel's outputs differ from MKL's by fp32 rounding only. Plain
 and speculative decoding both run through the same modules, so they always share one set of numerics.
+
+Opt-in (`Target(numerics="q8")`, `pack_model(q8_activations=True)`): llama.cpp's numerics, the same GGUF
+weights with activations rounded to 8 bits per block of 32 and exact integer block dot products (AVX512-VNNI).
+Past a few rows a verify pass is bound by fp32 FMAs on a CPU; the integer dot products do four times the work
+per instruction. It is a different model numerics (as llama.cpp's is), shared by plain and speculative decoding.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class KernelStatus:
     library: ctypes.CDLL | None
     reason: str  # why there is no library, or where it was loaded from
     lanes: int = 0  # partial sums per dot product (8: AVX2, 16: AVX-512): the kernels' summation order
-    int8: bool = False  # the draft head's int8 x int8 kernel is built (AVX512-VNNI)
+    int8: bool = False  # the int8 x int8 kernels are built (AVX512-VNNI): the draft head's, and `numerics="q8"`
 
 
 def _cpu_flags() -> set[str]:
@@ -109,21 +114,29 @@ def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
     int8 = bool(lib.i8_vnni())
     if int8:
         lib.i8_matmul.argtypes = [p, i, i, p, p, p, i, p]
-        lib.i8_matmul.restype = None
+        lib.a8_matmul.argtypes = [p, i, i, p, p, p, p, i, p]
+        lib.i8_matmul.restype = lib.a8_matmul.restype = None
     return KernelStatus(lib, str(path), lib.kernel_lanes(), int8)
 
 
 @dataclass(frozen=True)
 class PackedWeight:
     """A weight (N, K) in GGUF blocks of 32 along K: Q4_1 (`q` (N, K/2) uint8, `d`, `m` (N, K/32)) or Q8_0
-    (`q` (N, K) int8, `d` (N, K/32), no `m`); or, for the draft head only, "i8": int8 per output channel in the
-    layout of `kernels.c`'s `i8_matmul` (`q` (N'/16, K/4, 16, 4) int8 with N' = N rounded up to 16, the extra
-    outputs zero; `d` the N scales, `m` the N int32 row sums of the int8 weights)."""
+    (`q` (N, K) int8, `d` (N, K/32), no `m`); the same blocks laid out for `kernels.c`'s `a8_matmul` (Q8
+    activations: "a8_q4_1", `q` (N'/16, K/32, 4, 16, 4) nibbles, `d`, `m` (N'/16, K/32, 16); "a8_q8_0", `q`
+    (N'/16, K/32, 8, 16, 4) int8, `d` and `m` = the int32 block sums of q, (N'/16, K/32, 16); N' = N rounded up to
+    16, the extra outputs zero); or, for the draft head only, "i8": int8 per output channel in the layout of
+    `i8_matmul` (`q` (N'/16, K/4, 16, 4) int8; `d` the N scales, `m` the N int32 row sums of the int8 weights)."""
 
     kind: str
     q: Tensor
     d: Tensor
     m: Tensor | None
+    n: int = 0  # the output count of the padded layouts ("a8_q4_1", "a8_q8_0")
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0] if self.kind in ("q4_1", "q8_0") else len(self.d) if self.kind == "i8" else self.n
 
 
 def _fp16_exact(x: Tensor) -> bool:
@@ -188,6 +201,29 @@ def quantize_i8(w: Tensor) -> PackedWeight:
     return PackedWeight("i8", layout, scale.contiguous(), q.sum(1, dtype=torch.int32))
 
 
+def _blocks_of_16_outputs(t: Tensor) -> Tensor:
+    """(N, ...) -> (ceil(N / 16), 16, ...), the missing outputs zero."""
+    padded = t.new_zeros((-(-t.shape[0] // 16) * 16, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    return padded.view(-1, 16, *t.shape[1:])
+
+
+def for_q8_activations(packed: PackedWeight) -> PackedWeight:
+    """The same GGUF blocks laid out for `a8_matmul` (activations rounded to Q8 blocks: `numerics="q8"`)."""
+    n = packed.q.shape[0]
+    scales = _blocks_of_16_outputs(packed.d).transpose(1, 2).contiguous()  # (N'/16, K/32, 16)
+    if packed.kind == "q4_1":
+        halves = packed.q.view(n, -1, 16)  # byte j of a block: q[j] low, q[j + 16] high, as `a8_matmul` reads them
+        q = _blocks_of_16_outputs(halves.view(n, -1, 4, 4))  # (N'/16, 16, K/32, j, 4)
+        minimums = _blocks_of_16_outputs(packed.m).transpose(1, 2).contiguous()
+        return PackedWeight("a8_q4_1", q.permute(0, 2, 3, 1, 4).contiguous(), scales, minimums, n)
+    if packed.kind == "q8_0":
+        q = _blocks_of_16_outputs(packed.q.view(n, -1, 8, 4))  # (N'/16, 16, K/32, j, 4)
+        sums = q.sum((-2, -1), dtype=torch.int32).transpose(1, 2).contiguous()
+        return PackedWeight("a8_q8_0", q.permute(0, 2, 3, 1, 4).contiguous(), scales, sums, n)
+    raise ValueError(f"no Q8-activation layout for {packed.kind}")
+
+
 def pack_exact(w: Tensor) -> PackedWeight | None:
     """The smallest GGUF block format that reproduces `w` bit for bit (float32 CPU weights only)."""
     if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[1] % BLOCK:
@@ -198,11 +234,17 @@ def pack_exact(w: Tensor) -> PackedWeight | None:
 def packed_matmul(x: Tensor, packed: PackedWeight, lib: ctypes.CDLL) -> Tensor:
     """x (M, K) float32 contiguous @ W^T -> (M, N)."""
     m_rows, k = x.shape
-    n = len(packed.d) if packed.kind == "i8" else packed.q.shape[0]
+    n = packed.out_features
     out = torch.empty(m_rows, n, dtype=torch.float32)
     if m_rows == 0:
         return out
-    if packed.kind == "i8":
+    if packed.kind == "a8_q4_1":
+        lib.a8_matmul(x.data_ptr(), m_rows, k, packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr(), None,
+                      n, out.data_ptr())
+    elif packed.kind == "a8_q8_0":
+        lib.a8_matmul(x.data_ptr(), m_rows, k, packed.q.data_ptr(), packed.d.data_ptr(), None, packed.m.data_ptr(),
+                      n, out.data_ptr())
+    elif packed.kind == "i8":
         lib.i8_matmul(x.data_ptr(), m_rows, k, packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr(), n,
                       out.data_ptr())
     elif packed.kind == "q4_1":
@@ -265,21 +307,26 @@ def _linear_children(model: nn.Module):
                 yield parent, name, child
 
 
-def pack_model(model: nn.Module, lossy: bool = False) -> list[tuple[nn.Module, str, nn.Linear, PackedLinear]]:
+def pack_model(model: nn.Module, lossy: bool = False,
+               q8_activations: bool = False) -> list[tuple[nn.Module, str, nn.Linear, PackedLinear]]:
     """Swap every linear layer whose weight is GGUF-exact (with `lossy`, every float32 CPU layer at least 32
     wide: rounded to int8 where the kernels have AVX512-VNNI, else to Q8_0) for a `PackedLinear`; returns the
     swaps made (parent, attribute, original, packed) so they can be undone. Nothing is swapped without the
-    kernels."""
+    kernels. `q8_activations`: the exact layers run `a8_matmul` (llama.cpp's numerics; needs AVX512-VNNI)."""
     status = kernel_status()
     lib = status.library
     if lib is None:
         return []
+    if q8_activations and not status.int8:
+        raise RuntimeError("Q8 activations need the AVX512-VNNI kernels, which this CPU or build lacks")
     round_lossy = _draft_rounding(status)[0]
     swaps = []
     for parent, name, linear in list(_linear_children(model)):
         w = linear.weight
         packed = pack_exact(w)
-        if packed is None and lossy and w.dtype == torch.float32 and w.device.type == "cpu" \
+        if packed is not None and q8_activations:
+            packed = for_q8_activations(packed)
+        elif packed is None and lossy and w.dtype == torch.float32 and w.device.type == "cpu" \
                 and w.shape[1] % BLOCK == 0 and w.shape[0] >= BLOCK:
             packed = round_lossy(w)
         if packed is not None:

@@ -29,10 +29,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from confu.chat import end_of_turn_ids
+from confu.engine import TARGET_NUMERICS
 from confu.engine.quant import kernel_status, pack_model
 from confu.errors import InputError, UnsupportedModelError
 
-NUMERICS = ("auto", "reference")
+NUMERICS = TARGET_NUMERICS
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
@@ -374,8 +375,10 @@ class TargetOutput:
 class Target:
     """A frozen HF causal LM seen the way a speculative decoder needs it.
 
-    numerics: "auto" runs GGUF-exact linear layers through the CPU kernels when the machine has them;
-    "reference" keeps transformers' own modules. `self.numerics` says what is in effect.
+    numerics: "auto" runs GGUF-exact linear layers through the CPU kernels when the machine has them (the
+    model's float32 values, summed in another order); "reference" keeps transformers' own modules; "q8" runs
+    the GGUF-exact layers with activations rounded to 8-bit blocks (llama.cpp's numerics, AVX512-VNNI only).
+    `self.numerics` says what is in effect.
     """
 
     def __init__(
@@ -411,7 +414,15 @@ class Target:
         # EOS ids: the generation config's, the tokenizer's, and the chat template's turn end.
         self.eos_ids: set[int] = set(end_of_turn_ids(tokenizer, getattr(model, "generation_config", None)))
         self._check_probe(probe)
-        self._swaps = pack_model(self.model) if numerics == "auto" and self.device.type == "cpu" else []
+        if numerics == "q8" and not (self.device.type == "cpu" and kernel_status().int8):
+            raise InputError("numerics 'q8' runs the AVX512-VNNI int8 kernels, which need a CPU target on a CPU that "
+                             f"has them (device {self.device}; kernels: {kernel_status().reason})")
+        packs = numerics != "reference" and self.device.type == "cpu"
+        self._swaps = pack_model(self.model, q8_activations=numerics == "q8") if packs else []
+        if numerics == "q8" and not self._swaps:
+            raise InputError("numerics 'q8' needs GGUF block weights (a .gguf target or the embedded one); "
+                             f"no linear layer of {name or type(model).__name__} is one")
+        self.numerics_mode = numerics
         self.numerics = self._describe_numerics(numerics)
 
     @classmethod
@@ -424,8 +435,11 @@ class Target:
     def _describe_numerics(self, numerics: str) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         if self._swaps:
-            kinds = "/".join(sorted({new.packed.kind.upper() for *_, new in self._swaps}))
+            kinds = "/".join(sorted({new.packed.kind.removeprefix("a8_").upper() for *_, new in self._swaps}))
             total = len(self._swaps) + sum(1 for m in self.model.modules() if type(m) is torch.nn.Linear)
+            if numerics == "q8":
+                return (f"{kinds} x Q8 activation kernels on {len(self._swaps)} of {total} linear layers (exact GGUF "
+                        "weights, activations rounded per block of 32, integer block sums: llama.cpp's numerics)")
             lanes = kernel_status().lanes
             return (f"{kinds} kernels on {len(self._swaps)} of {total} linear layers (exact GGUF weights, fp32 sums "
                     f"over {lanes} lanes)")
@@ -434,6 +448,16 @@ class Target:
         status = kernel_status()
         why = "no weight is a GGUF block format" if status.library is not None else status.reason
         return f"transformers {dtype} ({why})"
+
+    @contextmanager
+    def bulk_numerics(self) -> Iterator[None]:
+        """The linear layers a long prompt's bulk prefill runs (`Decoder.prefill`): transformers' own where the
+        kernels reproduce them (MKL's GEMM is faster there); the kernels themselves where they are the numerics."""
+        if self.numerics_mode == "q8":
+            yield
+        else:
+            with self.reference_numerics():
+                yield
 
     @contextmanager
     def reference_numerics(self) -> Iterator[None]:
