@@ -390,5 +390,89 @@ int i8_vnni(void) { return 1; }
 int i8_vnni(void) { return 0; }
 #endif
 
+/* ---- Row-invariant attention (AVX-512 builds) ----
+ * out[i, h] = sum_j p_j v_j / sum_j p_j over the keys j that row i may see (mask[i, j] != 0), in key order,
+ * with p_j = exp(s_j - max s), s_j = scale * (q[i, h] . k_j). The arithmetic depends only on the sequence of
+ * visible (k_j, v_j): masked keys are skipped, not multiplied by zero, and nothing depends on the other rows or
+ * on where the visible keys sit in the buffer. So a tree node's row gives the very bits a one-token step over
+ * the same prefix gives (SDPA does not: its blocked reductions change with the row count and the masked keys),
+ * which keeps speculative decoding token-identical to plain decoding even under numerics that round
+ * activations (a difference of one ulp can move an 8-bit rounding, and then a logit). D: a multiple of 16, at
+ * most 256. q[i, h, :] at q + i * q_row + h * q_head; k_j of KV head g at k + g * kv_head + j * kv_pos (v
+ * alike); out[i, h, :] at out + (i * H + h) * D. Query head h reads KV head h / (H / KV). */
+#ifdef __AVX512F__
+#include <math.h>
+#include <stdlib.h>
+/* exp(x) for x <= 0 (Cephes' single-precision polynomial on x - n ln 2, scaled by 2^n). */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+void attend_rows(const float* q, long q_row, long q_head, const float* k, const float* v, long kv_head, long kv_pos,
+                 const uint8_t* mask, int n, int T, int H, int KV, int D, float scale, float* out) {
+    const int group = H / KV, parts = D / 16;
+#pragma omp parallel
+    {
+        float* score = malloc(sizeof(float) * (T + 16));
+        int* seen = malloc(sizeof(int) * (T + 16));
+#pragma omp for schedule(static)
+        for (int task = 0; task < n * H; task++) {
+            const int i = task / H, h = task % H, g = h / group;
+            const float* qi = q + i * q_row + h * q_head;
+            const float* kg = k + g * kv_head;
+            const float* vg = v + g * kv_head;
+            __m512 qv[16];
+            for (int p = 0; p < parts; p++) qv[p] = _mm512_loadu_ps(qi + 16 * p);
+            int count = 0;
+            float top = -INFINITY;
+            for (int j = 0; j < T; j++) {
+                if (!mask[(long)i * T + j]) continue;
+                const float* kj = kg + j * kv_pos;
+                __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+                for (int p = 1; p < parts; p++) acc = _mm512_fmadd_ps(qv[p], _mm512_loadu_ps(kj + 16 * p), acc);
+                const float s = _mm512_reduce_add_ps(acc) * scale;
+                score[count] = s;
+                seen[count++] = j;
+                top = s > top ? s : top;
+            }
+            __m512 acc[16];
+            for (int p = 0; p < parts; p++) acc[p] = _mm512_setzero_ps();
+            __m512 total = _mm512_setzero_ps();
+            for (int c = 0; c < count; c += 16) {
+                const __mmask16 live = count - c >= 16 ? 0xFFFF : (__mmask16)((1u << (count - c)) - 1);
+                const __m512 e = _mm512_maskz_mov_ps(
+                    live, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, score + c), _mm512_set1_ps(top))));
+                total = _mm512_add_ps(total, e);
+                _mm512_storeu_ps(score + c, e);
+                for (int t = c; t < c + 16 && t < count; t++) {
+                    const float* vj = vg + seen[t] * kv_pos;
+                    const __m512 w = _mm512_set1_ps(score[t]);
+                    for (int p = 0; p < parts; p++) acc[p] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * p), acc[p]);
+                }
+            }
+            const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(total));
+            float* o = out + ((long)i * H + h) * D;
+            for (int p = 0; p < parts; p++) _mm512_storeu_ps(o + 16 * p, _mm512_div_ps(acc[p], sum));
+        }
+        free(score);
+        free(seen);
+    }
+}
+int attend_rows_built(void) { return 1; }
+#else
+int attend_rows_built(void) { return 0; }
+#endif
+
 /* The lane width of this build (8: AVX2, 16: AVX-512): it decides the summation order, so it is reported. */
 int kernel_lanes(void) { return LANES; }

@@ -47,6 +47,7 @@ class KernelStatus:
     reason: str  # why there is no library, or where it was loaded from
     lanes: int = 0  # partial sums per dot product (8: AVX2, 16: AVX-512): the kernels' summation order
     int8: bool = False  # the int8 x int8 kernels are built (AVX512-VNNI): the draft head's, and `numerics="q8"`
+    attention: bool = False  # the row-invariant attention kernel is built (AVX-512; `confu.engine.attention`)
 
 
 def _cpu_flags() -> set[str]:
@@ -110,13 +111,17 @@ def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
     lib.q4_1_matmul.argtypes = [p, i, i, p, p, p, i, p]
     lib.q8_0_matmul.argtypes = [p, i, i, p, p, i, p]
     lib.q4_1_matmul.restype = lib.q8_0_matmul.restype = None
-    lib.kernel_lanes.restype = lib.i8_vnni.restype = i
-    int8 = bool(lib.i8_vnni())
+    lib.kernel_lanes.restype = lib.i8_vnni.restype = lib.attend_rows_built.restype = i
+    int8, attention = bool(lib.i8_vnni()), bool(lib.attend_rows_built())
     if int8:
         lib.i8_matmul.argtypes = [p, i, i, p, p, p, i, p]
         lib.a8_matmul.argtypes = [p, i, i, p, p, p, p, i, p]
         lib.i8_matmul.restype = lib.a8_matmul.restype = None
-    return KernelStatus(lib, str(path), lib.kernel_lanes(), int8)
+    if attention:
+        lib.attend_rows.argtypes = [p, ctypes.c_long, ctypes.c_long, p, p, ctypes.c_long, ctypes.c_long, p, i, i, i, i,
+                                    i, ctypes.c_float, p]
+        lib.attend_rows.restype = None
+    return KernelStatus(lib, str(path), lib.kernel_lanes(), int8, attention)
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from confu.chat import end_of_turn_ids
 from confu.engine import TARGET_NUMERICS
+from confu.engine.attention import SPLIT_ATTENTION, row_invariant_attention_built
 from confu.engine.quant import kernel_status, pack_model
 from confu.errors import InputError, UnsupportedModelError
 
@@ -39,86 +37,6 @@ NUMERICS = TARGET_NUMERICS
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     """EAGLE-3's low / mid / high feature layers: the inputs of layers 2, L//2 and L-3."""
     return (2, num_layers // 2, num_layers - 3)
-
-
-SPLIT_ATTENTION = "confu_split"  # no "sdpa" in the name: transformers would demand `_supports_sdpa` (Gemma-2 has not)
-
-
-def split_sdpa_attention(module, query, key, value, attention_mask, *, contemplate_split=None, softcap=None,
-                         **kwargs):
-    """SDPA attention in which ordinary rows never share a kernel call with contemplate rows.
-
-    `contemplate_split = (prefix, n_ordinary)`: the cache starts with `prefix` soft-prompt entries and the
-    new rows are `n_ordinary` ordinary rows followed by contemplate rows. The mask already hides the soft
-    prompt and the contemplate keys from ordinary rows, but a masked key still takes part in the kernel's
-    blocked reductions, so with one call the mere presence of contemplate rows changed ordinary outputs by
-    rounding (up to 4.5e-5 on the embedded target's logits). Ordinary rows therefore attend over exactly
-    the keys they may see (committed tokens and ordinary new rows), which is the very call a forward without
-    ConFu makes; only contemplate rows attend over the whole cache. Grouped KV heads are handed to SDPA as
-    they are (`enable_gqa`) instead of being expanded to every query head in each layer of each pass.
-    Calls without a split (HF `generate`, training) take HF's own SDPA path. Attention logit soft-capping
-    (Gemma-2), which SDPA cannot do, runs the same calls through `_softcapped_attention`.
-    """
-    scaling = kwargs.get("scaling")
-    if contemplate_split is None:
-        if softcap is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        return _softcapped_attention(query, key, value, attention_mask, scaling, softcap).transpose(1, 2), None
-    prefix, n_ordinary = contemplate_split
-    end = key.shape[2] - (query.shape[2] - n_ordinary)  # keys of the soft prompt, committed and ordinary rows
-    ordinary_args = (query[:, :, :n_ordinary], key[:, :, prefix:end], value[:, :, prefix:end],
-                     attention_mask[:, :, :n_ordinary, prefix:end])
-    if softcap is None:
-        ordinary = F.scaled_dot_product_attention(*ordinary_args, scale=scaling,
-                                                  enable_gqa=query.shape[1] != key.shape[1])
-    else:
-        ordinary = _softcapped_attention(*ordinary_args, scaling, softcap)
-    ordinary = ordinary.transpose(1, 2)
-    if n_ordinary == query.shape[2]:
-        return ordinary.contiguous(), None
-    contemplate = _contemplate_attention(
-        query[:, :, n_ordinary:], key, value, attention_mask[:, :, n_ordinary:],
-        getattr(module, "num_key_value_groups", 1), scaling, softcap,
-    )
-    return torch.cat([ordinary, contemplate], dim=1), None
-
-
-def _contemplate_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, n_rep: int,
-                           scaling: float | None, softcap: float | None) -> Tensor:
-    """Contemplate rows over the whole cache, returned as (batch, rows, heads, head_dim).
-
-    The query heads are folded into their KV groups (HF's `pack_gqa`, extended to several rows) so the
-    cache is never expanded to all query heads.
-    """
-    b, h, c, d = query.shape
-    packed = query.reshape(b, h // n_rep, n_rep * c, d)  # head kv*n_rep + r, row i -> group kv, row r*c + i
-    mask = mask.repeat(1, 1, n_rep, 1)
-    if softcap is None:
-        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
-    else:
-        out = _softcapped_attention(packed, key, value, mask, scaling, softcap)
-    return out.reshape(b, h, c, d).transpose(1, 2)
-
-
-def _softcapped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float | None,
-                          softcap: float) -> Tensor:
-    """Attention with logit soft-capping, `softcap * tanh(scores / softcap)` before the mask (as Gemma-2's eager
-    attention), over grouped KV heads; (batch, heads, rows, head_dim). A missing mask is HF's causal one, aligned
-    to the last key."""
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
-    scores = query @ key.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-    scores = torch.tanh(scores / softcap) * softcap
-    q, k = scores.shape[-2:]
-    if mask is None:
-        mask = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(k - q)
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores.float(), dim=-1).to(value.dtype) @ value
-
-
-AttentionInterface.register(SPLIT_ATTENTION, split_sdpa_attention)
-# HF builds the default (causal, padding) mask from the implementation's name: ours takes SDPA's.
-AttentionMaskInterface.register(SPLIT_ATTENTION, sdpa_mask)
 
 
 class PositionalLayer(CacheLayerMixin):
@@ -413,6 +331,10 @@ class Target:
         check_feature_layers(self.feature_layers, self.num_layers)
         # EOS ids: the generation config's, the tokenizer's, and the chat template's turn end.
         self.eos_ids: set[int] = set(end_of_turn_ids(tokenizer, getattr(model, "generation_config", None)))
+        # Ordinary rows attend through the row-invariant kernel where it runs (off inside `bulk_numerics` and
+        # `reference_numerics`): a node's bits are then the one-token step's, whatever the tree around it.
+        self._row_invariant = (numerics != "reference" and self.device.type == "cpu" and self.dtype == torch.float32
+                               and row_invariant_attention_built())
         self._check_probe(probe)
         if numerics == "q8" and not (self.device.type == "cpu" and kernel_status().int8):
             raise InputError("numerics 'q8' runs the AVX512-VNNI int8 kernels, which need a CPU target on a CPU that "
@@ -439,35 +361,46 @@ class Target:
             total = len(self._swaps) + sum(1 for m in self.model.modules() if type(m) is torch.nn.Linear)
             if numerics == "q8":
                 return (f"{kinds} x Q8 activation kernels on {len(self._swaps)} of {total} linear layers (exact GGUF "
-                        "weights, activations rounded per block of 32, integer block sums: llama.cpp's numerics)")
+                        "weights, activations rounded per block of 32, integer block sums: llama.cpp's "
+                        f"numerics){self._attention_note()}")
             lanes = kernel_status().lanes
             return (f"{kinds} kernels on {len(self._swaps)} of {total} linear layers (exact GGUF weights, fp32 sums "
-                    f"over {lanes} lanes)")
+                    f"over {lanes} lanes){self._attention_note()}")
         if numerics == "reference" or self.device.type != "cpu":
             return f"transformers {dtype}"
         status = kernel_status()
         why = "no weight is a GGUF block format" if status.library is not None else status.reason
-        return f"transformers {dtype} ({why})"
+        return f"transformers {dtype} ({why}){self._attention_note()}"
+
+    def _attention_note(self) -> str:
+        return "; row-invariant attention (attend_rows)" if self._row_invariant else ""
 
     @contextmanager
     def bulk_numerics(self) -> Iterator[None]:
-        """The linear layers a long prompt's bulk prefill runs (`Decoder.prefill`): transformers' own where the
-        kernels reproduce them (MKL's GEMM is faster there); the kernels themselves where they are the numerics."""
-        if self.numerics_mode == "q8":
-            yield
-        else:
+        """The layers a long prompt's bulk prefill runs (`Decoder.prefill`): transformers' own linear layers where
+        the kernels reproduce them (MKL's GEMM is faster there), the kernels themselves where they are the
+        numerics; SDPA for attention (every method makes the same bulk call, so it needs no row invariance)."""
+        if self.numerics_mode != "q8":
             with self.reference_numerics():
                 yield
-
-    @contextmanager
-    def reference_numerics(self) -> Iterator[None]:
-        """Run transformers' own linear modules inside the block: the HF `generate` baseline, and the bulk
-        prefill of long prompts (`Decoder.prefill`), where MKL's GEMM beats the kernels."""
-        for parent, name, original, _ in self._swaps:
-            setattr(parent, name, original)
+            return
+        invariant, self._row_invariant = self._row_invariant, False
         try:
             yield
         finally:
+            self._row_invariant = invariant
+
+    @contextmanager
+    def reference_numerics(self) -> Iterator[None]:
+        """Run transformers' own linear modules and SDPA inside the block: the HF `generate` baseline, training's
+        target passes, and the bulk prefill of long prompts (`Decoder.prefill`), where MKL's GEMM beats the kernels."""
+        for parent, name, original, _ in self._swaps:
+            setattr(parent, name, original)
+        invariant, self._row_invariant = self._row_invariant, False
+        try:
+            yield
+        finally:
+            self._row_invariant = invariant
             for parent, name, _, packed in self._swaps:
                 setattr(parent, name, packed)
 
@@ -563,6 +496,7 @@ class Target:
             use_cache=True,
             output_hidden_states=True,
             contemplate_split=(cache.prefix, n - contemplate_rows),
+            row_invariant=self._row_invariant,
         )
         hidden = out.hidden_states
         features = torch.cat([hidden[i][0] for i in feature_layers or self.feature_layers], dim=-1)
