@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from confu.engine.generate import Decoder
@@ -57,6 +58,36 @@ def load_target(model_dir) -> Target:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     return Target(model, tok, name=str(model_dir))
+
+
+def gguf_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """Quantize like llama.cpp's Q4_1 (fp16 scale and min per 32 weights) and dequantize like the GGUF loader."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // 32, 32)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d = ((hi - lo) / 15).half().float()
+    m = lo.half().float()
+    q = ((blocks - m[..., None]) / d[..., None]).round().clamp(0, 15)
+    return (q * d[..., None] + m[..., None]).reshape(n, k)
+
+
+def gguf_q8_0(w: torch.Tensor) -> torch.Tensor:
+    n, k = w.shape
+    blocks = w.reshape(n, k // 32, 32)
+    d = (blocks.abs().amax(-1) / 127).half().float()
+    q = (blocks / d[..., None]).round().clamp(-127, 127)
+    return (q * d[..., None]).reshape(n, k)
+
+
+def quantized_tiny_target(model_dir, numerics: str = "auto") -> Target:
+    """The tiny Llama with every linear weight snapped to Q4_1 values, wrapped after the change."""
+    plain = load_target(model_dir)  # float32 weights that no block format reproduces: nothing is packed
+    assert "kernels" not in plain.numerics
+    with torch.no_grad():
+        for module in list(plain.model.modules()):
+            if type(module) is nn.Linear:
+                module.weight.copy_(gguf_q4_1(module.weight))
+    return Target(plain.model, plain.tokenizer, name="quantized", numerics=numerics)
 
 
 def chat_ids(target: Target, text: str) -> list[int]:

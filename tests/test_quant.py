@@ -24,26 +24,16 @@ from confu.engine.quant import (
 from confu.engine.target import Target
 from confu.engine.tree import TreeConfig
 from confu.errors import InputError
-from tests.helpers import PROMPTS, chat_ids, hf_greedy, load_target, single_thread
-
-
-def gguf_q4_1(w: torch.Tensor) -> torch.Tensor:
-    """Quantize like llama.cpp's Q4_1 (fp16 scale and min per 32 weights) and dequantize like the GGUF loader."""
-    n, k = w.shape
-    blocks = w.reshape(n, k // 32, 32)
-    lo, hi = blocks.amin(-1), blocks.amax(-1)
-    d = ((hi - lo) / 15).half().float()
-    m = lo.half().float()
-    q = ((blocks - m[..., None]) / d[..., None]).round().clamp(0, 15)
-    return (q * d[..., None] + m[..., None]).reshape(n, k)
-
-
-def gguf_q8_0(w: torch.Tensor) -> torch.Tensor:
-    n, k = w.shape
-    blocks = w.reshape(n, k // 32, 32)
-    d = (blocks.abs().amax(-1) / 127).half().float()
-    q = (blocks / d[..., None]).round().clamp(-127, 127)
-    return (q * d[..., None]).reshape(n, k)
+from tests.helpers import (
+    PROMPTS,
+    chat_ids,
+    gguf_q4_1,
+    gguf_q8_0,
+    hf_greedy,
+    load_target,
+    quantized_tiny_target,
+    single_thread,
+)
 
 
 def require_kernels():
@@ -231,17 +221,6 @@ def test_lossy_packing_takes_every_draft_layer_and_the_int8_kernel_where_built()
     assert {s[3].packed.kind for s in swaps} == {"i8" if kernel_status().int8 else "q8_0"}
     with torch.no_grad():
         torch.testing.assert_close(layers(torch.ones(2, 64)), reference, atol=0.05, rtol=0.05)
-
-
-def quantized_tiny_target(model_dir, numerics: str = "auto") -> Target:
-    """The tiny Llama with every linear weight snapped to Q4_1 values, wrapped after the change."""
-    plain = load_target(model_dir)  # float32 weights that no block format reproduces: nothing is packed
-    assert "kernels" not in plain.numerics
-    with torch.no_grad():
-        for module in list(plain.model.modules()):
-            if type(module) is nn.Linear:
-                module.weight.copy_(gguf_q4_1(module.weight))
-    return Target(plain.model, plain.tokenizer, name="quantized", numerics=numerics)
 
 
 def test_quantized_target_runs_kernels_and_decodes_losslessly(tiny_llama_dir):
