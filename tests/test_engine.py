@@ -146,7 +146,9 @@ def test_plain_features_match_hidden_states(tiny_llama_dir):
                          input_ids=ids)
     hs = target.model(ids[None], output_hidden_states=True).hidden_states
     want = torch.cat([hs[i][0] for i in target.feature_layers], -1)
-    torch.testing.assert_close(out.features, want)
+    # Our forward attends through the row-invariant kernel, transformers' through SDPA: both are within 1e-6 of
+    # float64 attention, and the random model carries that rounding to about 2e-5 by these layers.
+    torch.testing.assert_close(out.features, want, atol=1e-4, rtol=1e-4)
     assert target.feature_layers == (2, 4, 5)
 
 

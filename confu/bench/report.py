@@ -418,8 +418,9 @@ def render_report(summary: dict[str, Any], run_info: dict[str, Any], plots: Sequ
             g = s["greedy_identity_vs_ar"]
             lines.append(f"- {setting_name((s['method'], s['temperature'], s['tree_nodes']))}: "
                          f"{g['identical']}/{g['compared']} questions identical")
-        lines += ["", "(fp32 kernels differ by batch shape, so an exact near-tie can flip; mismatches "
-                  "deserve a look, not an automatic verdict.)", ""]
+        lines += ["", "(With the CPU kernels and row-invariant attention (target numerics above) a tree node's logits "
+                  "are the one-token step's bits, so a mismatch is a bug; without them (transformers' modules, "
+                  "SDPA, GPU) rounding differs by batch shape and an exact near-tie can flip.)", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
