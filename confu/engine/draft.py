@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from confu.engine.attention import attention
+
 METHODS = ("eagle3", "confu")
 
 
@@ -157,10 +159,9 @@ class DraftLayer(nn.Module):
         """Attention over given keys (mask (B or 1, 1, n, K), True = attend), then the MLP block; `shift`
         (broadcast to (B, n, H)) is added to the residual after attention (`ConFuHead.future_shift`)."""
         # grouped KV heads as they are: expanding them would copy the whole draft cache at every level
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                              enable_gqa=self.cfg.num_attention_heads != self.cfg.num_key_value_heads)
-        b, _, n, _ = attn.shape
-        h = hidden + self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
+        attn = attention(q, keys, values, mask)
+        b, n = attn.shape[:2]
+        h = hidden + self.o_proj(attn.reshape(b, n, -1))
         if shift is not None:
             h = h + shift
         x = self.post_norm(h)
