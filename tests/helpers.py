@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from confu.engine.generate import Decoder
 from confu.engine.methods import DraftHeadProposer, method_for_head
+from confu.engine.quant import kernel_status
 from confu.engine.target import Target
 from confu.engine.tree import DraftTree
 
@@ -88,6 +90,15 @@ def quantized_tiny_target(model_dir, numerics: str = "auto") -> Target:
             if type(module) is nn.Linear:
                 module.weight.copy_(gguf_q4_1(module.weight))
     return Target(plain.model, plain.tokenizer, name="quantized", numerics=numerics)
+
+
+def require_kernels():
+    """The CPU kernels' library; skips only on a CPU without AVX2 / FMA, fails if they did not build."""
+    status = kernel_status()
+    if status.library is None and "lacks AVX2" in status.reason:
+        pytest.skip(f"no quantized kernels on this CPU: {status.reason}")
+    assert status.library is not None, f"the quantized kernels failed to build: {status.reason}"
+    return status.library
 
 
 def chat_ids(target: Target, text: str) -> list[int]:

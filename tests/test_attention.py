@@ -10,14 +10,11 @@ import torch.nn.functional as F
 
 from confu.engine.attention import row_invariant_attention, row_invariant_attention_built
 from confu.engine.quant import kernel_status
-from tests.helpers import PROMPTS, chat_ids, quantized_tiny_target
+from tests.helpers import PROMPTS, chat_ids, quantized_tiny_target, require_kernels
 
 
 def require_attention_kernel() -> None:
-    status = kernel_status()
-    if status.library is None and "lacks AVX2" in status.reason:
-        pytest.skip(f"no kernels on this CPU: {status.reason}")
-    assert status.library is not None, f"the kernels failed to build: {status.reason}"
+    require_kernels()
     if not row_invariant_attention_built():
         pytest.skip("an AVX2-only build: ordinary rows take SDPA")
 

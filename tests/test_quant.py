@@ -32,16 +32,9 @@ from tests.helpers import (
     hf_greedy,
     load_target,
     quantized_tiny_target,
+    require_kernels,
     single_thread,
 )
-
-
-def require_kernels():
-    status = kernel_status()
-    if status.library is None and "lacks AVX2" in status.reason:
-        pytest.skip(f"no quantized kernels on this CPU: {status.reason}")
-    assert status.library is not None, f"the quantized kernels failed to build: {status.reason}"
-    return status.library
 
 
 def test_blocks_are_recovered_exactly_and_only_when_exact():

@@ -46,19 +46,14 @@ def split_sdpa_attention(module, query, key, value, attention_mask, *, contempla
     end = key.shape[2] - (query.shape[2] - n_ordinary)  # keys of the soft prompt, committed and ordinary rows
     ordinary_args = (query[:, :, :n_ordinary], key[:, :, prefix:end], value[:, :, prefix:end],
                      attention_mask[:, :, :n_ordinary, prefix:end])
-    if row_invariant and softcap is None and _invariant_applies(*ordinary_args):
-        ordinary = row_invariant_attention(*ordinary_args, scaling)
+    if softcap is None:
+        ordinary = attention(*ordinary_args, scaling, kernel=row_invariant)
     else:
-        if softcap is None:
-            ordinary = F.scaled_dot_product_attention(*ordinary_args, scale=scaling,
-                                                      enable_gqa=query.shape[1] != key.shape[1])
-        else:
-            ordinary = _softcapped_attention(*ordinary_args, scaling, softcap)
-        ordinary = ordinary.transpose(1, 2)
+        ordinary = _softcapped_attention(*ordinary_args, scaling, softcap).transpose(1, 2)
     if n_ordinary == query.shape[2]:
         return ordinary.contiguous(), None
     contemplate_args = (query[:, :, n_ordinary:], key, value, attention_mask[:, :, n_ordinary:])
-    if row_invariant and softcap is None and _invariant_applies(*contemplate_args):
+    if row_invariant and softcap is None and _kernel_applies(*contemplate_args):
         # `f` needs no invariance, but the kernel is also the faster one for a few rows (1.5-3.5x SDPA)
         contemplate = row_invariant_attention(*contemplate_args, scaling)
     else:
@@ -105,22 +100,26 @@ def row_invariant_attention_built() -> bool:
     return kernel_status().attention
 
 
-def _invariant_applies(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> bool:
-    return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
+def _kernel_applies(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> bool:
+    """`attend_rows` can run this call: CPU float32, batch 1, a boolean mask, the layouts it reads, and nothing
+    that needs a gradient (the kernel has no backward)."""
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return (not grad and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
             and mask is not None and mask.dtype == torch.bool and query.shape[0] == 1
             and query.shape[-1] % 16 == 0 and query.shape[-1] <= 256 and query.shape[1] % key.shape[1] == 0
             and key.stride(-1) == 1 and key.stride() == value.stride() and query.stride(-1) == 1
             and row_invariant_attention_built())
 
 
-def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
-    """query (B, H, n, D) over key / value (B, KV, T, D) with a (B or 1, 1, n, T) mask -> (B, n, H, D): the
-    kernel where it applies and nothing needs a gradient (the draft head's levels: 1.5-3.5x SDPA for a few
-    rows), SDPA otherwise (training, GPU, a float mask)."""
-    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if not grad and _invariant_applies(query, key, value, mask) and mask.shape[0] == 1:
-        return row_invariant_attention(query, key, value, mask, None)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scaling: float | None = None,
+              kernel: bool = True) -> Tensor:
+    """query (B, H, n, D) over key / value (B, KV, T, D) with a (B or 1, 1, n, T) mask -> (B, n, H, D):
+    `row_invariant_attention` where `kernel` and it applies (the target's ordinary rows; the draft head's levels,
+    where it is 1.5-3.5x SDPA for a few rows), SDPA with grouped KV heads as they are otherwise (training, GPU,
+    a float mask)."""
+    if kernel and _kernel_applies(query, key, value, mask):
+        return row_invariant_attention(query, key, value, mask, scaling)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                           enable_gqa=query.shape[1] != key.shape[1]).transpose(1, 2)
 
 

@@ -137,11 +137,7 @@ class PackedWeight:
     q: Tensor
     d: Tensor
     m: Tensor | None
-    n: int = 0  # the output count of the padded layouts ("a8_q4_1", "a8_q8_0")
-
-    @property
-    def out_features(self) -> int:
-        return self.q.shape[0] if self.kind in ("q4_1", "q8_0") else len(self.d) if self.kind == "i8" else self.n
+    out_features: int  # N (the padded layouts hold more rows)
 
 
 def _fp16_exact(x: Tensor) -> bool:
@@ -161,7 +157,7 @@ def pack_q4_1(w: Tensor) -> PackedWeight | None:
         return None
     q = q.to(torch.uint8)
     packed = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous()
-    return PackedWeight("q4_1", packed, d.contiguous(), m.contiguous())
+    return PackedWeight("q4_1", packed, d.contiguous(), m.contiguous(), n)
 
 
 def pack_q8_0(w: Tensor) -> PackedWeight | None:
@@ -174,7 +170,7 @@ def pack_q8_0(w: Tensor) -> PackedWeight | None:
     q = (blocks / torch.where(d > 0, d, 1)[..., None]).round()
     if q.abs().amax() > 127 or not torch.equal(q * d[..., None], blocks):
         return None
-    return PackedWeight("q8_0", q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous(), None)
+    return PackedWeight("q8_0", q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous(), None, n)
 
 
 def quantize_q8_0(w: Tensor) -> PackedWeight:
@@ -187,7 +183,14 @@ def quantize_q8_0(w: Tensor) -> PackedWeight:
     blocks = w.detach().float().reshape(n, k // BLOCK, BLOCK)
     d = (blocks.abs().amax(-1) / 127).half().float()
     q = (blocks / torch.where(d > 0, d, 1)[..., None]).round().clamp(-127, 127)
-    return PackedWeight("q8_0", q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous(), None)
+    return PackedWeight("q8_0", q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous(), None, n)
+
+
+def _blocks_of_16_outputs(t: Tensor) -> Tensor:
+    """(N, ...) -> (ceil(N / 16), 16, ...), the missing outputs zero."""
+    padded = t.new_zeros((-(-t.shape[0] // 16) * 16, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    return padded.view(-1, 16, *t.shape[1:])
 
 
 def quantize_i8(w: Tensor) -> PackedWeight:
@@ -200,17 +203,8 @@ def quantize_i8(w: Tensor) -> PackedWeight:
     w = w.detach().float()
     scale = w.abs().amax(1) / 127
     q = (w / torch.where(scale > 0, scale, 1)[:, None]).round().clamp(-127, 127).to(torch.int8)
-    padded = torch.zeros(-(-n // 16) * 16, k, dtype=torch.int8)
-    padded[:n] = q
-    layout = padded.view(-1, 16, k // 4, 4).transpose(1, 2).contiguous()
-    return PackedWeight("i8", layout, scale.contiguous(), q.sum(1, dtype=torch.int32))
-
-
-def _blocks_of_16_outputs(t: Tensor) -> Tensor:
-    """(N, ...) -> (ceil(N / 16), 16, ...), the missing outputs zero."""
-    padded = t.new_zeros((-(-t.shape[0] // 16) * 16, *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    return padded.view(-1, 16, *t.shape[1:])
+    layout = _blocks_of_16_outputs(q.view(n, k // 4, 4)).transpose(1, 2).contiguous()
+    return PackedWeight("i8", layout, scale.contiguous(), q.sum(1, dtype=torch.int32), n)
 
 
 def for_q8_activations(packed: PackedWeight) -> PackedWeight:
@@ -243,12 +237,11 @@ def packed_matmul(x: Tensor, packed: PackedWeight, lib: ctypes.CDLL) -> Tensor:
     out = torch.empty(m_rows, n, dtype=torch.float32)
     if m_rows == 0:
         return out
-    if packed.kind == "a8_q4_1":
-        lib.a8_matmul(x.data_ptr(), m_rows, k, packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr(), None,
-                      n, out.data_ptr())
-    elif packed.kind == "a8_q8_0":
-        lib.a8_matmul(x.data_ptr(), m_rows, k, packed.q.data_ptr(), packed.d.data_ptr(), None, packed.m.data_ptr(),
-                      n, out.data_ptr())
+    if packed.kind in ("a8_q4_1", "a8_q8_0"):
+        aux = packed.m.data_ptr()  # Q4_1's block minimums or Q8_0's block sums of q
+        minimums, sums = (aux, None) if packed.kind == "a8_q4_1" else (None, aux)
+        lib.a8_matmul(x.data_ptr(), m_rows, k, packed.q.data_ptr(), packed.d.data_ptr(), minimums, sums, n,
+                      out.data_ptr())
     elif packed.kind == "i8":
         lib.i8_matmul(x.data_ptr(), m_rows, k, packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr(), n,
                       out.data_ptr())

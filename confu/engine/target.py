@@ -31,8 +31,6 @@ from confu.engine.attention import SPLIT_ATTENTION, row_invariant_attention_buil
 from confu.engine.quant import kernel_status, pack_model
 from confu.errors import InputError, UnsupportedModelError
 
-NUMERICS = TARGET_NUMERICS
-
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     """EAGLE-3's low / mid / high feature layers: the inputs of layers 2, L//2 and L-3."""
@@ -307,8 +305,8 @@ class Target:
         name: str = "",
         numerics: str = "auto",
     ):
-        if numerics not in NUMERICS:
-            raise InputError(f"numerics must be one of {NUMERICS} (got {numerics!r})")
+        if numerics not in TARGET_NUMERICS:
+            raise InputError(f"numerics must be one of {TARGET_NUMERICS} (got {numerics!r})")
         self.layout = check_supported(model)
         self._cache_keyword = cache_keyword(model.get_decoder())
         self.model = model.eval().requires_grad_(False)
@@ -380,10 +378,12 @@ class Target:
         """The layers a long prompt's bulk prefill runs (`Decoder.prefill`): transformers' own linear layers where
         the kernels reproduce them (MKL's GEMM is faster there), the kernels themselves where they are the
         numerics; SDPA for attention (every method makes the same bulk call, so it needs no row invariance)."""
-        if self.numerics_mode != "q8":
-            with self.reference_numerics():
-                yield
-            return
+        with self._sdpa_attention() if self.numerics_mode == "q8" else self.reference_numerics():
+            yield
+
+    @contextmanager
+    def _sdpa_attention(self) -> Iterator[None]:
+        """Ordinary rows attend through SDPA inside the block, not the row-invariant kernel."""
         invariant, self._row_invariant = self._row_invariant, False
         try:
             yield
@@ -396,11 +396,10 @@ class Target:
         target passes, and the bulk prefill of long prompts (`Decoder.prefill`), where MKL's GEMM beats the kernels."""
         for parent, name, original, _ in self._swaps:
             setattr(parent, name, original)
-        invariant, self._row_invariant = self._row_invariant, False
         try:
-            yield
+            with self._sdpa_attention():
+                yield
         finally:
-            self._row_invariant = invariant
             for parent, name, _, packed in self._swaps:
                 setattr(parent, name, packed)
 
