@@ -105,10 +105,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
 
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    """The rotary frequencies, (head_dim / 2,) float32: angle = position * inv_freq."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
 def rope_angles(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles, (B, 1, n, head_dim / 2) each, for positions (B, n)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq
+    angles = positions.to(torch.float32)[:, None, :, None] * rope_inv_freq(head_dim, theta, positions.device)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

@@ -474,5 +474,179 @@ int attend_rows_built(void) { return 1; }
 int attend_rows_built(void) { return 0; }
 #endif
 
+/* ---- The draft head's decoder layer in two calls (AVX512-VNNI builds; `confu/engine/draft_kernel.py`) ----
+ * A draft level is a handful of small-row matmuls and about seventy small tensor ops between them, and each op
+ * costs microseconds of dispatch on a CPU (more than its arithmetic at a few rows). These two functions are
+ * `DraftLayer.qkv` and `DraftLayer.attend` as written in `confu/engine/draft.py`, on the int8 weights of
+ * `i8_matmul`, the attention of `attend_rows` and the exp of the attention kernel. Lossy like the int8 draft
+ * weights: a draft's numerics change what it proposes, never what the target emits. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+typedef struct {
+    const int8_t* w;
+    const float* scale;
+    const int32_t* sum;
+} i8_weight;
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, intermediate;
+    float eps;
+    const float *embed_norm, *hidden_norm, *post_norm, *inv_freq;
+    i8_weight qkv, o, gate_up, down; /* q, k, v outputs stacked; gate then up outputs stacked */
+} draft_layer;
+
+static void i8_apply(const i8_weight* w, const float* x, int M, int K, int N, float* out) {
+    i8_matmul(x, M, K, w->w, w->scale, w->sum, N, out);
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * weight, one row of H (a multiple of 16). */
+static void rms_norm_row(const float* x, const float* weight, int H, float eps, float* out) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int k = 0; k < H; k += 16) {
+        const __m512 v = _mm512_loadu_ps(x + k);
+        ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)H + eps));
+    for (int k = 0; k < H; k += 16)
+        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv), _mm512_loadu_ps(weight + k)));
+}
+
+/* Rotary embedding on the halves of one head vector: (x1 cos - x2 sin, x2 cos + x1 sin). */
+static void rope_head(const float* x, const float* cs, const float* sn, int half, float* out) {
+    for (int j = 0; j < half; j++) {
+        const float x1 = x[j], x2 = x[half + j];
+        out[j] = x1 * cs[j] - x2 * sn[j];
+        out[half + j] = x2 * cs[j] + x1 * sn[j];
+    }
+}
+
+/* emb, hidden: n x H; pos: n; q out (heads, n, D), k and v out (kv_heads, n, D), q and k rotated. */
+void draft_qkv(const draft_layer* L, const float* emb, const float* hidden, const int64_t* pos, int n, float* q,
+               float* k, float* v) {
+    const int H = L->hidden, D = L->head_dim, half = D / 2, NQ = L->heads * D, NKV = L->kv_heads * D;
+    const int N = NQ + 2 * NKV;
+    float* x = malloc(sizeof(float) * n * 2 * H);
+    float* y = malloc(sizeof(float) * n * N);
+    float* cs = malloc(sizeof(float) * half);
+    float* sn = malloc(sizeof(float) * half);
+    for (int r = 0; r < n; r++) {
+        rms_norm_row(emb + (long)r * H, L->embed_norm, H, L->eps, x + (long)r * 2 * H);
+        rms_norm_row(hidden + (long)r * H, L->hidden_norm, H, L->eps, x + (long)r * 2 * H + H);
+    }
+    i8_apply(&L->qkv, x, n, 2 * H, N, y);
+    for (int r = 0; r < n; r++) {
+        for (int j = 0; j < half; j++) {
+            const float angle = (float)pos[r] * L->inv_freq[j];
+            cs[j] = cosf(angle);
+            sn[j] = sinf(angle);
+        }
+        const float* yr = y + (long)r * N;
+        for (int h = 0; h < L->heads; h++) rope_head(yr + h * D, cs, sn, half, q + ((long)h * n + r) * D);
+        for (int h = 0; h < L->kv_heads; h++) {
+            rope_head(yr + NQ + h * D, cs, sn, half, k + ((long)h * n + r) * D);
+            memcpy(v + ((long)h * n + r) * D, yr + NQ + NKV + h * D, sizeof(float) * D);
+        }
+    }
+    free(x);
+    free(y);
+    free(cs);
+    free(sn);
+}
+
+/* silu(g) * u for the n x I halves of gate_up (n x 2I), into out (n x I); I a multiple of 16. */
+static void silu_mul(const float* gate_up, int n, int I, float* out) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < I; j += 16) {
+            const __m512 g = _mm512_loadu_ps(gate_up + (long)r * 2 * I + j);
+            const __m512 u = _mm512_loadu_ps(gate_up + (long)r * 2 * I + I + j);
+            /* sigmoid from exp(-|g|) <= 1 (no overflow): 1 / (1 + e) for g >= 0, e / (1 + e) below */
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+            const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+            const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
+            _mm512_storeu_ps(out + (long)r * I + j, _mm512_mul_ps(_mm512_mul_ps(g, sig), u));
+        }
+}
+
+/* hidden: n x H; q: (heads, n, D) contiguous; keys / values as `attend_rows` reads them, T positions; mask: n x T;
+ * shift: NULL or rows of H added after attention, `shift_row` floats apart (0: one row for all); out: n x H. */
+void draft_attend(const draft_layer* L, const float* hidden, const float* q, const float* keys, const float* values,
+                  long kv_head, long kv_pos, const uint8_t* mask, int n, int T, const float* shift, long shift_row,
+                  float* out) {
+    const int H = L->hidden, D = L->head_dim, NQ = L->heads * D, I = L->intermediate;
+    float* attn = malloc(sizeof(float) * n * NQ);
+    float* h = malloc(sizeof(float) * n * H);
+    float* x = malloc(sizeof(float) * n * H);
+    float* gu = malloc(sizeof(float) * n * 2 * I);
+    float* act = malloc(sizeof(float) * n * I);
+    attend_rows(q, D, (long)n * D, keys, values, kv_head, kv_pos, mask, n, T, L->heads, L->kv_heads, D,
+                1.0f / sqrtf((float)D), attn);
+    i8_apply(&L->o, attn, n, NQ, H, h);
+    for (int r = 0; r < n; r++) {
+        float* hr = h + (long)r * H;
+        for (int j = 0; j < H; j++) hr[j] += hidden[(long)r * H + j];
+        if (shift)
+            for (int j = 0; j < H; j++) hr[j] += shift[r * shift_row + j];
+        rms_norm_row(hr, L->post_norm, H, L->eps, x + (long)r * H);
+    }
+    i8_apply(&L->gate_up, x, n, H, 2 * I, gu);
+    silu_mul(gu, n, I, act);
+    i8_apply(&L->down, act, n, I, H, out);
+    for (long j = 0; j < (long)n * H; j++) out[j] += h[j];
+    free(attn);
+    free(h);
+    free(x);
+    free(gu);
+    free(act);
+}
+
+/* Per row of x (n x V): the k largest entries (ties: the lower index first) as log-probabilities x_i - logsumexp(x),
+ * best first, into vals / idx (n x k). A draft level's log_softmax and topk in one pass over the logits. */
+void top_log_probs(const float* x, int n, int V, int k, float* vals, int64_t* idx) {
+#pragma omp parallel for schedule(static) if (n > 1)
+    for (int r = 0; r < n; r++) {
+        const float* row = x + (long)r * V;
+        float* best = vals + (long)r * k;
+        int64_t* at = idx + (long)r * k;
+        for (int j = 0; j < k; j++) {
+            best[j] = -INFINITY;
+            at[j] = -1;
+        }
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int i = 0; i + 16 <= V; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + i));
+        float m = _mm512_reduce_max_ps(top);
+        for (int i = V - V % 16; i < V; i++) m = row[i] > m ? row[i] : m;
+        __m512 total = _mm512_setzero_ps();
+        for (int i = 0; i < V; i += 16) {
+            const __mmask16 live = V - i >= 16 ? 0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + i), _mm512_set1_ps(m)));
+            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
+        }
+        const float lse = m + logf(_mm512_reduce_add_ps(total));
+        for (int i = 0; i < V; i += 16) {
+            const __mmask16 live = V - i >= 16 ? 0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+            __mmask16 above = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, row + i),
+                                                      _mm512_set1_ps(best[k - 1]), _CMP_GT_OQ);
+            while (above) {
+                const int lane = __builtin_ctz(above);
+                above &= above - 1;
+                const float value = row[i + lane];
+                if (!(value > best[k - 1])) continue;  /* the threshold rose within this vector */
+                int j = k - 1;
+                for (; j > 0 && value > best[j - 1]; j--) {
+                    best[j] = best[j - 1];
+                    at[j] = at[j - 1];
+                }
+                best[j] = value;
+                at[j] = i + lane;
+            }
+        }
+        for (int j = 0; j < k; j++) best[j] -= lse;
+    }
+}
+int draft_layer_built(void) { return 1; }
+#else
+int draft_layer_built(void) { return 0; }
+#endif
+
 /* The lane width of this build (8: AVX2, 16: AVX-512): it decides the summation order, so it is reported. */
 int kernel_lanes(void) { return LANES; }

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from confu.engine.contemplate import ContemplatePlan, plan_contemplate_slots
 from confu.engine.draft import ConFuHead, Eagle3Head
+from confu.engine.draft_kernel import fuse_draft_layer
 from confu.engine.drafter import Drafter
 from confu.engine.quant import pack_model
 from confu.engine.tree import DraftTree
@@ -50,7 +51,8 @@ class DraftHeadProposer:
     On the CPU it drafts with a copy of the head whose linear layers run the quantized kernels (`pack_model(...,
     lossy=True)`: int8 weights and activations on AVX512-VNNI, else Q8_0 weights): a draft level is a handful
     of small-row matmuls, which MKL runs several times slower than one row, and a draft's numerics only change
-    which tokens are proposed, never what the target emits.
+    which tokens are proposed, never what the target emits. With AVX512-VNNI its decoder layer also runs as two
+    kernel calls a level (`confu.engine.draft_kernel`).
     """
 
     def __init__(self, head: Eagle3Head):
@@ -58,6 +60,7 @@ class DraftHeadProposer:
         if head.fc.weight.device.type == "cpu" and head.fc.weight.dtype == torch.float32:
             fast = copy.deepcopy(head)  # the caller's head stays float32 (it may be trained further)
             if pack_model(fast, lossy=True):
+                fuse_draft_layer(fast)
                 self.head = fast
         self.feature_layers = tuple(head.cfg.feature_layers)
         self.drafter: Drafter | None = None

@@ -48,6 +48,7 @@ class KernelStatus:
     lanes: int = 0  # partial sums per dot product (8: AVX2, 16: AVX-512): the kernels' summation order
     int8: bool = False  # the int8 x int8 kernels are built (AVX512-VNNI): the draft head's, and `numerics="q8"`
     attention: bool = False  # the row-invariant attention kernel is built (AVX-512; `confu.engine.attention`)
+    draft_layer: bool = False  # the fused draft layer and top-k are built (AVX512-VNNI; `confu.engine.draft_kernel`)
 
 
 def _cpu_flags() -> set[str]:
@@ -76,7 +77,8 @@ def _compile(out: Path, cflags: tuple[str, ...]) -> str | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([compiler, *cflags, str(SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *cflags, str(SOURCE), "-lm", "-o", str(tmp_out)], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             return f"{compiler} failed: {proc.stderr.strip()[-500:]}"
         tmp_out.replace(out)
@@ -112,7 +114,8 @@ def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
     lib.q8_0_matmul.argtypes = [p, i, i, p, p, i, p]
     lib.q4_1_matmul.restype = lib.q8_0_matmul.restype = None
     lib.kernel_lanes.restype = lib.i8_vnni.restype = lib.attend_rows_built.restype = i
-    int8, attention = bool(lib.i8_vnni()), bool(lib.attend_rows_built())
+    lib.draft_layer_built.restype = i
+    int8, attention, draft_layer = bool(lib.i8_vnni()), bool(lib.attend_rows_built()), bool(lib.draft_layer_built())
     if int8:
         lib.i8_matmul.argtypes = [p, i, i, p, p, p, i, p]
         lib.a8_matmul.argtypes = [p, i, i, p, p, p, p, i, p]
@@ -121,7 +124,12 @@ def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
         lib.attend_rows.argtypes = [p, ctypes.c_long, ctypes.c_long, p, p, ctypes.c_long, ctypes.c_long, p, i, i, i, i,
                                     i, ctypes.c_float, p]
         lib.attend_rows.restype = None
-    return KernelStatus(lib, str(path), lib.kernel_lanes(), int8, attention)
+    if draft_layer:
+        lib.draft_qkv.argtypes = [p, p, p, p, i, p, p, p]
+        lib.draft_attend.argtypes = [p, p, p, p, p, ctypes.c_long, ctypes.c_long, p, i, i, p, ctypes.c_long, p]
+        lib.top_log_probs.argtypes = [p, i, i, i, p, p]
+        lib.draft_qkv.restype = lib.draft_attend.restype = lib.top_log_probs.restype = None
+    return KernelStatus(lib, str(path), lib.kernel_lanes(), int8, attention, draft_layer)
 
 
 @dataclass(frozen=True)

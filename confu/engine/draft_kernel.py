@@ -1,0 +1,144 @@
+"""The draft head's inference forward in kernel calls (`kernels.c`: `draft_qkv`, `draft_attend`, `top_log_probs`).
+
+A draft level at a few rows is a handful of small matmuls and about seventy tensor ops between them (norms,
+rotary angles, head reshapes, residuals, the MLP's activation, log_softmax and topk), and on a CPU each op costs
+microseconds of dispatch, more than its arithmetic: growing a 16-node tree cost about a quarter of a target step,
+most of it outside the matmuls. `FusedDraftLayer` runs `DraftLayer.qkv` and `DraftLayer.attend` as one kernel
+call each, on the same int8 weights the packed layer holds (`quant.quantize_i8`; q / k / v and gate / up stacked
+into one matrix each, which quantizes every output row exactly as before, so the matmuls give the same bits), the
+row-invariant attention kernel and the same rotary convention. `top_log_probs` is log_softmax + topk in one pass.
+
+Like the int8 weights, this changes a draft's numerics by float roundings (norms and activations summed in another
+order), which only changes what it proposes, never what the target emits. Calls the kernels cannot take (batch
+above 1, a float attention mask, autograd, other devices or dtypes, a machine without AVX512-VNNI) go to the
+wrapped layer's own forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor, nn
+
+from confu.engine.draft import DraftLayer, Eagle3Head, rope_inv_freq
+from confu.engine.quant import PackedLinear, PackedWeight, kernel_status, quantize_i8
+
+
+class _I8Weight(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("sum", ctypes.c_void_p)]
+
+
+class _DraftLayerArgs(ctypes.Structure):
+    """`kernels.c`'s `draft_layer`: shapes, norm weights, rotary frequencies and the four int8 matrices."""
+
+    _fields_ = [
+        ("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int),
+        ("intermediate", ctypes.c_int), ("eps", ctypes.c_float),
+        ("embed_norm", ctypes.c_void_p), ("hidden_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+        ("inv_freq", ctypes.c_void_p),
+        ("qkv", _I8Weight), ("o", _I8Weight), ("gate_up", _I8Weight), ("down", _I8Weight),
+    ]
+
+
+def _i8(packed: PackedWeight) -> _I8Weight:
+    return _I8Weight(packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr())
+
+
+def _float_cpu(*tensors: Tensor) -> bool:
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not grad and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _kernels_take(layer: DraftLayer) -> bool:
+    """The layer's linear layers run the int8 kernel and its shapes fit the fused kernels (multiples of 16)."""
+    cfg = layer.cfg
+    linears = (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj)
+    return (kernel_status().draft_layer
+            and all(isinstance(m, PackedLinear) and m.packed.kind == "i8" and m.bias is None for m in linears)
+            and cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0
+            and cfg.head_dim % 16 == 0 and cfg.head_dim <= 256
+            and cfg.num_attention_heads % cfg.num_key_value_heads == 0)
+
+
+class FusedDraftLayer(nn.Module):
+    """A packed `DraftLayer` whose `qkv` and `attend` run as one kernel call each where the kernels apply."""
+
+    def __init__(self, layer: DraftLayer):
+        super().__init__()
+        cfg = layer.cfg
+        self.layer = layer
+        self.cfg = cfg
+        self.lib = kernel_status().library
+        with torch.no_grad():
+            self._qkv = quantize_i8(torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]))
+            self._gate_up = quantize_i8(torch.cat([layer.gate_proj.weight, layer.up_proj.weight]))
+        # held here: the kernel reads them through the raw pointers below
+        self._norms = [n.weight.detach().float().contiguous() for n in (layer.embed_norm, layer.hidden_norm,
+                                                                         layer.post_norm)]
+        self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, torch.device("cpu")).contiguous()
+        self._args = _DraftLayerArgs(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
+            cfg.rms_norm_eps, *(t.data_ptr() for t in self._norms), self._inv_freq.data_ptr(),
+            _i8(self._qkv), _i8(layer.o_proj.packed), _i8(self._gate_up), _i8(layer.down_proj.packed),
+        )
+
+    def qkv(self, emb: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`DraftLayer.qkv`: q (1, nh, n, d), k and v (1, nkv, n, d); q and k rotated."""
+        if emb.shape[0] != 1 or not _float_cpu(emb, hidden):
+            return self.layer.qkv(emb, hidden, positions)
+        cfg, n = self.cfg, emb.shape[1]
+        emb = emb.reshape(n, -1).contiguous()
+        hidden = hidden.reshape(n, -1).contiguous()
+        pos = positions.reshape(n).to(torch.int64).contiguous()
+        q = torch.empty(1, cfg.num_attention_heads, n, cfg.head_dim)
+        k = torch.empty(1, cfg.num_key_value_heads, n, cfg.head_dim)
+        v = torch.empty_like(k)
+        self.lib.draft_qkv(ctypes.byref(self._args), emb.data_ptr(), hidden.data_ptr(), pos.data_ptr(), n,
+                           q.data_ptr(), k.data_ptr(), v.data_ptr())
+        return q, k, v
+
+    def attend(self, hidden: Tensor, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+               shift: Tensor | None = None) -> Tensor:
+        """`DraftLayer.attend` (attention over the given keys, the MLP block, `shift` on the residual)."""
+        tensors = (hidden, q, keys, values) + (() if shift is None else (shift,))
+        if (mask.dtype != torch.bool or hidden.shape[0] != 1 or mask.shape[0] != 1 or not _float_cpu(*tensors)
+                or keys.stride() != values.stride() or keys.stride(-1) != 1):
+            return self.layer.attend(hidden, q, keys, values, mask, shift)
+        n, total = q.shape[2], keys.shape[2]
+        hidden = hidden.reshape(n, -1).contiguous()
+        q = q.contiguous()
+        seen = mask.reshape(n, total).contiguous().view(torch.uint8)
+        shift_ptr, shift_row = None, 0
+        if shift is not None:
+            shift = shift.reshape(-1, self.cfg.hidden_size).contiguous()
+            shift_ptr, shift_row = shift.data_ptr(), 0 if len(shift) == 1 else self.cfg.hidden_size
+        out = torch.empty(1, n, self.cfg.hidden_size)
+        self.lib.draft_attend(ctypes.byref(self._args), hidden.data_ptr(), q.data_ptr(), keys.data_ptr(),
+                              values.data_ptr(), keys.stride(1), keys.stride(2), seen.data_ptr(), n, total, shift_ptr,
+                              shift_row, out.data_ptr())
+        return out
+
+
+def fuse_draft_layer(head: Eagle3Head) -> bool:
+    """Give a packed inference copy of a head the fused layer (`FusedDraftLayer`), where the kernels take it."""
+    if isinstance(head.layer, FusedDraftLayer) or not _kernels_take(head.layer):
+        return False
+    head.layer = FusedDraftLayer(head.layer)
+    return True
+
+
+def top_log_probs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best log-probabilities of each row of logits (n, V), best first, and their indices: log_softmax then
+    topk, in one kernel pass on float32 CPU rows (ties: the lower index first)."""
+    n, vocab = logits.shape
+    k = min(k, vocab)
+    status = kernel_status()
+    if not (status.draft_layer and _float_cpu(logits)):
+        top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        return top.values, top.indices
+    logits = logits.contiguous()
+    values = torch.empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.int64)
+    status.library.top_log_probs(logits.data_ptr(), n, vocab, k, values.data_ptr(), indices.data_ptr())
+    return values, indices

@@ -1,0 +1,133 @@
+"""The fused draft layer (`confu.engine.draft_kernel`) computes what the packed `DraftLayer` computes.
+
+It reads the same int8 weights, so the only differences are float roundings of norms, rotary terms and the MLP's
+activation (a few ulps); calls it cannot take go to the layer itself, unchanged. `top_log_probs` is log_softmax +
+topk with ties broken towards the lower index.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from confu.engine.draft import DraftConfig, build_head, init_weights_like_eagle
+from confu.engine.draft_kernel import FusedDraftLayer, fuse_draft_layer, top_log_probs
+from confu.engine.methods import DraftHeadProposer
+from confu.engine.quant import kernel_status, pack_model
+from tests.helpers import require_kernels
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
+
+
+def require_fused():
+    require_kernels()
+    if not kernel_status().draft_layer:
+        pytest.skip("this CPU has no AVX512-VNNI: the draft layer runs its torch ops on the packed weights")
+
+
+def _tiny_head(method: str = "eagle3"):
+    torch.manual_seed(0)
+    cfg = DraftConfig(
+        method=method, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM, intermediate_size=128, vocab_size=300, draft_vocab_size=96, feature_layers=[1, 2, 3],
+        target={"name": "tiny", "hidden_size": HIDDEN, "num_hidden_layers": 4, "vocab_size": 300},
+        target_num_kv_heads=KV_HEADS, target_head_dim=HEAD_DIM, n_expert=4,
+    )
+    head = build_head(cfg)
+    init_weights_like_eagle(head)
+    for norm in (head.layer.embed_norm, head.layer.hidden_norm, head.layer.post_norm):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)  # not all ones: a norm weight read wrongly must show
+    return head.eval()
+
+
+def _packed_layer():
+    head = _tiny_head()
+    assert pack_model(head, lossy=True)
+    return head.layer
+
+
+@torch.no_grad()
+def test_fused_qkv_and_attend_match_the_packed_layer():
+    require_fused()
+    layer = _packed_layer()
+    fused = FusedDraftLayer(layer)
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 3, 8):
+        emb = torch.randn(1, n, HIDDEN, generator=gen)
+        hidden = 4 * torch.randn(1, n, HIDDEN, generator=gen)
+        positions = torch.arange(37, 37 + n)[None]
+        for ours, theirs in zip(fused.qkv(emb, hidden, positions), layer.qkv(emb, hidden, positions), strict=True):
+            assert ours.shape == theirs.shape
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        q = layer.qkv(emb, hidden, positions)[0]
+        # keys as the drafter hands them: a slice of a longer buffer, some of them masked
+        buffer = torch.randn(2, 1, KV_HEADS, 50, HEAD_DIM, generator=gen)
+        keys, values = buffer[0, :, :, :41], buffer[1, :, :, :41]
+        mask = torch.rand(1, 1, n, 41, generator=gen) > 0.4
+        mask[..., 0] = True
+        for shift in (None, torch.randn(1, 1, HIDDEN, generator=gen), torch.randn(1, n, HIDDEN, generator=gen)):
+            ours = fused.attend(hidden, q, keys, values, mask, shift)
+            torch.testing.assert_close(ours, layer.attend(hidden, q, keys, values, mask, shift), atol=1e-5, rtol=1e-5)
+        # a float mask (ConFu's future-key offset) and a batch of two are the layer's own calls
+        bias = torch.zeros(1, HEADS, n, 41).masked_fill(~mask, float("-inf"))
+        assert torch.equal(fused.attend(hidden, q, keys, values, bias), layer.attend(hidden, q, keys, values, bias))
+        two = hidden.expand(2, -1, -1)
+        assert torch.equal(fused.qkv(emb.expand(2, -1, -1), two, positions.expand(2, -1))[0],
+                           layer.qkv(emb.expand(2, -1, -1), two, positions.expand(2, -1))[0])
+
+
+@torch.no_grad()
+def test_the_fused_layer_reads_every_weight():
+    """Zeroing any one matrix or norm weight of the layer it was built from changes its output (so none is
+    read from a stale or wrong pointer); the fused copies of q / k / v and gate / up are rebuilt to check them."""
+    require_fused()
+    layer = _packed_layer()
+    gen = torch.Generator().manual_seed(2)
+    emb, hidden = torch.randn(1, 2, HIDDEN, generator=gen), torch.randn(1, 2, HIDDEN, generator=gen)
+    positions = torch.tensor([[5, 6]])
+    keys, values = torch.randn(2, 1, KV_HEADS, 9, HEAD_DIM, generator=gen)
+    mask = torch.ones(1, 1, 2, 9, dtype=torch.bool)
+
+    def outputs(f):
+        q, k, v = f.qkv(emb, hidden, positions)
+        return torch.cat([q.flatten(), k.flatten(), v.flatten(), f.attend(hidden, q, keys, values, mask).flatten()])
+
+    reference = outputs(FusedDraftLayer(layer))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        broken = _packed_layer()  # the same weights again (a packed layer holds the kernels' library: no deepcopy)
+        linear = getattr(broken, name)
+        linear.weight.zero_()
+        linear.packed.q.zero_()
+        assert not torch.allclose(outputs(FusedDraftLayer(broken)), reference), name
+    for name in ("embed_norm", "hidden_norm", "post_norm"):
+        broken = _packed_layer()
+        getattr(broken, name).weight.mul_(2.0)
+        assert not torch.allclose(outputs(FusedDraftLayer(broken)), reference), name
+
+
+def test_top_log_probs_is_log_softmax_then_topk():
+    require_fused()
+    gen = torch.Generator().manual_seed(3)
+    logits = 5 * torch.randn(6, 1003, generator=gen)  # not a multiple of 16
+    values, indices = top_log_probs(logits, 8)
+    reference = torch.log_softmax(logits, -1).topk(8, -1)
+    assert torch.equal(indices, reference.indices)
+    torch.testing.assert_close(values, reference.values, atol=2e-6, rtol=1e-6)
+    # ties: the lower index first; k above the vocabulary: every entry
+    tied = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
+    values, indices = top_log_probs(tied, 9)
+    assert indices.tolist() == [[1, 2, 4, 0, 3]]
+    torch.testing.assert_close(values, torch.log_softmax(tied, -1)[0, [1, 2, 4, 0, 3]][None])
+    # float64 rows (the drafter's exactness tests) take torch's own ops, as the drafter always did
+    expected = torch.log_softmax(logits.double().float(), -1).topk(3, -1)
+    values, indices = top_log_probs(logits.double(), 3)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+def test_proposer_drafts_through_the_fused_layer_where_built():
+    require_kernels()
+    head = _tiny_head()
+    proposer = DraftHeadProposer(head)
+    assert isinstance(proposer.head.layer, FusedDraftLayer) == kernel_status().draft_layer
+    assert not isinstance(head.layer, FusedDraftLayer), "the caller's head is left as it was"
+    assert not fuse_draft_layer(head), "an unpacked head has no int8 weights to fuse"
