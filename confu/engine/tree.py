@@ -9,8 +9,10 @@ Indices: a ``TreeBuilder`` numbers candidates in creation order; a ``DraftTree``
 ``0..T-1`` with parents before children. The root (the last accepted token) is never a node; ``-1`` stands
 for it wherever a parent index is expected.
 
-Everything is tensor arithmetic on the CPU: candidate arrays grow by one concatenation per level, rankings
-are stable sorts (equal scores keep creation order), and the ancestor mask is propagated from parent rows.
+The bookkeeping runs on Python lists: a round has a few dozen candidates, and each torch op on tensors that
+small costs more (microseconds of dispatch) than the whole Python loop; growing a tree took about a millisecond
+of torch ops a round. Rankings are stable sorts (equal scores keep creation order); a `DraftTree` holds tensors
+for what verification reads.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -55,47 +56,17 @@ def _as_index_tensor(values: Sequence[int] | Tensor, name: str) -> Tensor:
     return out
 
 
-def rank_by_score(scores: Tensor) -> Tensor:
-    """Indices of ``scores`` best first; equal scores keep index (creation) order."""
-    return torch.sort(scores, descending=True, stable=True).indices
+def _as_list(values: Sequence | Tensor, name: str) -> list:
+    """The entries of a 1-D sequence or tensor as Python numbers."""
+    values = torch.as_tensor(values)
+    if values.dim() != 1:
+        raise InputError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
+    return values.tolist()
 
 
-def ancestor_mask(parents: Tensor) -> Tensor:
-    """(T, T) bool, ``[i, j]`` iff ``j`` is ``i`` or one of its ancestors; ``parents`` (T,) with -1 = root.
-
-    Each pass copies every node's row from its parent's row and adds the node itself, so after pass ``d`` the
-    rows of all nodes at depth <= ``d`` are final; it stops at the first pass that changes nothing.
-    """
-    itself = torch.eye(len(parents), dtype=torch.bool)
-    has_parent = (parents >= 0)[:, None]
-    parent_rows = parents.clamp(min=0)
-    mask = itself
-    while True:
-        grown = itself | (mask[parent_rows] & has_parent)
-        if torch.equal(grown, mask):
-            return mask
-        mask = grown
-
-
-def root_to_leaf_paths(mask: Tensor, depths: Tensor, leaves: Tensor) -> Tensor:
-    """(n_leaves, max depth) node indices from depth 1 down to each leaf, padded with -1.
-
-    A leaf's ancestor-mask row holds exactly its path; each node on it goes to column ``depth - 1``.
-    """
-    width = int(depths.max()) if len(depths) else 0
-    paths = torch.full((len(leaves), width), -1, dtype=torch.long)
-    rows, nodes = mask[leaves].nonzero(as_tuple=True)
-    paths[rows, depths[nodes] - 1] = nodes
-    return paths
-
-
-def children_lists(parents: Tensor, scores: Tensor) -> list[list[int]]:
-    """``[i + 1]``: node ``i``'s children (``[0]``: the root's), by descending score, ties by index."""
-    by_score = rank_by_score(scores)
-    # A stable sort on the parent keeps the score order (and its tie order) inside each sibling group.
-    grouped = by_score[torch.sort(parents[by_score] + 1, stable=True).indices].tolist()
-    counts = torch.bincount(parents + 1, minlength=len(parents) + 1).tolist()
-    return [grouped[end - count : end] for count, end in zip(counts, accumulate(counts), strict=True)]
+def rank_by_score(scores: list[float], indices: Sequence[int]) -> list[int]:
+    """``indices`` best score first; equal scores keep the order of ``indices`` (creation order)."""
+    return sorted(indices, key=lambda i: -scores[i])
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,35 +136,43 @@ class DraftTree:
         Without ``scores`` every node scores 0, so siblings are tried in index order. Siblings are ordered on
         the scores as given (float64 stays float64); the stored ``scores`` are float32.
         """
-        tok = _as_index_tensor(tokens, "tokens")
-        par = _as_index_tensor(parents, "parents")
+        tok = [int(t) for t in _as_list(tokens, "tokens")]
+        par = [int(q) for q in _as_list(parents, "parents")]
         n = len(tok)
         if len(par) != n:
             raise InputError(f"tokens and parents differ in length ({n} vs {len(par)})")
         if scores is None:
-            sc = torch.zeros(n, dtype=torch.float64)
+            sc = [0.0] * n
         else:
-            sc = torch.as_tensor(scores, dtype=torch.float64).to("cpu").reshape(-1)
+            sc = torch.as_tensor(scores, dtype=torch.float64).reshape(-1).tolist()
         if len(sc) != n:
             raise InputError(f"scores has {len(sc)} entries for {n} nodes")
-        if sc.isnan().any():
+        if any(math.isnan(x) for x in sc):
             raise InputError("tree scores must not be NaN")
-        misplaced = ((par < -1) | (par >= torch.arange(n))).nonzero().flatten()
-        if len(misplaced):
-            i = int(misplaced[0])
-            raise InputError(f"node {i} has parent {int(par[i])}; parents must be -1 or precede their children")
+        for i, q in enumerate(par):
+            if not -1 <= q < i:
+                raise InputError(f"node {i} has parent {q}; parents must be -1 or precede their children")
 
-        mask = ancestor_mask(par)
-        depths = mask.sum(1)  # a node and its ancestors, one per level
-        children = children_lists(par, sc)
-        leaves = (torch.bincount(par + 1, minlength=n + 1)[1:] == 0).nonzero().flatten()
+        # Node i's path from depth 1: its parent's path and itself (parents come first).
+        paths: list[list[int]] = []
+        for i, q in enumerate(par):
+            paths.append((paths[q] if q >= 0 else []) + [i])
+        children: list[list[int]] = [[] for _ in range(n + 1)]
+        for i in rank_by_score(sc, range(n)):  # each sibling group by descending score, ties by index
+            children[par[i] + 1].append(i)
+        leaves = [i for i in range(n) if not children[i + 1]]
+        width = max((len(path) for path in paths), default=0)
+        rows = [i for i, path in enumerate(paths) for _ in path]
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask[rows, [j for path in paths for j in path]] = True
         return DraftTree(
-            tokens=tok.to(device),
-            parents=par.to(device),
-            depths=depths.to(device),
-            scores=sc.to(device, torch.float32),
+            tokens=torch.tensor(tok, dtype=torch.long, device=device),
+            parents=torch.tensor(par, dtype=torch.long, device=device),
+            depths=torch.tensor([len(path) for path in paths], dtype=torch.long, device=device),
+            scores=torch.tensor(sc, dtype=torch.float32, device=device),
             ancestor_mask=mask.to(device),
-            retrieve=root_to_leaf_paths(mask, depths, leaves).to(device),
+            retrieve=torch.tensor([paths[leaf] + [-1] * (width - len(paths[leaf])) for leaf in leaves],
+                                  dtype=torch.long, device=device).reshape(len(leaves), width),
             children=children,
         )
 
@@ -229,11 +208,11 @@ class TreeBuilder:
 
     def __init__(self, config: TreeConfig) -> None:
         self.config = config
-        self._tokens = torch.zeros(0, dtype=torch.long)
-        self._parents = torch.zeros(0, dtype=torch.long)  # candidate index or -1 (root)
-        self._depths = torch.zeros(0, dtype=torch.long)
-        # float64, as the drafter always had (python floats): float32 sums would create rounding ties.
-        self._scores = torch.zeros(0, dtype=torch.float64)
+        self._tokens: list[int] = []
+        self._parents: list[int] = []  # candidate index or -1 (root)
+        self._depths: list[int] = []
+        # Python floats (float64): float32 sums would create rounding ties.
+        self._scores: list[float] = []
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -243,26 +222,25 @@ class TreeBuilder:
         return len(self)
 
     def token_of(self, i: int) -> int:
-        return int(self._tokens[self._check(i)])
+        return self._tokens[self._check(i)]
 
     def score_of(self, i: int) -> float:
-        return float(self._scores[self._check(i)])
+        return self._scores[self._check(i)]
 
     def parent_of(self, i: int) -> int:
         """Parent candidate index, ``-1`` for a child of the root."""
-        return int(self._parents[self._check(i)])
+        return self._parents[self._check(i)]
 
     def depth_of(self, i: int) -> int:
-        return int(self._depths[self._check(i)])
+        return self._depths[self._check(i)]
 
     def ancestors(self, i: int) -> list[int]:
         """Strict ancestors of candidate ``i`` (root and ``i`` excluded), outermost first."""
-        parents = self._parents.tolist()
         out: list[int] = []
-        p = parents[self._check(i)]
+        p = self._parents[self._check(i)]
         while p >= 0:
             out.append(p)
-            p = parents[p]
+            p = self._parents[p]
         out.reverse()
         return out
 
@@ -295,38 +273,37 @@ class TreeBuilder:
                 raise InputError("the root can only be expanded once, before any other expansion")
             if child_tokens.dim() == 1:
                 child_tokens, child_logprobs = child_tokens[None], child_logprobs.reshape(1, -1)
-            parents = torch.full((1,), -1, dtype=torch.long)
-            base = torch.zeros(1, dtype=torch.float64)
-            depth = torch.ones(1, dtype=torch.long)
+            rows, bases, depths = [-1], [0.0], [1]
         else:
-            base = self._scores[parents]
-            depth = self._depths[parents] + 1
+            rows = parents.tolist()
+            bases = [self._scores[p] for p in rows]
+            depths = [self._depths[p] + 1 for p in rows]
         if child_tokens.dim() != 2 or child_tokens.shape != child_logprobs.shape:
             raise InputError(
                 f"child tokens {tuple(child_tokens.shape)} and log-probs {tuple(child_logprobs.shape)} "
                 "must both be (n, k)"
             )
-        if child_tokens.shape[0] != len(parents):
-            raise InputError(f"{child_tokens.shape[0]} rows of children for {len(parents)} parents")
-        if len(depth) and int(depth.max()) > self.config.depth:
-            too_deep = int(parents[depth > self.config.depth][0])
+        if child_tokens.shape[0] != len(rows):
+            raise InputError(f"{child_tokens.shape[0]} rows of children for {len(rows)} parents")
+        if depths and max(depths) > self.config.depth:
+            too_deep = next(p for p, d in zip(rows, depths, strict=True) if d > self.config.depth)
             raise InputError(f"expanding candidate {too_deep} would exceed the tree depth {self.config.depth}")
-        logp = child_logprobs.to("cpu", torch.float64)
-        valid = logp <= _LOGPROB_SLACK  # NaN fails it too
-        if not bool(valid.all()):
-            raise InputError(f"child log-probabilities must be <= 0 (log_softmax output), got {float(logp[~valid][0])}")
+        logps = child_logprobs.to("cpu", torch.float64).tolist()
+        for row in logps:
+            for lp in row:
+                if not lp <= _LOGPROB_SLACK:  # NaN fails it too
+                    raise InputError(f"child log-probabilities must be <= 0 (log_softmax output), got {lp}")
 
-        k = child_tokens.shape[1]
-        new_scores = (base[:, None] + logp.clamp(max=0.0)).flatten()
         start = len(self)
-        self._tokens = torch.cat([self._tokens, child_tokens.to("cpu", torch.long).flatten()])
-        self._parents = torch.cat([self._parents, parents.repeat_interleave(k)])
-        self._depths = torch.cat([self._depths, depth.repeat_interleave(k)])
-        self._scores = torch.cat([self._scores, new_scores])
-        frontier = start + rank_by_score(new_scores)[: self.config.topk]
-        kept_now = rank_by_score(self._scores)[: self.config.total_nodes]
+        for parent, base, depth, tokens, row in zip(rows, bases, depths, child_tokens.tolist(), logps, strict=True):
+            self._tokens.extend(tokens)
+            self._parents.extend([parent] * len(tokens))
+            self._depths.extend([depth] * len(tokens))
+            self._scores.extend(base + min(lp, 0.0) for lp in row)
+        frontier = rank_by_score(self._scores, range(start, len(self)))[: self.config.topk]
+        kept_now = rank_by_score(self._scores, range(len(self)))[: self.config.total_nodes]
         # The new candidates among the best so far are a prefix of the frontier (both rankings agree on them).
-        return frontier[: int((kept_now >= start).sum())]
+        return torch.tensor(frontier[: sum(i >= start for i in kept_now)], dtype=torch.long)
 
     def build(self, device: torch.device | str | None = None) -> DraftTree:
         """Keep the ``total_nodes`` best candidates and return them as a ``DraftTree``.
@@ -335,12 +312,15 @@ class TreeBuilder:
         score is >= theirs (log-probs are <= 0), so it always ranks ahead of them: every kept node's parent is
         kept and the kept set is a tree. Creation order is then a valid parents-first order.
         """
-        kept = rank_by_score(self._scores)[: self.config.total_nodes].sort().values
-        new_index = torch.full((len(self),), -1, dtype=torch.long)
-        new_index[kept] = torch.arange(len(kept))
-        old_parents = self._parents[kept]
-        parents = torch.where(old_parents >= 0, new_index[old_parents.clamp(min=0)], -1)
-        if ((old_parents >= 0) & (parents < 0)).any():
+        kept = sorted(rank_by_score(self._scores, range(len(self)))[: self.config.total_nodes])
+        new_index = {old: new for new, old in enumerate(kept)}
+        old_parents = [self._parents[i] for i in kept]
+        if any(p >= 0 and p not in new_index for p in old_parents):
             # Unreachable given the score invariant enforced in expand(); guards future edits.
             raise AssertionError("rerank dropped the parent of a kept candidate")
-        return DraftTree.from_parents(self._tokens[kept], parents, self._scores[kept], device=device)
+        return DraftTree.from_parents(
+            [self._tokens[i] for i in kept],
+            [new_index[p] if p >= 0 else -1 for p in old_parents],
+            [self._scores[i] for i in kept],
+            device=device,
+        )
