@@ -1,8 +1,8 @@
 """The fused draft layer (`confu.engine.draft_kernel`) computes what the packed `DraftLayer` computes.
 
 It reads the same int8 weights, so the only differences are float roundings of norms, rotary terms and the MLP's
-activation (a few ulps); calls it cannot take go to the layer itself, unchanged. `top_log_probs` is log_softmax +
-topk with ties broken towards the lower index.
+activation (a few ulps); calls it cannot take go to the layer itself, unchanged. `top_children` is the head's
+final norm, lm_head, log_softmax and topk, ties broken towards the lower index.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from confu.engine.draft import DraftConfig, build_head, init_weights_like_eagle
-from confu.engine.draft_kernel import FusedDraftLayer, fuse_draft_layer, top_log_probs
+from confu.engine.draft_kernel import FusedDraftLayer, fuse_draft_layer, top_children
 from confu.engine.methods import DraftHeadProposer
 from confu.engine.quant import kernel_status, pack_model
 from tests.helpers import require_kernels
@@ -105,23 +105,33 @@ def test_the_fused_layer_reads_every_weight():
         assert not torch.allclose(outputs(FusedDraftLayer(broken)), reference), name
 
 
-def test_top_log_probs_is_log_softmax_then_topk():
+@torch.no_grad()
+def test_top_children_is_norm_lm_head_log_softmax_topk():
     require_fused()
-    gen = torch.Generator().manual_seed(3)
-    logits = 5 * torch.randn(6, 1003, generator=gen)  # not a multiple of 16
-    values, indices = top_log_probs(logits, 8)
-    reference = torch.log_softmax(logits, -1).topk(8, -1)
-    assert torch.equal(indices, reference.indices)
-    torch.testing.assert_close(values, reference.values, atol=2e-6, rtol=1e-6)
-    # ties: the lower index first; k above the vocabulary: every entry
-    tied = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
-    values, indices = top_log_probs(tied, 9)
-    assert indices.tolist() == [[1, 2, 4, 0, 3]]
-    torch.testing.assert_close(values, torch.log_softmax(tied, -1)[0, [1, 2, 4, 0, 3]][None])
-    # float64 rows (the drafter's exactness tests) take torch's own ops, as the drafter always did
-    expected = torch.log_softmax(logits.double().float(), -1).topk(3, -1)
-    values, indices = top_log_probs(logits.double(), 3)
-    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    head = _tiny_head()
+    head.set_vocab(torch.randint(0, 200, (96,)), torch.ones(300, dtype=torch.bool))
+    torch.nn.init.uniform_(head.norm.weight, 0.5, 1.5)
+    assert pack_model(head, lossy=True)
+    out = 3 * torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    ids, logps = top_children(head, out, 8)
+    reference = torch.log_softmax(head.logits(out), -1).topk(8, -1)
+    assert torch.equal(ids, head.to_target_ids(reference.indices))
+    torch.testing.assert_close(logps, reference.values, atol=1e-5, rtol=1e-5)
+    assert top_children(head, out, 500)[0].shape == (6, 96), "k above the draft vocabulary: every entry"
+    # a head without int8 weights (the drafter's float64 exactness tests) takes torch's own ops, as it always did
+    plain = _tiny_head().double()
+    expected = torch.log_softmax(plain.logits(out.double()).float(), -1).topk(3, -1)
+    plain_ids, plain_logps = top_children(plain, out.double(), 3)
+    assert torch.equal(plain_ids, plain.to_target_ids(expected.indices)) and torch.equal(plain_logps, expected.values)
+
+
+def test_top_log_probs_kernel_breaks_ties_towards_the_lower_index():
+    require_fused()
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0] + [-5.0] * 14])  # not a multiple of 16 wide
+    values, ids = torch.empty(1, 5), torch.empty(1, 5, dtype=torch.int64)
+    kernel_status().library.top_log_probs(logits.data_ptr(), 1, logits.shape[1], 5, values.data_ptr(), ids.data_ptr())
+    assert ids.tolist() == [[1, 2, 4, 0, 3]]
+    torch.testing.assert_close(values, torch.log_softmax(logits, -1)[:, [1, 2, 4, 0, 3]])
 
 
 def test_proposer_drafts_through_the_fused_layer_where_built():

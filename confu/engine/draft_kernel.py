@@ -1,4 +1,4 @@
-"""The draft head's inference forward in kernel calls (`kernels.c`: `draft_qkv`, `draft_attend`, `top_log_probs`).
+"""The draft head's inference forward in kernel calls (`kernels.c`: `draft_qkv`, `draft_attend`, `draft_top_children`).
 
 A draft level at a few rows is a handful of small matmuls and about seventy tensor ops between them (norms,
 rotary angles, head reshapes, residuals, the MLP's activation, log_softmax and topk), and on a CPU each op costs
@@ -6,7 +6,8 @@ microseconds of dispatch, more than its arithmetic: growing a 16-node tree cost 
 most of it outside the matmuls. `FusedDraftLayer` runs `DraftLayer.qkv` and `DraftLayer.attend` as one kernel
 call each, on the same int8 weights the packed layer holds (`quant.quantize_i8`; q / k / v and gate / up stacked
 into one matrix each, which quantizes every output row exactly as before, so the matmuls give the same bits), the
-row-invariant attention kernel and the same rotary convention. `top_log_probs` is log_softmax + topk in one pass.
+row-invariant attention kernel and the same rotary convention. `top_children` is a level's final norm, lm_head,
+log_softmax, topk and id map in one call.
 
 Like the int8 weights, this changes a draft's numerics by float roundings (norms and activations summed in another
 order), which only changes what it proposes, never what the target emits. Calls the kernels cannot take (batch
@@ -128,17 +129,23 @@ def fuse_draft_layer(head: Eagle3Head) -> bool:
     return True
 
 
-def top_log_probs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k best log-probabilities of each row of logits (n, V), best first, and their indices: log_softmax then
-    topk, in one kernel pass on float32 CPU rows (ties: the lower index first)."""
-    n, vocab = logits.shape
-    k = min(k, vocab)
+def top_children(head: Eagle3Head, out_hidden: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k likeliest children of each row of out_hidden (n, H) under the head, best first: target-vocabulary
+    ids and log-probs, (n, k) each. Final norm, lm_head, log_softmax, topk and the draft-to-target id map in one
+    kernel call where the head's lm_head is int8-packed (ties: the lower draft id first); torch's ops otherwise."""
+    lm_head, cfg = head.lm_head, head.cfg
+    k = min(k, cfg.draft_vocab_size)
     status = kernel_status()
-    if not (status.draft_layer and _float_cpu(logits)):
-        top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
-        return top.values, top.indices
-    logits = logits.contiguous()
-    values = torch.empty(n, k)
-    indices = torch.empty(n, k, dtype=torch.int64)
-    status.library.top_log_probs(logits.data_ptr(), n, vocab, k, values.data_ptr(), indices.data_ptr())
-    return values, indices
+    if not (status.draft_layer and isinstance(lm_head, PackedLinear) and lm_head.packed.kind == "i8"
+            and _float_cpu(out_hidden, head.norm.weight) and cfg.hidden_size % 16 == 0):
+        top = torch.log_softmax(head.logits(out_hidden).float(), dim=-1).topk(k, dim=-1)
+        return head.to_target_ids(top.indices), top.values
+    n = out_hidden.shape[0]
+    x = out_hidden.contiguous()
+    logps = torch.empty(n, k)
+    ids = torch.empty(n, k, dtype=torch.int64)
+    packed = lm_head.packed
+    status.library.draft_top_children(x.data_ptr(), n, cfg.hidden_size, head.norm.weight.data_ptr(), head.norm.eps,
+                                      packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr(),
+                                      packed.out_features, head.d2t.data_ptr(), k, logps.data_ptr(), ids.data_ptr())
+    return ids, logps

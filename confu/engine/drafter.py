@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from confu.engine.draft import Eagle3Head
-from confu.engine.draft_kernel import top_log_probs
+from confu.engine.draft_kernel import top_children
 from confu.engine.tree import DraftTree, TreeBuilder, TreeConfig
 from confu.errors import InputError
 
@@ -87,8 +87,7 @@ class Drafter:
 
     def _top_children(self, out_hidden: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k children (target ids, log-probs) of each row of out_hidden (n, H), each (n, k)."""
-        logps, ids = top_log_probs(self.head.logits(out_hidden), self.tree_cfg.topk)
-        return self.head.to_target_ids(ids), logps
+        return top_children(self.head, out_hidden, self.tree_cfg.topk)
 
     @torch.no_grad()
     def draft_tree(self, root_out: Tensor, max_nodes: int | None = None, depth: int | None = None) -> DraftTree:

@@ -128,7 +128,9 @@ def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
         lib.draft_qkv.argtypes = [p, p, p, p, i, p, p, p]
         lib.draft_attend.argtypes = [p, p, p, p, p, ctypes.c_long, ctypes.c_long, p, i, i, p, ctypes.c_long, p]
         lib.top_log_probs.argtypes = [p, i, i, i, p, p]
+        lib.draft_top_children.argtypes = [p, i, i, p, ctypes.c_float, p, p, p, i, p, i, p, p]
         lib.draft_qkv.restype = lib.draft_attend.restype = lib.top_log_probs.restype = None
+        lib.draft_top_children.restype = None
     return KernelStatus(lib, str(path), lib.kernel_lanes(), int8, attention, draft_layer)
 
 
