@@ -22,7 +22,7 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 def require_fused():
     require_kernels()
     if not kernel_status().draft_layer:
-        pytest.skip("this CPU has no AVX512-VNNI: the draft layer runs its torch ops on the packed weights")
+        pytest.skip("no AVX512-VNNI kernels in this build (the CPU, or CONFU_KERNELS_AVX2): the draft layer runs torch ops")
 
 
 def _tiny_head(method: str = "eagle3"):
