@@ -298,7 +298,8 @@ def draft_numerics(device: torch.device | str = "cpu") -> str:
     status = kernel_status()
     if status.library is None:
         return f"float32 ({status.reason})"
-    return _draft_rounding(status)[1]
+    fused = "; its decoder layer, final norm and top-k in fused kernels" if status.draft_layer else ""
+    return _draft_rounding(status)[1] + fused
 
 
 def _draft_rounding(status: KernelStatus) -> tuple[Callable[[Tensor], PackedWeight], str]:
