@@ -33,6 +33,10 @@ typedef __m512 vec;
 #define vset1(x) _mm512_set1_ps(x)
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vsum(v) _mm512_reduce_add_ps(v)
+/* The first min(count, 16) lanes: a row's last, partial vector of 16. */
+static inline __mmask16 first_lanes(int count) {
+    return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+}
 /* 16 weights of a Q4_1 block: part 0 = the low nibbles of its 16 bytes (weights 0..15), part 1 the high ones. */
 static inline vec q4_1_part(const uint8_t* q, int p, vec d, vec m) {
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)q));
@@ -233,7 +237,7 @@ void i8_matmul(const float* x, int M, int K, const int8_t* w, const float* sw, c
             I8[C - 1][R](xq + (long)row * K, K, w + (long)b0 * 16 * K, 16L * K, acc);
             for (int c = 0; c < C; c++) {
                 const int n = (b0 + c) * 16;
-                const __mmask16 keep = N - n >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+                const __mmask16 keep = first_lanes(N - n);
                 const __m512i offset = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(keep, wsum + n), 7); /* 128 * wsum */
                 const __m512 scale = _mm512_maskz_loadu_ps(keep, sw + n);
                 for (int r = 0; r < R; r++) {
@@ -370,7 +374,7 @@ void a8_matmul(const float* x, int M, int K, const uint8_t* w, const float* dw, 
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < blocks; c++) {
         const int n = 16 * c;
-        const __mmask16 keep = N - n >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+        const __mmask16 keep = first_lanes(N - n);
         const long s = (long)c * 16 * groups;
         int row = 0;
         for (int ch = 0; ch < chunks; ch++) {
@@ -450,7 +454,7 @@ void attend_rows(const float* q, long q_row, long q_head, const float* k, const 
             for (int p = 0; p < parts; p++) acc[p] = _mm512_setzero_ps();
             __m512 total = _mm512_setzero_ps();
             for (int c = 0; c < count; c += 16) {
-                const __mmask16 live = count - c >= 16 ? 0xFFFF : (__mmask16)((1u << (count - c)) - 1);
+                const __mmask16 live = first_lanes(count - c);
                 const __m512 e = _mm512_maskz_mov_ps(
                     live, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, score + c), _mm512_set1_ps(top))));
                 total = _mm512_add_ps(total, e);
@@ -629,18 +633,20 @@ void top_log_probs(const float* x, int n, int V, int k, float* vals, int64_t* id
             at[j] = -1;
         }
         __m512 top = _mm512_set1_ps(-INFINITY);
-        for (int i = 0; i + 16 <= V; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + i));
-        float m = _mm512_reduce_max_ps(top);
-        for (int i = V - V % 16; i < V; i++) m = row[i] > m ? row[i] : m;
+        for (int i = 0; i < V; i += 16) {
+            const __mmask16 live = first_lanes(V - i);
+            top = _mm512_mask_max_ps(top, live, top, _mm512_maskz_loadu_ps(live, row + i));
+        }
+        const float m = _mm512_reduce_max_ps(top);
         __m512 total = _mm512_setzero_ps();
         for (int i = 0; i < V; i += 16) {
-            const __mmask16 live = V - i >= 16 ? 0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+            const __mmask16 live = first_lanes(V - i);
             const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + i), _mm512_set1_ps(m)));
             total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
         }
         const float lse = m + logf(_mm512_reduce_add_ps(total));
         for (int i = 0; i < V; i += 16) {
-            const __mmask16 live = V - i >= 16 ? 0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+            const __mmask16 live = first_lanes(V - i);
             __mmask16 above = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, row + i),
                                                       _mm512_set1_ps(best[k - 1]), _CMP_GT_OQ);
             while (above) {
