@@ -48,14 +48,6 @@ class TreeConfig:
                 raise InputError(f"tree {name} must be an integer >= 1, got {value!r}")
 
 
-def _as_index_tensor(values: Sequence[int] | Tensor, name: str) -> Tensor:
-    """A 1-D long CPU tensor of ``values``."""
-    out = torch.as_tensor(values).to("cpu", torch.long)
-    if out.dim() != 1:
-        raise InputError(f"{name} must be 1-D, got shape {tuple(out.shape)}")
-    return out
-
-
 def _as_list(values: Sequence | Tensor, name: str) -> list:
     """The entries of a 1-D sequence or tensor as Python numbers."""
     values = torch.as_tensor(values)
@@ -179,8 +171,8 @@ class DraftTree:
     @staticmethod
     def chain(tokens: Sequence[int] | Tensor, device: torch.device | str | None = None) -> DraftTree:
         """A single path ``tokens[0] -> tokens[1] -> ...`` below the root (a linear draft)."""
-        tok = _as_index_tensor(tokens, "tokens")
-        return DraftTree.from_parents(tok, torch.arange(-1, len(tok) - 1), device=device)
+        tok = _as_list(tokens, "tokens")
+        return DraftTree.from_parents(tok, list(range(-1, len(tok) - 1)), device=device)
 
 
 def path_to(tree: DraftTree, node: int) -> list[int]:
@@ -251,7 +243,7 @@ class TreeBuilder:
 
     def grow(self, parents: Sequence[int] | None, child_tokens: Tensor, child_logprobs: Tensor) -> list[int]:
         """``expand`` with the parents and the returned frontier as lists of candidate indices."""
-        index = None if parents is None else _as_index_tensor([self._check(int(p)) for p in parents], "parents")
+        index = None if parents is None else torch.tensor([self._check(int(p)) for p in parents], dtype=torch.long)
         return self.expand(index, child_tokens, child_logprobs).tolist()
 
     def expand(self, parents: Tensor | None, child_tokens: Tensor, child_logprobs: Tensor) -> Tensor:
