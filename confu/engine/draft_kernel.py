@@ -4,8 +4,8 @@ A draft level at a few rows is a handful of small matmuls and about seventy tens
 rotary angles, head reshapes, residuals, the MLP's activation, log_softmax and topk), and on a CPU each op costs
 microseconds of dispatch, more than its arithmetic: growing a 16-node tree cost about a quarter of a target step,
 most of it outside the matmuls. `FusedDraftLayer` runs `DraftLayer.qkv` and `DraftLayer.attend` as one kernel
-call each, on the same int8 weights the packed layer holds (`quant.quantize_i8`; q / k / v and gate / up stacked
-into one matrix each, which quantizes every output row exactly as before, so the matmuls give the same bits), the
+call each, on the same int8 weights the packed layer holds (q / k / v and gate / up stacked into one matrix each
+by `quant.stack_outputs`, every output row with its own scale as before, so the matmuls give the same bits), the
 row-invariant attention kernel and the same rotary convention. `top_children` is a level's final norm, lm_head,
 log_softmax, topk and id map in one call.
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from confu.engine.draft import DraftLayer, Eagle3Head, rope_inv_freq
-from confu.engine.quant import PackedLinear, PackedWeight, kernel_status, quantize_i8
+from confu.engine.quant import PackedLinear, PackedWeight, kernel_status, stack_outputs
 
 
 class _I8Weight(ctypes.Structure):
@@ -71,9 +71,8 @@ class FusedDraftLayer(nn.Module):
         self.layer = layer
         self.cfg = cfg
         self.lib = kernel_status().library
-        with torch.no_grad():
-            self._qkv = quantize_i8(torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]))
-            self._gate_up = quantize_i8(torch.cat([layer.gate_proj.weight, layer.up_proj.weight]))
+        self._qkv = stack_outputs(stack_outputs(layer.q_proj.packed, layer.k_proj.packed), layer.v_proj.packed)
+        self._gate_up = stack_outputs(layer.gate_proj.packed, layer.up_proj.packed)
         # held here: the kernel reads them through the raw pointers below
         self._norms = [n.weight.detach().float().contiguous() for n in (layer.embed_norm, layer.hidden_norm,
                                                                          layer.post_norm)]

@@ -474,8 +474,47 @@ void attend_rows(const float* q, long q_row, long q_head, const float* k, const 
     }
 }
 int attend_rows_built(void) { return 1; }
+
+/* ---- A decoder layer's RMSNorm and SiLU-gated MLP activation, row by row (AVX-512 builds) ----
+ * Between its matmuls a transformer layer runs some twenty small tensor ops (a Llama RMSNorm alone is eight:
+ * cast, pow, mean, add, rsqrt, mul, cast, mul), and on a CPU each costs microseconds of dispatch, more than its
+ * arithmetic at the few rows of a decoding step. `confu/engine/fused.py` swaps the target's norms and gated MLPs
+ * for modules that call these; the draft layer's kernels below use them too. Each row is computed on its own,
+ * so a row's bits do not depend on the other rows of the call (row invariance, as in the matmuls). */
+/* out = x / sqrt(mean(x^2) + eps) * weight, one row of H (a multiple of 16). */
+static void rms_norm_row(const float* x, const float* weight, int H, float eps, float* out) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int k = 0; k < H; k += 16) {
+        const __m512 v = _mm512_loadu_ps(x + k);
+        ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)H + eps));
+    for (int k = 0; k < H; k += 16)
+        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv), _mm512_loadu_ps(weight + k)));
+}
+
+void rms_norm_rows(const float* x, int n, int H, const float* weight, float eps, float* out) {
+    for (int r = 0; r < n; r++) rms_norm_row(x + (long)r * H, weight, H, eps, out + (long)r * H);
+}
+
+/* silu(g) * u for the n x I halves of gate_up (n x 2I), into out (n x I); I a multiple of 16. */
+void silu_mul(const float* gate_up, int n, int I, float* out) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < I; j += 16) {
+            const __m512 g = _mm512_loadu_ps(gate_up + (long)r * 2 * I + j);
+            const __m512 u = _mm512_loadu_ps(gate_up + (long)r * 2 * I + I + j);
+            /* sigmoid from exp(-|g|) <= 1 (no overflow): 1 / (1 + e) for g >= 0, e / (1 + e) below */
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+            const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+            const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
+            _mm512_storeu_ps(out + (long)r * I + j, _mm512_mul_ps(_mm512_mul_ps(g, sig), u));
+        }
+}
+int norm_mlp_built(void) { return 1; }
 #else
 int attend_rows_built(void) { return 0; }
+int norm_mlp_built(void) { return 0; }
 #endif
 
 /* ---- The draft head's decoder layer in two calls (AVX512-VNNI builds; `confu/engine/draft_kernel.py`) ----
@@ -500,18 +539,6 @@ typedef struct {
 
 static void i8_apply(const i8_weight* w, const float* x, int M, int K, int N, float* out) {
     i8_matmul(x, M, K, w->w, w->scale, w->sum, N, out);
-}
-
-/* out = x / sqrt(mean(x^2) + eps) * weight, one row of H (a multiple of 16). */
-static void rms_norm_row(const float* x, const float* weight, int H, float eps, float* out) {
-    __m512 ss = _mm512_setzero_ps();
-    for (int k = 0; k < H; k += 16) {
-        const __m512 v = _mm512_loadu_ps(x + k);
-        ss = _mm512_fmadd_ps(v, v, ss);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)H + eps));
-    for (int k = 0; k < H; k += 16)
-        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv), _mm512_loadu_ps(weight + k)));
 }
 
 /* Rotary embedding on the halves of one head vector: (x1 cos - x2 sin, x2 cos + x1 sin). */
@@ -554,21 +581,6 @@ void draft_qkv(const draft_layer* L, const float* emb, const float* hidden, cons
     free(y);
     free(cs);
     free(sn);
-}
-
-/* silu(g) * u for the n x I halves of gate_up (n x 2I), into out (n x I); I a multiple of 16. */
-static void silu_mul(const float* gate_up, int n, int I, float* out) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (int r = 0; r < n; r++)
-        for (int j = 0; j < I; j += 16) {
-            const __m512 g = _mm512_loadu_ps(gate_up + (long)r * 2 * I + j);
-            const __m512 u = _mm512_loadu_ps(gate_up + (long)r * 2 * I + I + j);
-            /* sigmoid from exp(-|g|) <= 1 (no overflow): 1 / (1 + e) for g >= 0, e / (1 + e) below */
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
-            const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
-            const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
-            _mm512_storeu_ps(out + (long)r * I + j, _mm512_mul_ps(_mm512_mul_ps(g, sig), u));
-        }
 }
 
 /* hidden: n x H; q: (heads, n, D) contiguous; keys / values as `attend_rows` reads them, T positions; mask: n x T;

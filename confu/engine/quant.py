@@ -49,6 +49,7 @@ class KernelStatus:
     int8: bool = False  # the int8 x int8 kernels are built (AVX512-VNNI): the draft head's, and `numerics="q8"`
     attention: bool = False  # the row-invariant attention kernel is built (AVX-512; `confu.engine.attention`)
     draft_layer: bool = False  # the fused draft layer and top-k are built (AVX512-VNNI; `confu.engine.draft_kernel`)
+    norm_mlp: bool = False  # the row-wise RMSNorm and SiLU-gate kernels are built (AVX-512; `confu.engine.fused`)
 
 
 def _cpu_flags() -> set[str]:
@@ -114,8 +115,9 @@ def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
     lib.q8_0_matmul.argtypes = [p, i, i, p, p, i, p]
     lib.q4_1_matmul.restype = lib.q8_0_matmul.restype = None
     lib.kernel_lanes.restype = lib.i8_vnni.restype = lib.attend_rows_built.restype = i
-    lib.draft_layer_built.restype = i
+    lib.draft_layer_built.restype = lib.norm_mlp_built.restype = i
     int8, attention, draft_layer = bool(lib.i8_vnni()), bool(lib.attend_rows_built()), bool(lib.draft_layer_built())
+    norm_mlp = bool(lib.norm_mlp_built())
     if int8:
         lib.i8_matmul.argtypes = [p, i, i, p, p, p, i, p]
         lib.a8_matmul.argtypes = [p, i, i, p, p, p, p, i, p]
@@ -131,7 +133,11 @@ def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
         lib.draft_top_children.argtypes = [p, i, i, p, ctypes.c_float, p, p, p, i, p, i, p, p]
         lib.draft_qkv.restype = lib.draft_attend.restype = lib.top_log_probs.restype = None
         lib.draft_top_children.restype = None
-    return KernelStatus(lib, str(path), lib.kernel_lanes(), int8, attention, draft_layer)
+    if norm_mlp:
+        lib.rms_norm_rows.argtypes = [p, i, i, p, ctypes.c_float, p]
+        lib.silu_mul.argtypes = [p, i, i, p]
+        lib.rms_norm_rows.restype = lib.silu_mul.restype = None
+    return KernelStatus(lib, str(path), lib.kernel_lanes(), int8, attention, draft_layer, norm_mlp)
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,22 @@ def for_q8_activations(packed: PackedWeight) -> PackedWeight:
         sums = q.sum((-2, -1), dtype=torch.int32).transpose(1, 2).contiguous()
         return PackedWeight("a8_q8_0", q.permute(0, 2, 3, 1, 4).contiguous(), scales, sums, n)
     raise ValueError(f"no Q8-activation layout for {packed.kind}")
+
+
+def stack_outputs(first: PackedWeight, second: PackedWeight) -> PackedWeight | None:
+    """One weight whose outputs are `first`'s then `second`'s (two layers that read the same input, as one
+    matmul), or None where the layouts cannot be joined: different kinds, or a layout in tiles of 16 outputs
+    (Q8 activations, int8) whose first part ends inside a tile. Every output keeps its blocks and scales, so it
+    gets the same bits as before."""
+    tiled = first.kind.startswith("a8_") or first.kind == "i8"
+    if first.kind != second.kind or (tiled and first.out_features % 16):
+        return None
+
+    def join(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+        return None if a is None else torch.cat([a, b]).contiguous()
+
+    return PackedWeight(first.kind, join(first.q, second.q), join(first.d, second.d), join(first.m, second.m),
+                        first.out_features + second.out_features)
 
 
 def pack_exact(w: Tensor) -> PackedWeight | None:

@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from confu.chat import end_of_turn_ids
 from confu.engine import TARGET_NUMERICS
 from confu.engine.attention import SPLIT_ATTENTION, row_invariant_attention_built
+from confu.engine.fused import FusedRMSNorm, fuse_norms_and_mlps
 from confu.engine.quant import kernel_status, pack_model
 from confu.errors import InputError, UnsupportedModelError
 
@@ -292,9 +293,10 @@ class Target:
     """A frozen HF causal LM seen the way a speculative decoder needs it.
 
     numerics: "auto" runs GGUF-exact linear layers through the CPU kernels when the machine has them (the
-    model's float32 values, summed in another order); "reference" keeps transformers' own modules; "q8" runs
-    the GGUF-exact layers with activations rounded to 8-bit blocks (llama.cpp's numerics, AVX512-VNNI only).
-    `self.numerics` says what is in effect.
+    model's float32 values, summed in another order), and RMSNorms and gated MLPs through row kernels
+    (`confu.engine.fused`); "reference" keeps transformers' own modules; "q8" runs the GGUF-exact layers with
+    activations rounded to 8-bit blocks (llama.cpp's numerics, AVX512-VNNI only). `self.numerics` says what is
+    in effect.
     """
 
     def __init__(
@@ -342,6 +344,8 @@ class Target:
         if numerics == "q8" and not self._swaps:
             raise InputError("numerics 'q8' needs GGUF block weights (a .gguf target or the embedded one); "
                              f"no linear layer of {name or type(model).__name__} is one")
+        # after the linear layers: a gated MLP is fused where its gate and up projections are packed alike
+        self._fused = fuse_norms_and_mlps(self.model) if packs else []
         self.numerics_mode = numerics
         self.numerics = self._describe_numerics(numerics)
 
@@ -360,18 +364,23 @@ class Target:
             if numerics == "q8":
                 return (f"{kinds} x Q8 activation kernels on {len(self._swaps)} of {total} linear layers (exact GGUF "
                         "weights, activations rounded per block of 32, integer block sums: llama.cpp's "
-                        f"numerics){self._attention_note()}")
+                        f"numerics){self._row_kernels_note()}")
             lanes = kernel_status().lanes
             return (f"{kinds} kernels on {len(self._swaps)} of {total} linear layers (exact GGUF weights, fp32 sums "
-                    f"over {lanes} lanes){self._attention_note()}")
+                    f"over {lanes} lanes){self._row_kernels_note()}")
         if numerics == "reference" or self.device.type != "cpu":
             return f"transformers {dtype}"
         status = kernel_status()
         why = "no weight is a GGUF block format" if status.library is not None else status.reason
-        return f"transformers {dtype} ({why}){self._attention_note()}"
+        return f"transformers {dtype} ({why}){self._row_kernels_note()}"
 
-    def _attention_note(self) -> str:
-        return "; row-invariant attention (attend_rows)" if self._row_invariant else ""
+    def _row_kernels_note(self) -> str:
+        notes = ["row-invariant attention (attend_rows)"] if self._row_invariant else []
+        norms = sum(isinstance(new, FusedRMSNorm) for *_, new in self._fused)
+        mlps = len(self._fused) - norms
+        if self._fused:
+            notes.append(f"{norms} RMSNorms and {mlps} gated MLPs in row kernels")
+        return "".join(f"; {note}" for note in notes)
 
     @contextmanager
     def bulk_numerics(self) -> Iterator[None]:
@@ -392,16 +401,17 @@ class Target:
 
     @contextmanager
     def reference_numerics(self) -> Iterator[None]:
-        """Run transformers' own linear modules and SDPA inside the block: the HF `generate` baseline, training's
-        target passes, and the bulk prefill of long prompts (`Decoder.prefill`), where MKL's GEMM beats the kernels."""
-        for parent, name, original, _ in self._swaps:
+        """Run transformers' own modules (linear layers, norms, MLPs) and SDPA inside the block: the HF `generate`
+        baseline, training's target passes, and the bulk prefill of long prompts (`Decoder.prefill`), where MKL's
+        GEMM beats the kernels."""
+        for parent, name, original, _ in self._swaps + self._fused:
             setattr(parent, name, original)
         try:
             with self._sdpa_attention():
                 yield
         finally:
-            for parent, name, _, packed in self._swaps:
-                setattr(parent, name, packed)
+            for parent, name, _, new in self._swaps + self._fused:
+                setattr(parent, name, new)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,137 @@
+"""A target's RMSNorms and SiLU-gated MLPs as row kernels (`kernels.c`: `rms_norm_rows`, `silu_mul`).
+
+With its matmuls in the kernels (`quant.PackedLinear`), a one-token step of the embedded 135M target still ran
+some 1,900 small tensor ops, each a few microseconds of dispatch on a CPU, more than its arithmetic at a few rows.
+The norms were a quarter of them (a Llama RMSNorm is eight ops) and the MLP's activation a few more.
+`fuse_norms_and_mlps` swaps, module by module and undoably like `quant.pack_model`:
+
+- an RMSNorm for a `FusedRMSNorm` (one call: x / sqrt(mean(x^2) + eps) * weight per row);
+- a gated MLP whose gate and up projections are packed alike for a `FusedGatedMLP`: gate and up as one matmul
+  (`quant.stack_outputs`: the same bits per output), then silu(gate) * up in one call, then the down projection.
+
+Neither is assumed from a class name: a candidate is swapped only when the replacement reproduces the module's
+own output on a probe (so a Gemma norm, which scales by 1 + weight, or an MLP with another activation stays as
+it is). Both compute each row on its own, so a row's bits never depend on the rows beside it, which is what keeps
+speculative decoding token-identical to plain decoding; their roundings differ from torch's by an ulp or two
+(the SiLU's exp is a polynomial), the same for every method. Calls the kernels cannot take (autograd, other
+devices or dtypes) go to the replaced module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from confu.engine.quant import PackedLinear, PackedWeight, kernel_status, packed_matmul, stack_outputs
+
+PROBE_ROWS = 3
+TOLERANCE = 1e-4  # relative to the probe output's largest magnitude: roundings, not a different function
+
+
+def _kernels_take(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled())
+
+
+class FusedRMSNorm(nn.Module):
+    """An RMSNorm (weight * x / sqrt(mean(x^2) + eps), per row) as one kernel call."""
+
+    def __init__(self, norm: nn.Module, eps: float):
+        super().__init__()
+        self.weight = norm.weight  # shared: the checkpoint layout and the fallback see the same parameter
+        self.eps = eps
+        self.fallback: Callable[[Tensor], Tensor] = norm.forward  # a bound method, not a registered submodule
+        self.lib = kernel_status().library
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _kernels_take(x):
+            return self.fallback(x)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        width = x.shape[-1]
+        self.lib.rms_norm_rows(x.data_ptr(), x.numel() // width, width, self.weight.data_ptr(), self.eps,
+                               out.data_ptr())
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class FusedGatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up as one packed matmul and the activation as one kernel call."""
+
+    def __init__(self, mlp: nn.Module, gate_up: PackedWeight):
+        super().__init__()
+        # the projections stay children under their names: the module tree and its parameter names are the model's
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.gate_up = gate_up
+        self.intermediate = mlp.gate_proj.out_features
+        self.fallback: Callable[[Tensor], Tensor] = mlp.forward
+        self.lib = kernel_status().library
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _kernels_take(x):
+            return self.fallback(x)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        gate_up = packed_matmul(flat, self.gate_up, self.lib)
+        act = torch.empty(flat.shape[0], self.intermediate)
+        self.lib.silu_mul(gate_up.data_ptr(), flat.shape[0], self.intermediate, act.data_ptr())
+        return self.down_proj(act).view(*x.shape[:-1], -1)
+
+    def extra_repr(self) -> str:
+        return f"intermediate={self.intermediate}, {self.gate_up.kind}"
+
+
+def _norm_candidate(module: nn.Module) -> FusedRMSNorm | None:
+    if isinstance(module, FusedRMSNorm):  # a model wrapped twice: its norms are fused already
+        return None
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (not isinstance(weight, nn.Parameter) or weight.dim() != 1 or weight.dtype != torch.float32
+            or weight.device.type != "cpu" or weight.shape[0] % 16 or not isinstance(eps, float)
+            or getattr(module, "bias", None) is not None or any(True for _ in module.children())):
+        return None
+    return FusedRMSNorm(module, eps)
+
+
+def _mlp_candidate(module: nn.Module) -> FusedGatedMLP | None:
+    gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    if not all(isinstance(m, PackedLinear) and m.bias is None for m in (gate, up, down)):
+        return None
+    if gate.out_features % 16 or gate.in_features != up.in_features:
+        return None
+    gate_up = stack_outputs(gate.packed, up.packed)
+    return None if gate_up is None else FusedGatedMLP(module, gate_up)
+
+
+def _same_function(original: nn.Module, fused: nn.Module, width: int) -> bool:
+    """The fused module gives the original's output on a probe, within roundings."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_ROWS, width, generator=gen) * 3
+    with torch.no_grad():
+        want, got = original(x), fused(x)
+    if want.shape != got.shape or not torch.isfinite(want).all():
+        return False
+    return float((want - got).abs().max()) <= TOLERANCE * max(1.0, float(want.abs().max()))
+
+
+def fuse_norms_and_mlps(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+    """Swap every RMSNorm and gated MLP of `model` that the row kernels reproduce (after `quant.pack_model`, whose
+    packed gate / up projections the MLPs need); returns the swaps (parent, attribute, original, fused), to be
+    undone like `pack_model`'s. Nothing is swapped where the kernels are not built (AVX-512 only)."""
+    if not kernel_status().norm_mlp:
+        return []
+    swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            fused = _norm_candidate(child)
+            width = None if fused is None else fused.weight.shape[0]
+            if fused is None:
+                fused = _mlp_candidate(child)
+                width = None if fused is None else child.gate_proj.in_features
+            if fused is not None and _same_function(child, fused, width):
+                swaps.append((parent, name, child, fused))
+    for parent, name, _, fused in swaps:
+        setattr(parent, name, fused)
+    return swaps
