@@ -57,8 +57,9 @@ def _as_list(values: Sequence | Tensor, name: str) -> list:
 
 
 def rank_by_score(scores: list[float], indices: Sequence[int]) -> list[int]:
-    """``indices`` best score first; equal scores keep the order of ``indices`` (creation order)."""
-    return sorted(indices, key=lambda i: -scores[i])
+    """``indices`` best score first; equal scores keep the order of ``indices`` (creation order: the sort is
+    stable under ``reverse=True``)."""
+    return sorted(indices, key=scores.__getitem__, reverse=True)
 
 
 @dataclass(frozen=True, eq=False)
