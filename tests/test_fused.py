@@ -39,13 +39,18 @@ def test_fused_norms_and_mlps_are_the_modules_function_row_by_row(tiny_llama_dir
             norm.weight.uniform_(0.5, 1.5, generator=gen)
         x = torch.randn(17, target.hidden_size, generator=gen) * 2
         for module in norms + mlps:
-            out = module(x)
             want = module.fallback(x)  # the replaced module's own forward
+            original, module.fallback = module.fallback, None  # from here on only the kernel path can answer
+            out = module(x)
             torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-            assert not torch.equal(out, module(x * 1.01)), "the input must reach the output"
+            other = x.clone()
+            other[3] += 1.0
+            assert torch.equal(module(other)[4], out[4]) and not torch.equal(module(other)[3], out[3])
             for row in (0, 5, 16):  # a row's bits do not depend on the rows beside it
                 assert torch.equal(out[row], module(x[row : row + 1])[0])
             assert torch.equal(module(x[None, :4]), out[None, :4]), "a batch dimension is read as rows"
+            assert module(x[:0]).shape == (0, out.shape[1]), "no rows: an empty output, as the original gives"
+            module.fallback = original
 
 
 def test_a_module_the_kernels_do_not_reproduce_is_left_alone():
@@ -70,10 +75,15 @@ def test_a_module_the_kernels_do_not_reproduce_is_left_alone():
         def forward(self, x):
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
+    class GatedNorm(nn.RMSNorm):  # an RMSNorm when called alone, but the model passes a gate (Mamba2-style)
+        def forward(self, x, gate=None):
+            out = super().forward(x)
+            return out if gate is None else out * torch.sigmoid(gate)
+
     torch.manual_seed(0)
     model = nn.ModuleDict({"gemma_norm": GemmaStyleNorm(64), "llama_norm": nn.RMSNorm(64, eps=1e-6),
-                           "narrow_norm": nn.RMSNorm(40, eps=1e-6), "gelu_mlp": Mlp(nn.GELU()), "silu_mlp": Mlp(nn.SiLU()),
-                           "float_mlp": Mlp(nn.SiLU())})
+                           "narrow_norm": nn.RMSNorm(40, eps=1e-6), "gated_norm": GatedNorm(64, eps=1e-6),
+                           "gelu_mlp": Mlp(nn.GELU()), "silu_mlp": Mlp(nn.SiLU()), "float_mlp": Mlp(nn.SiLU())})
     with torch.no_grad():
         for mlp in ("gelu_mlp", "silu_mlp"):
             for linear in model[mlp].children():
@@ -84,7 +94,8 @@ def test_a_module_the_kernels_do_not_reproduce_is_left_alone():
     assert isinstance(model["silu_mlp"].gate_proj, PackedLinear)
     swaps = fuse_norms_and_mlps(model)
     assert sorted(name for _, name, *_ in swaps) == ["llama_norm", "silu_mlp"], \
-        "only what the kernels reproduce: not 1 + weight, not 40 wide, not GELU, not an unpacked MLP"
+        "only what the kernels reproduce: not 1 + weight, not 40 wide, not gated, not GELU, not an unpacked MLP"
+    assert fuse_norms_and_mlps(model) == [], "a fused module is not fused again"
     assert isinstance(model["llama_norm"], FusedRMSNorm) and isinstance(model["silu_mlp"], FusedGatedMLP)
     assert isinstance(model["gemma_norm"], GemmaStyleNorm) and type(model["gelu_mlp"]) is Mlp
 

@@ -20,6 +20,8 @@ from confu.engine.quant import (
     pack_q8_0,
     packed_matmul,
     quantize_i8,
+    split_outputs,
+    stack_outputs,
 )
 from confu.engine.target import Target
 from confu.engine.tree import TreeConfig
@@ -267,3 +269,37 @@ def test_long_prompts_prefill_in_one_dense_pass_and_stay_lossless(tiny_llama_dir
         assert decoder.generate(prompt, bulk).tokens == want, method
     with pytest.raises(InputError, match="bulk_prefill"):
         GenerationConfig(bulk_prefill=-1)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "a8_q4_1", "a8_q8_0", "i8"])
+def test_stacked_outputs_give_each_layer_its_own_bits_and_split_back_into_views(kind):
+    """Two layers on the same input as one matmul (the gated MLP's gate and up): every output keeps its blocks
+    and scales, so the stacked call returns the separate calls' bits; the split parts are views of it."""
+    lib = require_kernels()
+    if kind in ("a8_q4_1", "a8_q8_0", "i8"):
+        require_int8("the layout is the AVX512-VNNI kernels'")
+    gen = torch.Generator().manual_seed(4)
+    snap = gguf_q8_0 if kind.endswith("q8_0") else gguf_q4_1
+    first, second = (snap(torch.randn(n, 96, generator=gen) * 0.05) for n in (32, 40))
+
+    def packed(w):
+        if kind == "i8":
+            return quantize_i8(w)
+        exact = pack_exact(w)
+        return for_q8_activations(exact) if kind.startswith("a8_") else exact
+
+    a, b = packed(first), packed(second)
+    assert a.kind == kind
+    stacked = stack_outputs(a, b)
+    x = torch.randn(5, 96, generator=gen)
+    separate = torch.cat([packed_matmul(x, a, lib), packed_matmul(x, b, lib)], dim=1)
+    assert torch.equal(packed_matmul(x, stacked, lib), separate)
+    head, tail = split_outputs(stacked, 32)
+    assert torch.equal(packed_matmul(x, head, lib), packed_matmul(x, a, lib))
+    assert torch.equal(packed_matmul(x, tail, lib), packed_matmul(x, b, lib))
+    assert head.q.untyped_storage().data_ptr() == stacked.q.untyped_storage().data_ptr(), "views, not copies"
+    tiled = kind != "q4_1" and kind != "q8_0"
+    # a tiled layout cannot join after a part that ends inside a tile of 16 outputs
+    assert (stack_outputs(b, a) is None) == tiled
+    other_kind = pack_q4_1(gguf_q4_1(first)) if kind == "q8_0" else pack_q8_0(gguf_q8_0(first))
+    assert stack_outputs(a, other_kind) is None, "different kinds do not join"

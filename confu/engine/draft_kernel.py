@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from confu.engine.draft import DraftLayer, Eagle3Head, rope_inv_freq
-from confu.engine.quant import PackedLinear, PackedWeight, kernel_status, stack_outputs
+from confu.engine.quant import PackedLinear, PackedWeight, kernel_status, kernels_take, stack_outputs
 
 
 class _I8Weight(ctypes.Structure):
@@ -46,12 +46,7 @@ def _i8(packed: PackedWeight) -> _I8Weight:
     return _I8Weight(packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr())
 
 
-def _float_cpu(*tensors: Tensor) -> bool:
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return not grad and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-
-
-def _kernels_take(layer: DraftLayer) -> bool:
+def _layer_fits(layer: DraftLayer) -> bool:
     """The layer's linear layers run the int8 kernel and its shapes fit the fused kernels (multiples of 16)."""
     cfg = layer.cfg
     linears = (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj)
@@ -85,7 +80,7 @@ class FusedDraftLayer(nn.Module):
 
     def qkv(self, emb: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`DraftLayer.qkv`: q (1, nh, n, d), k and v (1, nkv, n, d); q and k rotated."""
-        if emb.shape[0] != 1 or not _float_cpu(emb, hidden):
+        if emb.shape[0] != 1 or not kernels_take(emb, hidden):
             return self.layer.qkv(emb, hidden, positions)
         cfg, n = self.cfg, emb.shape[1]
         emb = emb.reshape(n, -1).contiguous()
@@ -102,7 +97,7 @@ class FusedDraftLayer(nn.Module):
                shift: Tensor | None = None) -> Tensor:
         """`DraftLayer.attend` (attention over the given keys, the MLP block, `shift` on the residual)."""
         tensors = (hidden, q, keys, values) + (() if shift is None else (shift,))
-        if (mask.dtype != torch.bool or hidden.shape[0] != 1 or mask.shape[0] != 1 or not _float_cpu(*tensors)
+        if (mask.dtype != torch.bool or hidden.shape[0] != 1 or mask.shape[0] != 1 or not kernels_take(*tensors)
                 or keys.stride() != values.stride() or keys.stride(-1) != 1):
             return self.layer.attend(hidden, q, keys, values, mask, shift)
         n, total = q.shape[2], keys.shape[2]
@@ -122,7 +117,7 @@ class FusedDraftLayer(nn.Module):
 
 def fuse_draft_layer(head: Eagle3Head) -> bool:
     """Give a packed inference copy of a head the fused layer (`FusedDraftLayer`), where the kernels take it."""
-    if isinstance(head.layer, FusedDraftLayer) or not _kernels_take(head.layer):
+    if isinstance(head.layer, FusedDraftLayer) or not _layer_fits(head.layer):
         return False
     head.layer = FusedDraftLayer(head.layer)
     return True
@@ -136,7 +131,7 @@ def top_children(head: Eagle3Head, out_hidden: Tensor, k: int) -> tuple[Tensor, 
     k = min(k, cfg.draft_vocab_size)
     status = kernel_status()
     if not (status.draft_layer and isinstance(lm_head, PackedLinear) and lm_head.packed.kind == "i8"
-            and _float_cpu(out_hidden, head.norm.weight) and cfg.hidden_size % 16 == 0):
+            and kernels_take(out_hidden, head.norm.weight) and cfg.hidden_size % 16 == 0):
         top = torch.log_softmax(head.logits(out_hidden).float(), dim=-1).topk(k, dim=-1)
         return head.to_target_ids(top.indices), top.values
     n = out_hidden.shape[0]

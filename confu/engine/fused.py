@@ -19,19 +19,24 @@ devices or dtypes) go to the replaced module.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from confu.engine.quant import PackedLinear, PackedWeight, kernel_status, packed_matmul, stack_outputs
+from confu.engine.quant import (
+    PackedLinear,
+    PackedWeight,
+    kernel_status,
+    kernels_take,
+    packed_matmul,
+    split_outputs,
+    stack_outputs,
+)
 
 PROBE_ROWS = 3
 TOLERANCE = 1e-4  # relative to the probe output's largest magnitude: roundings, not a different function
-
-
-def _kernels_take(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled())
 
 
 class FusedRMSNorm(nn.Module):
@@ -45,11 +50,11 @@ class FusedRMSNorm(nn.Module):
         self.lib = kernel_status().library
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _kernels_take(x):
+        width = self.weight.shape[0]
+        if x.shape[-1] != width or not kernels_take(x):
             return self.fallback(x)
         x = x.contiguous()
         out = torch.empty_like(x)
-        width = x.shape[-1]
         self.lib.rms_norm_rows(x.data_ptr(), x.numel() // width, width, self.weight.data_ptr(), self.eps,
                                out.data_ptr())
         return out
@@ -70,21 +75,36 @@ class FusedGatedMLP(nn.Module):
         self.fallback: Callable[[Tensor], Tensor] = mlp.forward
         self.lib = kernel_status().library
 
+    def share_weights(self) -> None:
+        """Point the gate and up projections' packed weights at the stacked copy (views), so the model holds
+        those weights once; what they compute is unchanged (`quant.split_outputs`)."""
+        self.gate_proj.packed, self.up_proj.packed = split_outputs(self.gate_up, self.intermediate)
+
     def forward(self, x: Tensor) -> Tensor:
-        if not _kernels_take(x):
+        if x.shape[-1] != self.gate_proj.in_features or not kernels_take(x):
             return self.fallback(x)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         gate_up = packed_matmul(flat, self.gate_up, self.lib)
-        act = torch.empty(flat.shape[0], self.intermediate)
+        act = torch.empty(flat.shape[0], self.intermediate, dtype=torch.float32)
         self.lib.silu_mul(gate_up.data_ptr(), flat.shape[0], self.intermediate, act.data_ptr())
-        return self.down_proj(act).view(*x.shape[:-1], -1)
+        return self.down_proj(act).view(*x.shape[:-1], self.down_proj.out_features)
 
     def extra_repr(self) -> str:
         return f"intermediate={self.intermediate}, {self.gate_up.kind}"
 
 
+def _one_input(module: nn.Module) -> bool:
+    """`forward(x)` and nothing else: a norm with an optional gate (Mamba2-style) passes a one-argument probe
+    but is called with two arguments in the model."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
+
+
 def _norm_candidate(module: nn.Module) -> FusedRMSNorm | None:
-    if isinstance(module, FusedRMSNorm):  # a model wrapped twice: its norms are fused already
+    if isinstance(module, FusedRMSNorm) or not _one_input(module):  # fused already: a model wrapped twice
         return None
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
@@ -96,6 +116,8 @@ def _norm_candidate(module: nn.Module) -> FusedRMSNorm | None:
 
 
 def _mlp_candidate(module: nn.Module) -> FusedGatedMLP | None:
+    if isinstance(module, FusedGatedMLP) or not _one_input(module):
+        return None
     gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
     if not all(isinstance(m, PackedLinear) and m.bias is None for m in (gate, up, down)):
         return None
@@ -109,9 +131,12 @@ def _same_function(original: nn.Module, fused: nn.Module, width: int) -> bool:
     """The fused module gives the original's output on a probe, within roundings."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(PROBE_ROWS, width, generator=gen) * 3
-    with torch.no_grad():
-        want, got = original(x), fused(x)
-    if want.shape != got.shape or not torch.isfinite(want).all():
+    try:
+        with torch.no_grad():
+            want, got = original(x), fused(x)
+    except Exception:  # a module that cannot take a plain (rows, width) input is no candidate
+        return False
+    if not isinstance(want, Tensor) or want.shape != got.shape or not torch.isfinite(want).all():
         return False
     return float((want - got).abs().max()) <= TOLERANCE * max(1.0, float(want.abs().max()))
 
@@ -134,4 +159,6 @@ def fuse_norms_and_mlps(model: nn.Module) -> list[tuple[nn.Module, str, nn.Modul
                 swaps.append((parent, name, child, fused))
     for parent, name, _, fused in swaps:
         setattr(parent, name, fused)
+        if isinstance(fused, FusedGatedMLP):
+            fused.share_weights()
     return swaps

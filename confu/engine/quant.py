@@ -255,6 +255,33 @@ def stack_outputs(first: PackedWeight, second: PackedWeight) -> PackedWeight | N
                         first.out_features + second.out_features)
 
 
+def split_outputs(stacked: PackedWeight, first: int) -> tuple[PackedWeight, PackedWeight]:
+    """Views of a `stack_outputs` weight: its first `first` outputs and the rest (the layouts are output-major,
+    so each part is a contiguous slice). Lets the separate layers share the stacked copy's memory."""
+    tiled = stacked.kind.startswith("a8_") or stacked.kind == "i8"
+    per_output_scales = stacked.kind == "i8"  # i8's d and m are (N,); the others hold rows (or tiles) like q
+
+    def part(t: Tensor | None, start: int, stop: int | None, tiles: bool) -> Tensor | None:
+        if t is None:
+            return None
+        scale = 16 if tiles else 1
+        return t[start // scale : None if stop is None else stop // scale]
+
+    q_tiles, aux_tiles = tiled, tiled and not per_output_scales
+    head = PackedWeight(stacked.kind, part(stacked.q, 0, first, q_tiles), part(stacked.d, 0, first, aux_tiles),
+                        part(stacked.m, 0, first, aux_tiles), first)
+    tail = PackedWeight(stacked.kind, part(stacked.q, first, None, q_tiles), part(stacked.d, first, None, aux_tiles),
+                        part(stacked.m, first, None, aux_tiles), stacked.out_features - first)
+    return head, tail
+
+
+def kernels_take(*tensors: Tensor) -> bool:
+    """The CPU kernels can run on these tensors: float32 on the CPU, and no gradient wanted (they have no
+    backward). Otherwise the callers run the module's own torch code."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not grad and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
 def pack_exact(w: Tensor) -> PackedWeight | None:
     """The smallest GGUF block format that reproduces `w` bit for bit (float32 CPU weights only)."""
     if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[1] % BLOCK:
@@ -301,7 +328,7 @@ class PackedLinear(nn.Module):
         self.lib = lib
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        if not kernels_take(x):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, self.in_features).contiguous()
         out = packed_matmul(flat, self.packed, self.lib)

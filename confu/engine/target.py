@@ -372,14 +372,15 @@ class Target:
             return f"transformers {dtype}"
         status = kernel_status()
         why = "no weight is a GGUF block format" if status.library is not None else status.reason
-        return f"transformers {dtype} ({why}){self._row_kernels_note()}"
+        return f"transformers {dtype} linear layers ({why}){self._row_kernels_note()}"
 
     def _row_kernels_note(self) -> str:
         notes = ["row-invariant attention (attend_rows)"] if self._row_invariant else []
         norms = sum(isinstance(new, FusedRMSNorm) for *_, new in self._fused)
-        mlps = len(self._fused) - norms
-        if self._fused:
-            notes.append(f"{norms} RMSNorms and {mlps} gated MLPs in row kernels")
+        fused = [f"{count} {kind}" for count, kind in ((norms, "RMSNorms"), (len(self._fused) - norms, "gated MLPs"))
+                 if count]
+        if fused:
+            notes.append(" and ".join(fused) + " in row kernels")
         return "".join(f"; {note}" for note in notes)
 
     @contextmanager
