@@ -31,13 +31,17 @@ def main() -> None:
             new_draft(target, method, draft_vocab_size=8192), "untrained")
     # Small trees: on a 2-core CPU every extra verified token costs time (BENCHMARKS.md).
     cfg = GenerationConfig(max_new_tokens=48, tree=TreeConfig(total_nodes=16, depth=6, topk=8), contemplate=4)
+    # One decoder per method for all prompts, as a server keeps one: tree sizing carries what it measured
+    # (acceptance, the clock) from one prompt to the next.
+    plain_decoder = Decoder(target)
+    decoders = {method: Decoder.for_head(target, head) for method, (head, _) in heads.items()}
     for text in PROMPTS:
         ids = encode_prompt(target.tokenizer, text, raw=False)
-        plain = Decoder(target).generate(ids, cfg)
+        plain = plain_decoder.generate(ids, cfg)
         print(f"\n### {text}\n{target.tokenizer.decode(plain.tokens, skip_special_tokens=True)}")
         print(f"  plain          : {plain.tokens_per_s:6.1f} tok/s")
-        for method, (head, kind) in heads.items():
-            res = Decoder.for_head(target, head).generate(ids, cfg)
+        for method, (_, kind) in heads.items():
+            res = decoders[method].generate(ids, cfg)
             same = "identical" if res.tokens == plain.tokens else "DIFFERENT"
             print(f"  {method:6s} ({kind}): {res.tokens_per_s:6.1f} tok/s  tau {res.tau:.2f}  output {same}")
 
