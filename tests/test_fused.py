@@ -112,6 +112,14 @@ def test_autograd_takes_the_original_and_reference_numerics_restores_it(tiny_lla
     norm.fallback(x).sum().backward()
     assert torch.equal(grad, x.grad), "with autograd the fused module is the original"
     assert mlp(x).requires_grad
+    y = torch.randn(3, target.hidden_size)
+    norm.weight.requires_grad_(True)  # a weight that wants a gradient (the target itself is frozen)
+    norm(y).pow(2).sum().backward()
+    grad = norm.weight.grad.clone()
+    norm.weight.grad = None
+    norm.fallback(y).pow(2).sum().backward()
+    assert torch.equal(grad, norm.weight.grad)
+    norm.weight.requires_grad_(False)
     layer = target.model.get_decoder().layers[0]
     with target.reference_numerics():
         assert not any(isinstance(m, FusedRMSNorm | FusedGatedMLP) for m in target.model.modules())

@@ -14,7 +14,7 @@ own output on a probe (so a Gemma norm, which scales by 1 + weight, or an MLP wi
 it is). Both compute each row on its own, so a row's bits never depend on the rows beside it, which is what keeps
 speculative decoding token-identical to plain decoding; their roundings differ from torch's by an ulp or two
 (the SiLU's exp is a polynomial), the same for every method. Calls the kernels cannot take (autograd, other
-devices or dtypes) go to the replaced module.
+devices or dtypes, a weight that wants a gradient) go to the replaced module.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class FusedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         width = self.weight.shape[0]
-        if x.shape[-1] != width or not kernels_take(x):
+        if x.shape[-1] != width or not kernels_take(x, self.weight):
             return self.fallback(x)
         x = x.contiguous()
         out = torch.empty_like(x)
@@ -81,7 +81,8 @@ class FusedGatedMLP(nn.Module):
         self.gate_proj.packed, self.up_proj.packed = split_outputs(self.gate_up, self.intermediate)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.gate_proj.in_features or not kernels_take(x):
+        if (x.shape[-1] != self.gate_proj.in_features
+                or not kernels_take(x, self.gate_proj.weight, self.up_proj.weight)):
             return self.fallback(x)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         gate_up = packed_matmul(flat, self.gate_up, self.lib)
