@@ -9,12 +9,12 @@ The norms were a quarter of them (a Llama RMSNorm is eight ops) and the MLP's ac
 - a gated MLP whose gate and up projections are packed alike for a `FusedGatedMLP`: gate and up as one matmul
   (`quant.stack_outputs`: the same bits per output), then silu(gate) * up in one call, then the down projection.
 
-Neither is assumed from a class name: a candidate is swapped only when the replacement reproduces the module's
-own output on a probe (so a Gemma norm, which scales by 1 + weight, or an MLP with another activation stays as
-it is). Both compute each row on its own, so a row's bits never depend on the rows beside it, which is what keeps
-speculative decoding token-identical to plain decoding; their roundings differ from torch's by an ulp or two
-(the SiLU's exp is a polynomial), the same for every method. Calls the kernels cannot take (autograd, other
-devices or dtypes, a weight that wants a gradient) go to the replaced module.
+Neither is assumed from a class name: a module whose `forward` takes one input is swapped only when the
+replacement reproduces its output on a probe (so a Gemma norm, which scales by 1 + weight, a gated norm or an MLP
+with another activation stays as it is). Both compute each row on its own, so a row's bits never depend on the
+rows beside it, which is what keeps speculative decoding token-identical to plain decoding; their roundings
+differ from torch's by an ulp or two (the SiLU's exp is a polynomial), the same for every method. Calls the
+kernels cannot take (autograd, other devices or dtypes, a weight that wants a gradient) go to the replaced module.
 """
 
 from __future__ import annotations
