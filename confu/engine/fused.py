@@ -45,12 +45,13 @@ class FusedRMSNorm(nn.Module):
     def __init__(self, norm: nn.Module, eps: float):
         super().__init__()
         self.weight = norm.weight  # shared: the checkpoint layout and the fallback see the same parameter
+        self.in_features = norm.weight.shape[0]
         self.eps = eps
         self.fallback: Callable[[Tensor], Tensor] = norm.forward  # a bound method, not a registered submodule
         self.lib = kernel_status().library
 
     def forward(self, x: Tensor) -> Tensor:
-        width = self.weight.shape[0]
+        width = self.in_features
         if x.shape[-1] != width or not kernels_take(x, self.weight):
             return self.fallback(x)
         x = x.contiguous()
@@ -60,7 +61,7 @@ class FusedRMSNorm(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.in_features}, eps={self.eps}"
 
 
 class FusedGatedMLP(nn.Module):
@@ -71,7 +72,7 @@ class FusedGatedMLP(nn.Module):
         # the projections stay children under their names: the module tree and its parameter names are the model's
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.gate_up = gate_up
-        self.intermediate = mlp.gate_proj.out_features
+        self.in_features, self.intermediate = mlp.gate_proj.in_features, mlp.gate_proj.out_features
         self.fallback: Callable[[Tensor], Tensor] = mlp.forward
         self.lib = kernel_status().library
 
@@ -81,8 +82,7 @@ class FusedGatedMLP(nn.Module):
         self.gate_proj.packed, self.up_proj.packed = split_outputs(self.gate_up, self.intermediate)
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.shape[-1] != self.gate_proj.in_features
-                or not kernels_take(x, self.gate_proj.weight, self.up_proj.weight)):
+        if x.shape[-1] != self.in_features or not kernels_take(x, self.gate_proj.weight, self.up_proj.weight):
             return self.fallback(x)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         gate_up = packed_matmul(flat, self.gate_up, self.lib)
@@ -128,10 +128,10 @@ def _mlp_candidate(module: nn.Module) -> FusedGatedMLP | None:
     return None if gate_up is None else FusedGatedMLP(module, gate_up)
 
 
-def _same_function(original: nn.Module, fused: nn.Module, width: int) -> bool:
+def _same_function(original: nn.Module, fused: FusedRMSNorm | FusedGatedMLP) -> bool:
     """The fused module gives the original's output on a probe, within roundings."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_ROWS, width, generator=gen) * 3
+    x = torch.randn(PROBE_ROWS, fused.in_features, generator=gen) * 3
     try:
         with torch.no_grad():
             want, got = original(x), fused(x)
@@ -151,12 +151,8 @@ def fuse_norms_and_mlps(model: nn.Module) -> list[tuple[nn.Module, str, nn.Modul
     swaps = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            fused = _norm_candidate(child)
-            width = None if fused is None else fused.weight.shape[0]
-            if fused is None:
-                fused = _mlp_candidate(child)
-                width = None if fused is None else child.gate_proj.in_features
-            if fused is not None and _same_function(child, fused, width):
+            fused = _norm_candidate(child) or _mlp_candidate(child)
+            if fused is not None and _same_function(child, fused):
                 swaps.append((parent, name, child, fused))
     for parent, name, _, fused in swaps:
         setattr(parent, name, fused)

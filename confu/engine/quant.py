@@ -155,6 +155,11 @@ class PackedWeight:
     m: Tensor | None
     out_features: int  # N (the padded layouts hold more rows)
 
+    @property
+    def tiled(self) -> bool:
+        """`q` is in tiles of 16 outputs (the Q8-activation and int8 layouts), not one row per output."""
+        return self.kind.startswith("a8_") or self.kind == "i8"
+
 
 def _fp16_exact(x: Tensor) -> bool:
     return bool(torch.equal(x.half().float(), x))
@@ -244,8 +249,7 @@ def stack_outputs(first: PackedWeight, second: PackedWeight) -> PackedWeight | N
     matmul), or None where the layouts cannot be joined: different kinds, or a layout in tiles of 16 outputs
     (Q8 activations, int8) whose first part ends inside a tile. Every output keeps its blocks and scales, so it
     gets the same bits as before."""
-    tiled = first.kind.startswith("a8_") or first.kind == "i8"
-    if first.kind != second.kind or (tiled and first.out_features % 16):
+    if first.kind != second.kind or (first.tiled and first.out_features % 16):
         return None
 
     def join(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -258,21 +262,18 @@ def stack_outputs(first: PackedWeight, second: PackedWeight) -> PackedWeight | N
 def split_outputs(stacked: PackedWeight, first: int) -> tuple[PackedWeight, PackedWeight]:
     """Views of a `stack_outputs` weight: its first `first` outputs and the rest (the layouts are output-major,
     so each part is a contiguous slice). Lets the separate layers share the stacked copy's memory."""
-    tiled = stacked.kind.startswith("a8_") or stacked.kind == "i8"
-    per_output_scales = stacked.kind == "i8"  # i8's d and m are (N,); the others hold rows (or tiles) like q
 
-    def part(t: Tensor | None, start: int, stop: int | None, tiles: bool) -> Tensor | None:
+    def halves(t: Tensor | None, tiles: bool) -> tuple[Tensor | None, Tensor | None]:
         if t is None:
-            return None
-        scale = 16 if tiles else 1
-        return t[start // scale : None if stop is None else stop // scale]
+            return None, None
+        n = first // 16 if tiles else first
+        return t[:n], t[n:]
 
-    q_tiles, aux_tiles = tiled, tiled and not per_output_scales
-    head = PackedWeight(stacked.kind, part(stacked.q, 0, first, q_tiles), part(stacked.d, 0, first, aux_tiles),
-                        part(stacked.m, 0, first, aux_tiles), first)
-    tail = PackedWeight(stacked.kind, part(stacked.q, first, None, q_tiles), part(stacked.d, first, None, aux_tiles),
-                        part(stacked.m, first, None, aux_tiles), stacked.out_features - first)
-    return head, tail
+    # q follows the layout; d and m are in tiles only for the Q8-activation layouts (i8's are one per output)
+    q, d, m = (halves(stacked.q, stacked.tiled), halves(stacked.d, stacked.kind.startswith("a8_")),
+               halves(stacked.m, stacked.kind.startswith("a8_")))
+    return (PackedWeight(stacked.kind, q[0], d[0], m[0], first),
+            PackedWeight(stacked.kind, q[1], d[1], m[1], stacked.out_features - first))
 
 
 def kernels_take(*tensors: Tensor) -> bool:
