@@ -100,13 +100,29 @@ def test_bench_end_to_end_and_resume(tiny_llama_dir, drafts, tmp_path, capsys):
     assert by_key[("ar", 0.0, None)]["avg"]["sr_vs_ar"] == pytest.approx(1.0)
     assert by_key[("hf", 0.7, None)]["avg"]["sr_vs_hf"] == pytest.approx(1.0)
     assert by_key[("e3", 0.0, 8)]["greedy_identity_vs_ar"] == {"compared": 4, "identical": 4}
-    assert by_key[("cf", 0.0, 4)]["timing"]["contemplate_share_est"] > 0
+    cf_timing = by_key[("cf", 0.0, 4)]["timing"]
+    assert cf_timing["contemplate_split"] == "verify-cost curve" and 0 <= cf_timing["contemplate_share_est"] < 1
+    # the stage clock timed every round; ConFu's routers and KV tensors were read
+    for s in summary["settings"]:
+        if s["kind"] == "hf":
+            continue
+        assert set(s["timing"]["stages"]) == {"draft", "verify rows", "contemplate rows", "accept", "bookkeeping"}
+        assert sum(v["share"] for v in s["timing"]["stages"].values()) == pytest.approx(1.0)
+        assert s["memory"]["target_kv_per_token"] > 0
+        assert (s["memory"]["soft_prompt"] > 0) == (s["kind"] == "confu")
+        assert (s["memory"]["draft_kv_per_token"] > 0) == (s["kind"] != "ar")
+        assert (s["routing"] is not None) == (s["kind"] == "confu")
+    con = by_key[("cf", 0.0, 4)]["routing"]["con"]
+    assert con["decisions"] >= 2 and sum(con["chosen_share"]) == pytest.approx(con["top_k"])
 
     report = (out / "report.md").read_text()
     assert "| Method | Nodes | T | WRIT τ | WRIT SR | QA τ | QA SR | AVG τ | AVG SR |" in report
     assert "estimate" in report and "AVG pools all questions" in report
     assert f"- draft numerics: {draft_numerics()} (" in report
-    for png in ("accept_e3.png", "accept_cf.png"):
+    for heading in ("AVG: τ and speed-up with 95% intervals", "Per-step latency", "KV-cache footprint",
+                    "MoE utilisation"):
+        assert heading in report
+    for png in ("accept_e3.png", "accept_cf.png", "latency.png", "moe_cf.png"):
         assert (out / png).stat().st_size > 1000
         assert f"]({png})" in report
 

@@ -1,4 +1,4 @@
-"""Pure summaries of `confu bench` records, the Markdown report and the acceptance plots.
+"""Pure summaries of `confu bench` records (the report's numbers) and the CLI's console tables.
 
 Metrics follow Spec-Bench and the ConFu paper exactly (reference NOTES section 3):
 
@@ -11,23 +11,27 @@ Metrics follow Spec-Bench and the ConFu paper exactly (reference NOTES section 3
   so an interrupted run never compares different question sets.
 - AVG pools every selected question (so a category weighs by its number of questions, and MT-bench's math
   and reasoning, which have no column of their own in the paper, count in AVG).
+- Every tau, SR and acceptance rate comes with a 95% interval, bootstrapped over questions (and over a
+  question's timed repeats for SR; `confu.bench.stats`). None where fewer than two questions.
 
 A record is one question x method x setting (see `confu.bench.specbench` for how it is produced):
     question_id, category, method (label), kind (ar | hf | eagle3 | confu), temperature, tree_nodes (None for
     ar / hf), new_tokens, wall_s, tokens_per_s, turns [...], steps {accepted, tree_nodes, contemplate_slots,
-    verify_tokens, draft_s, verify_s} (parallel lists over rounds, None for hf).
-Everything here is a function of the records alone, so a test can hand-compute every number.
+    verify_tokens, draft_s, verify_s, stage_s {stage: [...]}} (parallel lists over rounds, None for hf),
+    timings [{new_tokens, wall_s}] (one per timed run), memory {KV bytes}, routing {router: tally}.
+Everything here is a function of the records (and the verify-cost curve handed in), so a test can
+hand-compute every number.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from statistics import fmean
 from typing import Any
+
+from confu.bench.stats import Interval, bootstrap_ratio, depth_counts, merge_tallies, utilisation
 
 # Spec-Bench category -> the paper's column name, in the paper's column order.
 PAPER_COLUMNS: dict[str, str] = {
@@ -92,34 +96,104 @@ def pooled_tau(records: Sequence[dict]) -> float | None:
     return sum(a + 1 for a in accepted) / len(accepted)
 
 
+def tau_interval(records: Sequence[dict]) -> Interval | None:
+    """pooled_tau's interval: the questions resampled, each with all its rounds."""
+    with_steps = [r for r in records if r.get("steps")]
+    if not with_steps:
+        return None
+    return bootstrap_ratio([sum(a + 1 for a in r["steps"]["accepted"]) for r in with_steps],
+                           [len(r["steps"]["accepted"]) for r in with_steps])
+
+
 def mean_tokens_per_s(records: Sequence[dict]) -> float | None:
     return fmean(r["tokens_per_s"] for r in records) if records else None
 
 
+def _paired(method: Sequence[dict], baseline: Sequence[dict]) -> list[tuple[dict, dict]]:
+    base_by_q = {r["question_id"]: r for r in baseline}
+    return [(r, base_by_q[r["question_id"]]) for r in method if r["question_id"] in base_by_q]
+
+
 def speedup(method: Sequence[dict], baseline: Sequence[dict]) -> float | None:
     """SR over the questions both sides have: mean method tokens/s / mean baseline tokens/s."""
-    base_by_q = {r["question_id"]: r for r in baseline}
-    common = [r for r in method if r["question_id"] in base_by_q]
-    if not common:
+    pairs = _paired(method, baseline)
+    if not pairs:
         return None
-    base_mean = fmean(base_by_q[r["question_id"]]["tokens_per_s"] for r in common)
+    base_mean = fmean(b["tokens_per_s"] for _, b in pairs)
     if base_mean <= 0:
         return None
-    return fmean(r["tokens_per_s"] for r in common) / base_mean
+    return fmean(m["tokens_per_s"] for m, _ in pairs) / base_mean
 
 
-def timing_breakdown(records: Sequence[dict]) -> dict[str, float | int | None]:
+def _timed_runs(rec: dict) -> list[float]:
+    """tokens/s of each timed run of a record (records from before --repeats hold one)."""
+    runs = [t["new_tokens"] / t["wall_s"] for t in rec.get("timings") or [] if t["wall_s"] > 0]
+    return runs or [rec["tokens_per_s"]]
+
+
+def speedup_interval(method: Sequence[dict], baseline: Sequence[dict]) -> Interval | None:
+    """SR's interval: questions resampled in pairs, and one timed run per side of each."""
+    pairs = _paired(method, baseline)
+    return bootstrap_ratio([_timed_runs(m) for m, _ in pairs], [_timed_runs(b) for _, b in pairs])
+
+
+# The rows of the latency table: the loop's stages (`confu.engine.generate.STAGES`), the verify pass split
+# into its verify rows and its contemplate rows.
+LATENCY_ROWS = ("draft", "verify rows", "contemplate rows", "accept", "bookkeeping")
+
+
+def contemplate_shares(rows: Sequence[int], slots: Sequence[int],
+                       verify_costs: tuple[Sequence[int], Sequence[float]] | None) -> list[float]:
+    """Per round, the share of its verify pass that its contemplate slots cost.
+
+    A pass is one forward, so its time cannot be split by a clock. With the target's verify-cost curve
+    (seconds against rows, `confu.engine.sizing.VerifyCosts`) the slots cost the marginal time of their rows,
+    1 - cost(rows - slots) / cost(rows); without it, their share of the rows (an overestimate: a pass's
+    time grows slower than its rows).
+    """
+    if verify_costs is None:
+        return [s / r if r else 0.0 for s, r in zip(slots, rows, strict=True)]
+    from confu.engine.sizing import VerifyCosts
+
+    cost = VerifyCosts(list(verify_costs[0]), list(verify_costs[1]))
+    # clamped: a curve measured on a noisy machine need not be monotone
+    return [min(1.0, max(0.0, 1 - cost(r - s) / cost(r))) if s and cost(r) > 0 else 0.0
+            for s, r in zip(slots, rows, strict=True)]
+
+
+def stage_latency(stage_s: dict[str, list[float]], shares: Sequence[float]) -> dict[str, dict[str, float]]:
+    """Mean ms per round of each `LATENCY_ROWS` entry and its share of the round."""
+    verify = stage_s["verify"]
+    per_row = {
+        "draft": stage_s["draft"],
+        "verify rows": [v * (1 - c) for v, c in zip(verify, shares, strict=True)],
+        "contemplate rows": [v * c for v, c in zip(verify, shares, strict=True)],
+        "accept": stage_s["accept"],
+        "bookkeeping": stage_s["bookkeeping"],
+    }
+    total = sum(sum(v) for v in per_row.values())
+    return {name: {"ms": 1000 * fmean(v), "share": sum(v) / total if total > 0 else 0.0}
+            for name, v in per_row.items()}
+
+
+def timing_breakdown(records: Sequence[dict],
+                     verify_costs: tuple[Sequence[int], Sequence[float]] | None = None) -> dict[str, Any]:
     """Where one method's time goes, per verification round.
 
-    The contemplate share of a verify pass is an estimate by token count (contemplate slots / rows of the
-    pass): the pass is one forward, so its time cannot be split exactly. The root's slot counts too.
+    `draft_ms` / `verify_ms` are the loop's own two clocks (`StepRecord`); `stages` the stage clock's laps
+    (records that have them), with the verify pass split by `contemplate_shares`. The root's slot counts.
     """
     draft, verify, slots, rows, nodes, depths = [], [], [], [], [], []
+    stage_s: dict[str, list[float]] = defaultdict(list)
+    staged = True
     wall = sum(r["wall_s"] for r in records)
     for rec in records:
         steps = rec.get("steps")
         if not steps:
             continue
+        staged = staged and "stage_s" in steps
+        for stage, laps in steps.get("stage_s", {}).items():
+            stage_s[stage].extend(laps)
         draft.extend(steps["draft_s"])
         verify.extend(steps["verify_s"])
         slots.extend(steps["contemplate_slots"])
@@ -130,8 +204,8 @@ def timing_breakdown(records: Sequence[dict]) -> dict[str, float | int | None]:
         return {"rounds": 0, "draft_ms": None, "verify_ms": None, "tree_nodes": None, "depth": None,
                 "no_draft_share": None, "verify_tokens": None,
                 "contemplate_slots": None, "contemplate_share_est": None, "contemplate_ms_est": None,
-                "rounds_share_of_wall": None}
-    share = [s / r if r else 0.0 for s, r in zip(slots, rows, strict=True)]
+                "rounds_share_of_wall": None, "stages": None}
+    share = contemplate_shares(rows, slots, verify_costs)
     return {
         "rounds": len(verify),
         "draft_ms": 1000 * fmean(draft),
@@ -145,24 +219,56 @@ def timing_breakdown(records: Sequence[dict]) -> dict[str, float | int | None]:
         "contemplate_ms_est": 1000 * fmean(v * s for v, s in zip(verify, share, strict=True)),
         # The rest of the wall time is prefill, the first token and Python around the loop.
         "rounds_share_of_wall": (sum(draft) + sum(verify)) / wall if wall > 0 else None,
+        "contemplate_split": "row count" if verify_costs is None else "verify-cost curve",
+        "stages": stage_latency(stage_s, share) if staged else None,
     }
 
 
-def acceptance_profile(records: Sequence[dict], max_depth: int | None = None) -> dict[str, list[dict]]:
-    """Acceptance rate per draft depth and the survival function of the accept length.
+def kv_memory(records: Sequence[dict]) -> dict[str, float] | None:
+    """KV bytes of one method: the records' largest tensors, and the contemplate slots' transient entries
+    per round (mean and largest) at the target's bytes per token."""
+    measured = [r["memory"] for r in records if r.get("memory")]
+    if not measured:
+        return None
+    out: dict[str, float] = {k: max(m[k] for m in measured) for k in measured[0]}
+    slots = [s for r in records if r.get("steps") for s in r["steps"]["contemplate_slots"]]
+    out["contemplate_per_round"] = fmean(slots) * out["target_kv_per_token"] if slots else 0.0
+    out["contemplate_max_round"] = max(slots, default=0) * out["target_kv_per_token"]
+    return out
 
-    rate(d) = #rounds accepting >= d draft tokens / #rounds accepting >= d - 1 (those that reached depth d).
-    survival(n) = P(accept length >= n), accept length = accepted + 1, so survival(1) = 1.
+
+def routing_utilisation(records: Sequence[dict]) -> dict[str, dict] | None:
+    """Utilisation of each router over the records' decisions (`confu.bench.stats.utilisation`)."""
+    routers = sorted({name for r in records for name in (r.get("routing") or {})})
+    out = {}
+    for name in routers:
+        tally = merge_tallies([(r.get("routing") or {}).get(name) for r in records])
+        if tally is not None:
+            out[name] = utilisation(tally)
+    return out or None
+
+
+def acceptance_profile(records: Sequence[dict], max_depth: int | None = None) -> dict[str, list[dict]]:
+    """Acceptance rate per draft depth, with its interval, and the survival function of the accept length.
+
+    rate(d) = #rounds accepting >= d draft tokens / #rounds accepting >= d - 1 whose tree was grown to depth
+    d (records from before the loop recorded depths: all rounds accepting >= d - 1);
+    its interval resamples questions. survival(n) = P(accept length >= n), accept length = accepted + 1, so
+    survival(1) = 1.
     """
     accepted = _accepted(records)
     if not accepted:
         return {"per_depth": [], "survival": []}
     depth = max(max(accepted), max_depth or 0, 1)
+    per_question = [depth_counts([int(a) for a in r["steps"]["accepted"]], depth, r["steps"].get("depth"))
+                    for r in records if r.get("steps")]
+    reached = [sum(n[d] for n, _ in per_question) for d in range(depth)]
+    got = [sum(g[d] for _, g in per_question) for d in range(depth)]
     per_depth = []
-    for d in range(1, depth + 1):
-        reached = sum(1 for a in accepted if a >= d - 1)
-        got = sum(1 for a in accepted if a >= d)
-        per_depth.append({"depth": d, "reached": reached, "rate": got / reached if reached else None})
+    for d in range(depth):
+        ci = bootstrap_ratio([g[d] for _, g in per_question], [n[d] for n, _ in per_question])
+        per_depth.append({"depth": d + 1, "reached": reached[d], "rate": got[d] / reached[d] if reached[d] else None,
+                          "ci": None if ci is None else [ci.lo, ci.hi]})
     n_rounds = len(accepted)
     survival = [{"n": n, "p": sum(1 for a in accepted if a + 1 >= n) / n_rounds} for n in range(1, depth + 2)]
     return {"per_depth": per_depth, "survival": survival}
@@ -186,15 +292,22 @@ def greedy_identity(records: Sequence[dict], reference: Sequence[dict]) -> dict[
 # -- the whole run -------------------------------------------------------------------------------------------
 
 
+def _bounds(ci: Interval | None) -> list[float] | None:
+    return None if ci is None else [ci.lo, ci.hi]
+
+
 def _group_metrics(recs: Sequence[dict], base: dict[str, Sequence[dict]]) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "n_questions": len(recs),
         "tau": pooled_tau(recs),
+        "tau_ci": _bounds(tau_interval(recs)),
         "tokens_per_s": mean_tokens_per_s(recs),
         "new_tokens": fmean(r["new_tokens"] for r in recs) if recs else None,
-        "sr_vs_ar": speedup(recs, base["ar"]) if base.get("ar") else None,
-        "sr_vs_hf": speedup(recs, base["hf"]) if base.get("hf") else None,
     }
+    for kind in BASELINE_KINDS:
+        out[f"sr_vs_{kind}"] = speedup(recs, base[kind]) if base.get(kind) else None
+        out[f"sr_vs_{kind}_ci"] = _bounds(speedup_interval(recs, base[kind])) if base.get(kind) else None
+    return out
 
 
 def _sort_key(key: SettingKey, kind: str, method_order: dict[str, int]) -> tuple:
@@ -206,11 +319,13 @@ def _sort_key(key: SettingKey, kind: str, method_order: dict[str, int]) -> tuple
     return (1, size, temp, method_order[method], 0)
 
 
-def summarize(records: Sequence[dict], max_depth: int | None = None) -> dict[str, Any]:
-    """Every metric of the report, computed from the records alone.
+def summarize(records: Sequence[dict], max_depth: int | None = None,
+              verify_costs: tuple[Sequence[int], Sequence[float]] | None = None) -> dict[str, Any]:
+    """Every metric of the report, computed from the records (and the verify-cost curve, which splits a
+    pass's time between verify and contemplate rows; None: by row count).
 
     Returns {"categories": [...], "settings": [{method, kind, temperature, tree_nodes,
-    per_category {cat: metrics}, avg (metrics over all questions), timing, acceptance,
+    per_category {cat: metrics}, avg (metrics over all questions), timing, acceptance, memory, routing,
     greedy_identity_vs_ar (T=0 only)}]}.
     """
     groups: dict[SettingKey, list[dict]] = defaultdict(list)
@@ -250,8 +365,10 @@ def summarize(records: Sequence[dict], max_depth: int | None = None) -> dict[str
             "tree_nodes": nodes,
             "per_category": per_category,
             "avg": _group_metrics(recs, base_all),
-            "timing": timing_breakdown(recs),
+            "timing": timing_breakdown(recs, verify_costs),
             "acceptance": acceptance_profile(recs, max_depth) if kinds[method] != "hf" else None,
+            "memory": kv_memory(recs),
+            "routing": routing_utilisation(recs),
         }
         if temp == 0 and kinds[method] != "ar" and base_all["ar"]:
             entry["greedy_identity_vs_ar"] = greedy_identity(recs, base_all["ar"])
@@ -279,196 +396,12 @@ def compact_summary(summary: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-# -- Markdown ------------------------------------------------------------------------------------------------
+# -- console tables (the CLI's human-readable output) --------------------------------------------------------
 
 
-def _fmt(x: float | None, nd: int = 2) -> str:
+def fmt(x: float | None, nd: int = 2) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _row_head(s: dict) -> list[str]:
-    return [s["method"], "-" if s["tree_nodes"] is None else str(s["tree_nodes"]), f"{s['temperature']:g}"]
-
-
-def tau_sr_table(summary: dict[str, Any], baseline: str) -> str:
-    """The paper's Tables 1-3: rows Method / Nodes / T, per category tau and SR, then AVG."""
-    cats = summary["categories"]
-    header = ["Method", "Nodes", "T"]
-    for cat in cats + [AVG]:
-        name = AVG if cat == AVG else column_name(cat)
-        header += [f"{name} τ", f"{name} SR"]
-    rows = []
-    for s in summary["settings"]:
-        row = _row_head(s)
-        for cat in cats + [AVG]:
-            m = s["avg"] if cat == AVG else s["per_category"].get(cat)
-            row += ["-", "-"] if m is None else [_fmt(m["tau"]), _fmt(m[f"sr_vs_{baseline}"])]
-        rows.append(row)
-    return _table(header, rows)
-
-
-def tokens_per_s_table(summary: dict[str, Any]) -> str:
-    cats = summary["categories"]
-    header = ["Method", "Nodes", "T"] + [column_name(c) for c in cats] + [AVG]
-    rows = []
-    for s in summary["settings"]:
-        cells = [_fmt(s["per_category"][c]["tokens_per_s"]) if c in s["per_category"] else "-" for c in cats]
-        rows.append(_row_head(s) + cells + [_fmt(s["avg"]["tokens_per_s"])])
-    return _table(header, rows)
-
-
-def timing_table(summary: dict[str, Any]) -> str:
-    header = ["Method", "Nodes", "T", "rounds", "τ", "draft ms/round", "verify ms/round", "tree nodes",
-              "depth", "rounds without draft", "verify tokens", "contemplate slots", "contemplate share (est.)",
-              "contemplate ms (est.)", "rounds / wall"]
-    rows = []
-    for s in summary["settings"]:
-        t = s["timing"]
-        if not t["rounds"]:
-            continue
-        share = t["contemplate_share_est"]
-        rows.append(_row_head(s) + [
-            str(t["rounds"]), _fmt(s["avg"]["tau"]), _fmt(t["draft_ms"], 1), _fmt(t["verify_ms"], 1),
-            _fmt(t["tree_nodes"], 1), _fmt(t.get("depth"), 1),
-            "-" if t.get("no_draft_share") is None else f"{100 * t['no_draft_share']:.0f}%",
-            _fmt(t["verify_tokens"], 1), _fmt(t["contemplate_slots"], 1),
-            "-" if share is None else f"{100 * share:.0f}%", _fmt(t["contemplate_ms_est"], 1),
-            "-" if t["rounds_share_of_wall"] is None else f"{100 * t['rounds_share_of_wall']:.0f}%",
-        ])
-    return _table(header, rows)
-
-
-def acceptance_table(summary: dict[str, Any]) -> str:
-    drafted = [s for s in summary["settings"] if s["kind"] not in BASELINE_KINDS and s["acceptance"]]
-    depth = max((len(s["acceptance"]["per_depth"]) for s in drafted), default=0)
-    if not depth:
-        return "(no drafted rounds)"
-    header = ["Method", "Nodes", "T"] + [f"d={d}" for d in range(1, depth + 1)]
-    rows = []
-    for s in drafted:
-        rates = [_fmt(p["rate"]) for p in s["acceptance"]["per_depth"]]
-        rows.append(_row_head(s) + rates + ["-"] * (depth - len(rates)))
-    return _table(header, rows)
-
-
-def render_report(summary: dict[str, Any], run_info: dict[str, Any], plots: Sequence[str]) -> str:
-    counts = run_info.get("questions_per_category", {})
-    count_text = ", ".join(f"{column_name(c)} {counts[c]}" for c in order_categories(counts)) or "-"
-    lines = [
-        f"# Spec-Bench results: {run_info.get('target', '?')}",
-        "",
-        f"- questions: {run_info.get('n_questions', '?')} ({count_text}); max new tokens per turn "
-        f"{run_info.get('max_new_tokens', '?')}; temperatures {run_info.get('temperatures')}; tree nodes "
-        f"{run_info.get('tree_nodes')}; depth {run_info.get('depth')}, top-k {run_info.get('topk')}; "
-        f"contemplate {run_info.get('contemplate')}",
-        f"- machine: {run_info.get('machine', '?')}; torch threads {run_info.get('torch_threads', '?')}; "
-        f"batch size 1; warm-up {run_info.get('warmup', '?')} untimed run(s) of the first question per "
-        "method and setting; methods interleaved per question",
-        f"- target numerics: {run_info.get('numerics', '?')} (every method but `hf`, which runs transformers' own "
-        "modules)",
-        f"- draft numerics: {run_info.get('draft_numerics', '?')} (they change what a draft proposes, never what "
-        "is emitted)",
-        "",
-        "Metrics (Spec-Bench / the ConFu paper): τ = mean accepted draft tokens + 1 per verification step, "
-        "pooled over all steps of all questions; a question's tokens/s = new tokens / generation wall time, "
-        "both turns together; SR = mean over questions of the method's tokens/s / mean over the same "
-        "questions of the baseline's tokens/s at the same temperature. **AVG pools all questions** (each "
-        "category weighs by its number of questions; MT-bench math and reasoning have no paper column and "
-        "count in AVG). `hf` is plain autoregressive decoding, so its τ is 1 by definition.",
-        "",
-        "## Table 1. τ and speed-up vs `ar` (our plain decoding)",
-        "",
-        tau_sr_table(summary, "ar"),
-        "",
-        "## Table 2. τ and speed-up vs `hf` (transformers `generate` on the same model)",
-        "",
-        tau_sr_table(summary, "hf"),
-        "",
-        "## Table 3. Tokens/s (mean over questions)",
-        "",
-        tokens_per_s_table(summary),
-        "",
-        "## Where the time goes (per verification round)",
-        "",
-        "Draft = tree drafting plus the draft's catch-up on the accepted tokens; verify = the target pass, "
-        "acceptance and the KV compaction. The contemplate share is an **estimate "
-        "by token count** (contemplate slots / rows of the pass): one forward cannot be split exactly. "
-        "`rounds / wall` is the share of the generation time spent in rounds; the rest is prefill and the "
-        "loop around it.",
-        "",
-        timing_table(summary),
-        "",
-        "## Acceptance rate per draft depth",
-        "",
-        "Rate at depth d = rounds that accepted ≥ d draft tokens / rounds that accepted ≥ d − 1.",
-        "",
-        acceptance_table(summary),
-        "",
-    ]
-    ident = [s for s in summary["settings"] if "greedy_identity_vs_ar" in s]
-    if ident:
-        lines += ["## Lossless check at T=0 (token-identical to `ar`)", ""]
-        for s in ident:
-            g = s["greedy_identity_vs_ar"]
-            lines.append(f"- {setting_name((s['method'], s['temperature'], s['tree_nodes']))}: "
-                         f"{g['identical']}/{g['compared']} questions identical")
-        lines += ["", "(With the CPU kernels and row-invariant attention (target numerics above) a tree node's logits "
-                  "are the one-token step's bits, so a mismatch is a bug; without them (transformers' modules, "
-                  "SDPA, GPU) rounding differs by batch shape and an exact near-tie can flip.)", ""]
-    if plots:
-        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    return "\n".join(lines)
-
-
-# -- plots ---------------------------------------------------------------------------------------------------
-
-
-def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "method"
-
-
-def write_plots(summary: dict[str, Any], out_dir: str | Path) -> list[str]:
-    """One PNG per drafted method: acceptance rate per depth and P(accept length >= n), a line per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a server; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    by_method: dict[str, list[dict]] = defaultdict(list)
-    for s in summary["settings"]:
-        if s["kind"] not in BASELINE_KINDS and s["acceptance"] and s["acceptance"]["per_depth"]:
-            by_method[s["method"]].append(s)
-    names = []
-    for method, settings in by_method.items():
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        for s in settings:
-            label = f"nodes={s['tree_nodes']} T={s['temperature']:g}"
-            per_depth = [p for p in s["acceptance"]["per_depth"] if p["rate"] is not None]
-            ax1.plot([p["depth"] for p in per_depth], [p["rate"] for p in per_depth], marker="o", label=label)
-            surv = s["acceptance"]["survival"]
-            ax2.plot([p["n"] for p in surv], [p["p"] for p in surv], marker="o", label=label)
-        ax1.set(title=f"{method}: acceptance rate per depth", xlabel="draft depth d",
-                ylabel="P(accept d | reached d-1)", ylim=(0, 1.05))
-        ax2.set(title=f"{method}: P(accept length >= n)", xlabel="n", ylabel="fraction of rounds",
-                ylim=(0, 1.05))
-        for ax in (ax1, ax2):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        name = f"accept_{_safe(method)}.png"
-        fig.savefig(Path(out_dir) / name, dpi=100)
-        plt.close(fig)
-        names.append(name)
-    return names
-
-
-# -- console tables (the CLI's human-readable output) --------------------------------------------------------
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -480,7 +413,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def render_bench_console(compact: Sequence[dict[str, Any]]) -> str:
     rows = [[c["method"], "-" if c["tree_nodes"] is None else str(c["tree_nodes"]), f"{c['temperature']:g}",
-             _fmt(c["tau"]), _fmt(c["sr_vs_ar"]), _fmt(c["sr_vs_hf"]), _fmt(c["tokens_per_s"], 1)]
+             fmt(c["tau"]), fmt(c["sr_vs_ar"]), fmt(c["sr_vs_hf"]), fmt(c["tokens_per_s"], 1)]
             for c in compact]
     return text_table(["method", "nodes", "T", "tau", "SR/ar", "SR/hf", "tok/s"], rows)
 

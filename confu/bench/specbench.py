@@ -5,6 +5,12 @@ temperature), interleaved per question so machine drift hits all methods alike, 
 Records are appended to `records.jsonl` in the output directory one question at a time, so a re-run with the
 same directory resumes where it stopped. Metrics and the report live in `confu.bench.report`.
 
+`--repeats R` times every question R times, the methods interleaved within each repeat; a record's tokens,
+rounds and τ are its first run's, its tokens/s the mean over the R runs, and `timings` keeps every run so
+the report's intervals on speed-ups carry the run-to-run noise. Each decoder runs with a stage clock
+(`confu.bench.probes`): per-round stage times, the KV tensors it allocated and, for ConFu, its routers'
+decisions go into the record of the first run.
+
 torch and the engine are imported inside functions: `confu --help` must stay fast.
 """
 
@@ -20,9 +26,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from statistics import fmean
 from typing import TYPE_CHECKING, Any
 
-from confu.bench.report import render_report, summarize, write_plots
+from confu.bench.markdown import render_report
+from confu.bench.plots import write_plots
+from confu.bench.probes import RouterTap, StageClock, kv_footprint, peak_rss_bytes
+from confu.bench.report import summarize
 from confu.bench.timing import timed
 from confu.chat import encode_prompt, read_prompts_file
 from confu.errors import InputError
@@ -35,7 +45,8 @@ if TYPE_CHECKING:
 RECORDS_NAME = "records.jsonl"
 RUN_NAME = "run.json"
 # Decoding options that change what a record means: a resumed run must use the same ones.
-PINNED_OPTIONS = ("target", "numerics", "max_new_tokens", "top_p", "top_k", "depth", "topk", "contemplate", "seed")
+PINNED_OPTIONS = ("target", "numerics", "max_new_tokens", "top_p", "top_k", "depth", "topk", "contemplate", "seed",
+                  "repeats")
 # Per-round fields of `StepRecord` kept in a record, as parallel lists over rounds.
 STEP_FIELDS = ("accepted", "tree_nodes", "depth", "contemplate_slots", "verify_tokens", "draft_s", "verify_s")
 
@@ -188,6 +199,15 @@ def hf_generate(target: Target, prompt_ids: list[int], max_new_tokens: int, samp
 class LoadedMethod:
     spec: MethodSpec
     decoder: Decoder | None  # None for hf
+    clock: StageClock | None = None  # the decoder's hooks
+    tap: RouterTap | None = None  # a ConFu decoder's [con] / [f] routers
+
+    def __post_init__(self) -> None:
+        if self.decoder is not None:
+            self.clock = StageClock()
+            self.decoder.hooks = self.clock
+            tap = RouterTap(self.decoder)
+            self.tap = tap if tap.active else None
 
 
 def load_methods(target: Target, specs: Sequence[MethodSpec]) -> list[LoadedMethod]:
@@ -232,6 +252,7 @@ class BenchConfig:
     contemplate: int | None = None  # None = a slot on every node
     seed: int = 0
     warmup: int = 1
+    repeats: int = 1  # timed runs of every question x method x setting
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -243,6 +264,8 @@ class BenchConfig:
             raise InputError(f"--tree-nodes must be 'auto' or >= 1 (got {self.tree_nodes})")
         if self.warmup < 0 or (self.limit_per_category is not None and self.limit_per_category < 1):
             raise InputError("--warmup must be >= 0 and --limit-per-category >= 1")
+        if self.repeats < 1:
+            raise InputError(f"--repeats must be >= 1 (got {self.repeats})")
 
 
 @dataclass(frozen=True)
@@ -302,7 +325,7 @@ def _check_run_file(out: Path, cfg: BenchConfig) -> dict:
     path = out / RUN_NAME
     if path.is_file():
         old = json.loads(path.read_text())
-        before = {"numerics": "auto", **old["pinned"]}  # run files from before --numerics ran "auto"
+        before = {"numerics": "auto", "repeats": 1, **old["pinned"]}  # older run files: options they lacked
         diff = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in pinned.items() if before.get(k) != v]
         diff += [f"label {lab}: {old['drafts'][lab]} -> {d}" for lab, d in drafts.items()
                  if old["drafts"].get(lab, d) != d]
@@ -334,34 +357,45 @@ class BenchRunner:
             seed=seed,
         )
 
+    def _generate(self, run: Run, ids: list[int], seed: int) -> tuple[list[int], float, str, Any]:
+        """One turn: (new tokens, wall seconds, stop reason, the decoder's result or None for hf)."""
+        from confu.engine.sampling import SamplingConfig
+
+        lm = run.method
+        if lm.decoder is None:
+            sampling = SamplingConfig(run.temperature, self.cfg.top_p, self.cfg.top_k)
+            tokens, wall = timed(partial(hf_generate, self.target, ids, self.cfg.max_new_tokens, sampling, seed))
+            return tokens, wall, "eos" if tokens and tokens[-1] in self.target.eos_ids else "max_new_tokens", None
+        gcfg = self.generation_config(run.temperature, run.tree_nodes, seed)
+        res, wall = timed(partial(lm.decoder.generate, ids, gcfg))
+        return res.tokens, wall, res.stop_reason, res
+
     def run(self, run: Run, q: Question) -> dict:
         """Every turn of one question with one method x setting; the record `confu.bench.report` summarizes."""
-        from confu.engine.sampling import SamplingConfig
+        from confu.engine.generate import STAGES
 
         lm, tok = run.method, self.target.tokenizer
         history: list[tuple[str, str]] = []
         turns: list[dict] = []
-        steps: dict[str, list] | None = None if lm.spec.kind == "hf" else {k: [] for k in STEP_FIELDS}
+        steps: dict[str, Any] | None = None if lm.spec.kind == "hf" else {k: [] for k in STEP_FIELDS}
+        memory: dict[str, int] = {}
+        if lm.clock is not None:
+            lm.clock.reset()
         for i, text in enumerate(q.turns):
             ids = encode_turn(tok, history, text)
-            seed = turn_seed(self.cfg.seed, q.question_id, i)
-            if lm.decoder is None:
-                sampling = SamplingConfig(run.temperature, self.cfg.top_p, self.cfg.top_k)
-                tokens, wall = timed(
-                    partial(hf_generate, self.target, ids, self.cfg.max_new_tokens, sampling, seed)
-                )
-                stop = "eos" if tokens and tokens[-1] in self.target.eos_ids else "max_new_tokens"
-            else:
-                gcfg = self.generation_config(run.temperature, run.tree_nodes, seed)
-                res, wall = timed(partial(lm.decoder.generate, ids, gcfg))
-                tokens, stop = res.tokens, res.stop_reason
+            tokens, wall, stop, res = self._generate(run, ids, turn_seed(self.cfg.seed, q.question_id, i))
+            if res is not None:
                 for s in res.steps:
-                    for k in steps:
+                    for k in STEP_FIELDS:
                         steps[k].append(getattr(s, k))
+                turn_memory = kv_footprint(lm.clock.cache, lm.decoder.proposer)
+                memory = {k: max(v, memory.get(k, 0)) for k, v in turn_memory.items()}
             answer = tok.decode(tokens, skip_special_tokens=True).strip()
             history.append((text, answer))
             turns.append({"prompt_tokens": len(ids), "new_tokens": len(tokens), "wall_s": wall,
                           "stop_reason": stop, "tokens": tokens, "text": answer})
+        if steps is not None:
+            steps["stage_s"] = lm.clock.by_stage(STAGES)
         new_tokens = sum(t["new_tokens"] for t in turns)
         wall_s = sum(t["wall_s"] for t in turns)
         return {
@@ -369,7 +403,24 @@ class BenchRunner:
             "kind": lm.spec.kind, "draft_dir": lm.spec.draft_dir, "temperature": run.temperature,
             "tree_nodes": run.tree_nodes, "new_tokens": new_tokens, "wall_s": wall_s,
             "tokens_per_s": new_tokens / wall_s if wall_s > 0 else 0.0, "turns": turns, "steps": steps,
+            "timings": [{"new_tokens": new_tokens, "wall_s": wall_s}], "memory": memory or None,
+            "routing": lm.tap.take() if lm.tap is not None else None,
         }
+
+    def retime(self, run: Run, q: Question, record: dict) -> None:
+        """Time the question again on the prompts of the record's first run; its tokens/s becomes the mean."""
+        history: list[tuple[str, str]] = []
+        new_tokens, wall_s = 0, 0.0
+        for i, (text, turn) in enumerate(zip(q.turns, record["turns"], strict=True)):
+            ids = encode_turn(self.target.tokenizer, history, text)
+            tokens, wall, _, _ = self._generate(run, ids, turn_seed(self.cfg.seed, q.question_id, i))
+            history.append((text, turn["text"]))
+            new_tokens += len(tokens)
+            wall_s += wall
+        if run.method.tap is not None:
+            run.method.tap.take()  # its first run's decisions are the record's
+        record["timings"].append({"new_tokens": new_tokens, "wall_s": wall_s})
+        record["tokens_per_s"] = fmean(t["new_tokens"] / t["wall_s"] for t in record["timings"] if t["wall_s"] > 0)
 
 
 def _machine() -> str:
@@ -382,11 +433,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from confu.engine.quant import draft_numerics
+    from confu.engine.sizing import load_verify_costs
     from confu.engine.target import Target
 
     questions = load_questions(cfg.questions, cfg.categories, cfg.limit_per_category)
     target = Target.load(cfg.target, numerics=cfg.numerics)
     methods = load_methods(target, cfg.methods)  # checks every draft before anything is written
+    loaded_rss = peak_rss_bytes()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_run_file(out, cfg)
@@ -415,18 +468,25 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         for run in q_runs:
             recs.append(runner.run(run, q))
             bar.update()
+        for _ in range(cfg.repeats - 1):
+            for run, rec in zip(q_runs, recs, strict=True):
+                runner.retime(run, q, rec)
         store.append(recs)
     bar.close()
 
     records = [store.records[r.key(q.question_id)] for q in questions for r in runs]
-    summary = summarize(records, max_depth=cfg.depth)
+    # The verify pass's cost against its rows (tree sizing's cached curve): what splits a pass's time between
+    # its verify rows and its contemplate rows.
+    costs = load_verify_costs(target)
+    summary = summarize(records, max_depth=cfg.depth, verify_costs=(costs.rows, costs.seconds))
     run_info = {
         "target": cfg.target, "methods": [asdict(m) for m in cfg.methods], "questions": str(cfg.questions),
         "n_questions": len(questions), "questions_per_category": dict(Counter(q.category for q in questions)),
         "temperatures": cfg.temperatures, "tree_nodes": cfg.tree_nodes, "max_new_tokens": cfg.max_new_tokens,
         "top_p": cfg.top_p, "top_k": cfg.top_k, "depth": cfg.depth, "topk": cfg.topk,
         "contemplate": "all" if cfg.contemplate is None else cfg.contemplate, "seed": cfg.seed,
-        "warmup": cfg.warmup, "machine": _machine(), "numerics": runner.target.numerics,
+        "warmup": cfg.warmup, "repeats": cfg.repeats, "machine": _machine(),
+        "rss_after_load_bytes": loaded_rss, "peak_rss_bytes": peak_rss_bytes(), "numerics": runner.target.numerics,
         "draft_numerics": draft_numerics(runner.target.device), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "ran": n_todo, "resumed": len(questions) * len(runs) - n_todo,

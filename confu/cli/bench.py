@@ -24,7 +24,7 @@ def cmd_bench(args) -> None:
         categories=categories, limit_per_category=args.limit_per_category,
         temperatures=args.temperatures or [args.temperature], tree_nodes=args.tree_nodes,
         max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k, depth=args.depth,
-        topk=args.topk, contemplate=args.contemplate, seed=args.seed, warmup=args.warmup,
+        topk=args.topk, contemplate=args.contemplate, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
         progress=not args.no_progress,
     )
     res = run_bench(cfg)
@@ -54,6 +54,9 @@ def _add_bench(subparsers: Any) -> None:
     b.add_argument("--out", required=True, help="output directory; re-running with it resumes")
     b.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the first question per method and setting")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="timed runs of every question x method x setting, interleaved (intervals on speed-ups "
+                        "then carry the run-to-run noise)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_decoding_args(b)
     b.set_defaults(func=cmd_bench)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -97,6 +98,31 @@ class GenerationResult:
         return len(self.tokens) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
+# The stages of a round, in order, as `RoundHooks.stage_done` names them.
+STAGE_DRAFT = "draft"  # the draft's catch-up on the last round's tokens, the tree, tree sizing's node choice
+STAGE_VERIFY = "verify"  # the target pass: root, nodes and the extension's rows ([con] slots) in one forward
+STAGE_ACCEPT = "accept"  # the logits rows verification reads, the acceptance test or sampling
+STAGE_BOOKKEEPING = "bookkeeping"  # cache commit, the next round's future and features, tree sizing's clock
+STAGES = (STAGE_DRAFT, STAGE_VERIFY, STAGE_ACCEPT, STAGE_BOOKKEEPING)
+
+
+class RoundHooks(Protocol):
+    """Observes the decoding loop (`Decoder.hooks`); None, the default, costs one attribute test a stage.
+
+    Per sequence: `sequence_start` with the target cache it decodes into (its tensors are what the KV
+    footprint is read from); per round: `round_start`, then `stage_done` after each of `STAGES` in order,
+    then `round_done`. A benchmark's stage clock is one (`confu.bench.probes.StageClock`).
+    """
+
+    def sequence_start(self, cache: TargetCache) -> None: ...
+
+    def round_start(self) -> None: ...
+
+    def stage_done(self, stage: str) -> None: ...
+
+    def round_done(self) -> None: ...
+
+
 @dataclass
 class RoundState:
     """What the next round starts from."""
@@ -119,6 +145,7 @@ class Decoder:
         check_feature_layers(self.feature_layers, target.num_layers)
         self._verify_costs: VerifyCosts | None = None
         self._clock: tuple[float, list[float], int] | None = None  # the last sequence's AutoSizer.clock()
+        self.hooks: RoundHooks | None = None
 
     def sizer(self, cfg: GenerationConfig) -> AutoSizer | None:
         """Per-sequence tree sizing under `auto_tree` (the cost curve is loaded, or measured, once)."""
@@ -247,9 +274,12 @@ class Decoder:
         prompt = torch.tensor(prompt_ids, device=t.device)
         proposer, extension = self.proposer, self.extension
         sizer = self.sizer(cfg)
+        hooks = self.hooks
         with torch.no_grad():
             extension.begin(cfg)
             cache = t.new_cache(extension.soft_prompt())
+            if hooks is not None:
+                hooks.sequence_start(cache)
             first, features, future = self.prefill(cache, prompt, cfg, gen)
             if proposer is not None:
                 proposer.begin(cfg, t.max_context + 1)
@@ -264,6 +294,8 @@ class Decoder:
                 if room < 1:
                     yield [], None, "context"
                     return
+                if hooks is not None:
+                    hooks.round_start()
                 tic = time.perf_counter()
                 depth = 0 if proposer is None or room < 2 else sizer.plan_round() if sizer else cfg.tree.depth
                 budget = room - 1 if sizer is None else min(room - 1, sizer.draft_nodes())
@@ -272,9 +304,15 @@ class Decoder:
                 if sizer is not None and tree is not None:
                     tree = sizer.choose_nodes(tree, time.perf_counter() - tic)
                 toc = time.perf_counter()
+                if hooks is not None:
+                    hooks.stage_done(STAGE_DRAFT)
                 extend = sizer is None or depth > 0
                 out = self.verify_pass(cache, tree, state, extend)
+                if hooks is not None:
+                    hooks.stage_done(STAGE_VERIFY)
                 accepted, bonus = self._accept(tree, out.logits, cfg, gen)
+                if hooks is not None:
+                    hooks.stage_done(STAGE_ACCEPT)
                 keep = torch.tensor([0] + [i + 1 for i in accepted], device=t.device)
                 cache.commit(keep)
                 verified = time.perf_counter()
@@ -290,6 +328,9 @@ class Decoder:
                     else:
                         sizer.observe(tree, depth, len(accepted), draft_s, verified - toc)
                     self._clock = sizer.clock()
+                if hooks is not None:
+                    hooks.stage_done(STAGE_BOOKKEEPING)
+                    hooks.round_done()
                 step = StepRecord(
                     accepted=len(accepted),
                     tree_nodes=0 if tree is None else len(tree),
