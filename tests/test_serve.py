@@ -1,7 +1,9 @@
 """`confu serve` on 127.0.0.1 (uvicorn on a background thread, port 0) against a tiny random target and draft:
 the official `openai` client, streaming and not, with greedy output equal to `confu generate`; SSE framing and
-usage; stop sequences and seeds; every malformed input; a full queue; concurrent clients; a client leaving
-mid-generation; /metrics counters equal to the sum of the per-response statistics; the load run."""
+usage; stop sequences and seeds; usage and statistics of drafted rounds cut by a stop or max_tokens; every
+malformed input and unsupported parameter; the model card, /health and the API key; a full queue; concurrent
+clients; a client leaving mid-generation or while queued; /metrics counters equal to the sum of the per-response
+statistics; the load run."""
 
 from __future__ import annotations
 
@@ -14,19 +16,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
-from confu.bench.serve_load import LoadConfig, run_load, scrape_metrics
+from confu.bench.serve_load import LoadConfig, percentile, run_load, scrape_metrics
 from confu.cli import main
 from confu.cli.generate import load_decoder
-from confu.engine.checkpoint import new_draft, save_draft
+from confu.cli.serve import served_method
+from confu.engine.checkpoint import load_draft, new_draft, save_draft
 from confu.engine.generate import Decoder, GenerationConfig, GenerationResult
 from confu.engine.target import Target
-from confu.engine.tree import TreeConfig
+from confu.engine.tree import DraftTree, TreeConfig
 from confu.serve.generation import ServeConfig
 from confu.serve.protocol import Defaults
 from confu.serve.server import make_server, serve_in_thread
+from tests.helpers import OracleProposer, decoder_with
 
 MODEL = "tiny"
 TREE = TreeConfig(total_nodes=8, depth=3, topk=3)
@@ -48,9 +53,9 @@ def decoder(tiny_llama_dir, draft_dir) -> Decoder:
     return load_decoder(str(tiny_llama_dir), str(draft_dir))
 
 
-def serve_config(max_queue: int = 16) -> ServeConfig:
+def serve_config(max_queue: int = 16, **extra) -> ServeConfig:
     return ServeConfig(model_name=MODEL, defaults=Defaults(max_tokens=MAX_TOKENS, temperature=0.0, top_p=1.0, top_k=0),
-                       tree=TREE, auto_tree=False, max_queue=max_queue)  # fixed trees: every round drafts
+                       tree=TREE, auto_tree=False, max_queue=max_queue, **extra)  # fixed trees: every round drafts
 
 
 @contextmanager
@@ -60,13 +65,13 @@ def running(decoder: Decoder, cfg: ServeConfig) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server(decoder) -> Iterator[str]:
-    with running(decoder, serve_config()) as base_url:
+def server(decoder, draft_dir) -> Iterator[str]:
+    with running(decoder, serve_config(method=served_method(decoder), draft=str(draft_dir))) as base_url:
         yield base_url
 
 
-def client_for(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+def client_for(base_url: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
 def post(base_url: str, path: str, body: dict | bytes) -> httpx.Response:
@@ -126,9 +131,16 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
 # -- endpoints, through the official client ---------------------------------------------------------------------
 
 
-def test_health_models_and_unknown_routes(server):
-    assert httpx.get(server + "/health").json() == {"status": "ok"}
-    assert [m.id for m in client_for(server).models.list()] == [MODEL]
+def test_health_models_and_unknown_routes(server, draft_dir):
+    decoding = {"method": "eagle3", "draft": str(draft_dir)}  # what serves the model, told to every client
+    assert httpx.get(server + "/health").json() == {"status": "ok", "model": MODEL, **decoding}
+    client = client_for(server)
+    listed = client.models.list().data
+    assert [m.id for m in listed] == [MODEL] and listed[0].model_extra == {"max_model_len": 256, **decoding}
+    assert client.models.retrieve(MODEL) == listed[0]
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4")
+    assert err.value.code == "model_not_found"
     for reply in (httpx.get(server + "/v1/nothing"), post(server, "/v1/nothing", {})):
         assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
     reply = httpx.get(server + "/v1/completions")
@@ -222,6 +234,74 @@ def test_stop_sequences_cut_plain_and_streamed_text(server, decoder):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+class ChainProposer(OracleProposer):
+    """Proposes the reference continuation as a chain as deep as the round allows: every round accepts all of
+    it, so a round adds depth + 1 tokens and a stop or max_tokens can fall inside it."""
+
+    def propose(self, max_nodes, depth):
+        pos = len(self.seen) + 1  # tokens up to and including the root
+        chain = self.reference[pos: pos + min(depth, max_nodes)]
+        return DraftTree.from_parents(chain, list(range(-1, len(chain) - 1)), [-1.0 - d for d in range(len(chain))])
+
+
+def accepted_within(tokens: int, depth: int) -> int:
+    """Draft tokens in a reply of `tokens` when the prefill gives the first and every round accepts `depth`."""
+    accepted, left = 0, tokens - 1
+    while left > 0:
+        accepted += min(depth, left)
+        left -= depth + 1
+    return accepted
+
+
+@pytest.fixture(scope="module")
+def chain_server(decoder, draft_dir) -> Iterator[tuple[str, list[int]]]:
+    """A server whose every round accepts a chain of TREE.depth tokens; yields it and the greedy reply to the
+    raw PROMPT (40 tokens)."""
+    target = decoder.target
+    prompt_ids = target.tokenizer(PROMPT).input_ids
+    reply = Decoder(target).generate(prompt_ids, GenerationConfig(max_new_tokens=40)).tokens
+    assert len(reply) == 40, "the reference must outlast every request below"
+    ChainProposer.reference = prompt_ids + reply
+    with running(decoder_with(target, load_draft(draft_dir, target), ChainProposer), serve_config()) as base_url:
+        yield base_url, reply
+
+
+def test_a_drafted_round_cut_by_max_tokens_counts_what_the_reply_kept(chain_server):
+    base_url, reply = chain_server
+    for max_tokens in (7, 8, 9):  # the last round cut to 2 and 3 of its 4 tokens, and not cut
+        answer = post(base_url, "/v1/completions", {"prompt": PROMPT, "max_tokens": max_tokens}).json()
+        assert answer["usage"]["completion_tokens"] == max_tokens
+        spec = answer["spec_decode"]
+        assert spec["num_accepted_tokens"] == accepted_within(max_tokens, TREE.depth), max_tokens
+        assert sum(spec["num_accepted_tokens_per_pos"]) == spec["num_accepted_tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_inside_a_drafted_round_counts_the_tokens_plain_decoding_makes(chain_server, decoder, stream):
+    """A stop completed by the 2nd token of a 4-token round: the reply holds the tokens up to it, as a server
+    without a draft (a token a round) would count them, not the whole round."""
+    base_url, reply = chain_server
+    tokenizer = decoder.target.tokenizer
+
+    def text(n: int) -> str:
+        return tokenizer.decode(reply[:n], skip_special_tokens=True)
+
+    # a token k inside a round (k - 1 not a multiple of depth + 1) whose text appears first when it is added
+    k = next(k for k in range(6, 30) if (k - 1) % (TREE.depth + 1) and text(k)[len(text(k - 1)):].strip()
+             and text(k)[len(text(k - 1)):] not in text(k - 1))
+    stop = text(k)[len(text(k - 1)):]
+    body = {"prompt": PROMPT, "max_tokens": 30, "stop": [stop], "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None}
+    answer = post(base_url, "/v1/completions", body)
+    if stream:
+        *_, closing, usage = [json.loads(e) for e in sse_events(answer.text)[:-1]]
+        spec, usage = closing["spec_decode"], usage["usage"]
+    else:
+        spec, usage = answer.json()["spec_decode"], answer.json()["usage"]
+    assert usage["completion_tokens"] == k
+    assert spec["num_accepted_tokens"] == accepted_within(k, TREE.depth)
+
+
 def test_seeded_sampling_is_reproducible(server):
     body = {"prompt": "My friend reads", "max_tokens": 12, "temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 7}
     first, second = post(server, "/v1/completions", body).json(), post(server, "/v1/completions", body).json()
@@ -232,6 +312,11 @@ def test_seeded_sampling_is_reproducible(server):
 
 
 @pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"messages": MESSAGES, "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "frequency_penalty": -1}, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "temperature": 1e9}, "temperature"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 10**6}, "max_tokens"),
     ("/v1/chat/completions", b"{not json", None),
     ("/v1/chat/completions", b"[1, 2]", None),
     ("/v1/chat/completions", {"messages": "hello"}, "messages"),
@@ -256,6 +341,12 @@ def test_bad_requests_are_openai_style_400s(server, path, body, param):
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
     assert httpx.get(server + "/health").status_code == 200  # the server is still up
+
+
+def test_parameters_that_ask_for_nothing_are_accepted(server):
+    body = {"prompt": PROMPT, "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0,
+            "response_format": {"type": "text"}, "temperature": 2}
+    assert post(server, "/v1/completions", body).status_code == 200
 
 
 def test_missing_content_length_is_refused(server):
@@ -343,9 +434,48 @@ def test_disconnect_cancels_the_generation(slow, stream):
         assert post(base_url, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def test_disconnect_while_queued_is_counted_as_an_abort(slow):
+    with running(slow, serve_config()) as base_url:
+        with raw_post(base_url, "/v1/completions", {**LONG, "stream": True}) as busy:
+            assert busy.recv(4096).startswith(b"HTTP/1.1 200")  # the engine is generating
+            with raw_post(base_url, "/v1/completions", {"prompt": "hi", "max_tokens": 2}):
+                wait_for(lambda: metric(base_url, "confu:num_requests_waiting") == 1)
+            wait_for(lambda: metric(base_url, "confu:num_requests_waiting") == 0)
+            aborted = 'confu:request_success_total{finished_reason="abort"}'
+            wait_for(lambda: metric(base_url, aborted) == 1, timeout_s=10)
+            assert metric(base_url, "confu:num_requests_running") == 1, "the queued one left, the running one goes on"
+            assert metric(base_url, "confu:prompt_tokens_total") == len(slow.target.tokenizer("hi").input_ids)
+
+
+def test_api_key_guards_the_v1_routes(decoder):
+    with running(decoder, serve_config(api_key="sesame")) as base_url:
+        with pytest.raises(openai.AuthenticationError) as err:
+            client_for(base_url, api_key="wrong").models.list()
+        assert err.value.code == "invalid_api_key"
+        reply = post(base_url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Bearer"
+        assert reply.json()["error"]["code"] == "invalid_api_key"
+        answer = client_for(base_url, api_key="sesame").completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert answer.usage.completion_tokens == 2
+        assert httpx.get(base_url + "/health").status_code == 200  # probes and scrapers need no key
+        assert metric(base_url, 'confu:request_errors_total{status="401"}') == 2
+
+
+def test_serve_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: 127.0.0.1)", "(default: 8000)", "(default: 16)", "(default: auto)",
+                    "(default: none)", "(default: 128)"):
+        assert default in text
+    assert "(default: None)" not in text and "--api-key" in text
+
+
 def test_metrics_counters_equal_the_sum_of_responses(server):
     reply = httpx.get(server + "/metrics")
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    assert 'confu:spec_decode_num_drafts_total{model_name="tiny"}' in reply.text  # vLLM's label
+    assert 'confu:num_requests_waiting{model_name="tiny"}' in reply.text
     load = LoadConfig(base_url=server, model=MODEL)
     before = scrape_metrics(load)
     stats = []
@@ -378,4 +508,11 @@ def test_load_run_has_no_errors_and_consistent_counters(server):
     report = run_load(LoadConfig(base_url=server, model=MODEL, clients=3, requests_per_client=2, max_tokens=8))
     assert report["requests"] == 6 and report["streaming"] == 3 and report["errors"] == 0
     assert report["counters_consistent"], report["counters"]
-    assert report["ttft_s"]["p50"] is not None and report["latency_s"]["p95"] >= report["latency_s"]["p50"]
+    assert report["ttft_s"]["p50"] is not None
+
+
+def test_percentiles_interpolate_between_ranks_as_numpy_does():
+    values = [0.9, 0.1, 0.4, 2.5, 0.3, 1.7, 0.2]
+    for q in (0, 25, 50, 90, 95, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([3.0], 95) == 3.0 and percentile([], 50) is None

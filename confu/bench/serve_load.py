@@ -131,7 +131,8 @@ def send_request(cfg: LoadConfig, prompt: str, chat: bool, stream: bool) -> Requ
 
 
 def scrape_metrics(cfg: LoadConfig) -> dict[str, float]:
-    """`/metrics` as {sample name with its labels, as in the exposition: value}."""
+    """`/metrics` of the model `cfg.model` as {sample name with its labels but `model_name`, as in the exposition:
+    value}."""
     conn = _connection(cfg)
     try:
         conn.request("GET", "/metrics")
@@ -141,7 +142,10 @@ def scrape_metrics(cfg: LoadConfig) -> dict[str, float]:
     values = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            others = dict(sample.labels)
+            if others.pop("model_name", cfg.model) != cfg.model:
+                continue
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(others.items()))
             values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return values
 

@@ -7,6 +7,15 @@ import argparse
 from confu.engine import TARGET_NUMERICS
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, except where there is none (None) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_contemplate(value: str) -> int | None:
     if value == "all":
         return None
@@ -58,12 +67,12 @@ def add_numerics_arg(p: argparse.ArgumentParser) -> None:
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that decodes (generate, bench)."""
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens a prompt generates")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the probability mass kept (1 = all)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     p.add_argument("--depth", type=int, default=6, help="draft tree depth (under --tree-nodes auto: the most)")
     p.add_argument("--topk", type=int, default=8, help="children expanded per draft node")
     p.add_argument("--contemplate", type=parse_contemplate, default=None,
                    help="ConFu: 'all' (default) or the number of contemplate slots besides the root")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed")

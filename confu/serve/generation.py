@@ -8,6 +8,10 @@ generation runs on the same thread (torch's grad mode is per thread, and the dec
 `torch.no_grad()` on its first round). Between rounds a request whose client left is cancelled. Stop sequences
 are matched on the decoded text; streamed text holds back what could still become a stop sequence or is an
 incomplete UTF-8 character.
+
+A reply counts what plain decoding would have generated, whatever the method: a round of several tokens (a
+draft's) that a stop sequence, EOS or max_tokens cuts short counts its tokens up to the cut only, in `usage` and in
+the spec-decode statistics alike.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import anyio
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.tree import TreeConfig
 from confu.serve.metrics import ServerMetrics, SpecDecodeStats
-from confu.serve.protocol import CompletionRequest, Defaults, RequestError, parse_request, usage
+from confu.serve.protocol import CompletionRequest, Defaults, RequestError, check_model, parse_request, usage
 
 # How often a queued request checks that its client is still there.
 QUEUE_POLL_S = 0.2
@@ -42,6 +46,9 @@ class ServeConfig:
     auto_tree: bool = True  # `tree` bounds per-round sizing (`--tree-nodes auto`)
     contemplate: int | None = None
     max_queue: int = 16  # requests waiting beyond the one generating
+    method: str = "plain"  # what decodes: "plain", or the draft's method ("eagle3", "confu"); told to clients
+    draft: str | None = None  # the draft directory, as given
+    api_key: str | None = None  # required as `Authorization: Bearer <key>` on /v1 routes when set
 
 
 class ClientGone(Exception):
@@ -106,15 +113,29 @@ class StopText:
     def _text(self) -> str:
         return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
 
-    def add(self, new_tokens: list[int]) -> str:
-        """Text released by `new_tokens`; sets `stopped` when a stop sequence appeared."""
-        self.tokens.extend(new_tokens)
-        text = self._text()
+    def _stop_at(self, text: str) -> int | None:
+        """Where the first stop sequence in the unreleased part of `text` (and its overlap) begins, or None."""
         longest = max((len(s) for s in self.stops), default=0)
         hits = [i for i in (text.find(s, max(0, self.sent - longest)) for s in self.stops) if i >= 0]
-        if hits:
+        return min(hits, default=None)
+
+    def add(self, new_tokens: list[int]) -> str:
+        """Text released by `new_tokens`; sets `stopped` when a stop sequence appeared, and then keeps only the
+        new tokens up to the one that completed it (the ones plain decoding, a token at a time, would have made)."""
+        kept = len(self.tokens)
+        self.tokens.extend(new_tokens)
+        text = self._text()
+        stop = self._stop_at(text)
+        if stop is not None:
+            while len(self.tokens) > kept + 1:
+                shorter = self.tokenizer.decode(self.tokens[:-1], skip_special_tokens=True)
+                earlier = self._stop_at(shorter)
+                if earlier is None:
+                    break
+                self.tokens.pop()
+                text, stop = shorter, earlier
             self.stopped = True
-            return self._release(text, min(hits))
+            return self._release(text, stop)
         end = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character decodes as U+FFFD until it completes
         held = max((k for s in self.stops for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
         return self._release(text, end - held)
@@ -136,7 +157,8 @@ class Engine:
     def __init__(self, decoder: Decoder, cfg: ServeConfig):
         self.decoder, self.cfg = decoder, cfg
         self.slot = EngineSlot(cfg.max_queue)
-        self.metrics = ServerMetrics(cfg.tree.depth, lambda: self.slot.running, lambda: self.slot.waiting)
+        self.metrics = ServerMetrics(cfg.tree.depth, cfg.model_name, lambda: self.slot.running,
+                                     lambda: self.slot.waiting)
         self.started = int(time.time())
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="confu-engine")
 
@@ -152,9 +174,20 @@ class Engine:
         return parse_request(raw, chat, self.cfg.model_name, t.tokenizer, t.vocab_size, t.max_context,
                              self.cfg.defaults)
 
+    def decoding(self) -> dict[str, Any]:
+        """How the model is served: the method and the draft (None for plain decoding)."""
+        return {"method": self.cfg.method, "draft": self.cfg.draft}
+
+    def model_card(self, model_id: str | None = None) -> dict[str, Any]:
+        """`/v1/models/{model_id}` (the one model served; any other id is a 404), with vLLM's max_model_len and
+        confu's `decoding()`."""
+        if model_id is not None:
+            check_model(model_id, self.cfg.model_name, status=404)
+        return {"id": self.cfg.model_name, "object": "model", "created": self.started, "owned_by": "confu",
+                "max_model_len": self.decoder.target.max_context, **self.decoding()}
+
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": self.started,
-                                            "owned_by": "confu"}]}
+        return {"object": "list", "data": [self.model_card()]}
 
 
 class Generation:
@@ -166,7 +199,6 @@ class Generation:
                                        auto_tree=engine.cfg.auto_tree, contemplate=engine.cfg.contemplate,
                                        seed=req.seed)
         self.stats = SpecDecodeStats(depth=engine.cfg.tree.depth)
-        self.completion_tokens = 0
         self.finish_reason: str | None = None  # None while decoding; "abort" if it never finished
         self.ttft_s: float | None = None
         self.text = StopText(engine.decoder.target.tokenizer, req.stop)
@@ -177,10 +209,12 @@ class Generation:
         tokens, step, reason = next(rounds)
         if step is None and self.ttft_s is None:  # the prefill's token
             self.ttft_s = time.perf_counter() - self.arrival
-        if step is not None and step.tree_nodes:
-            self.stats.observe_round(step.accepted, step.tree_nodes)
-        self.completion_tokens += len(tokens)
+        before = self.completion_tokens
         piece = self.text.add(tokens)
+        if step is not None and step.tree_nodes:
+            # The round's accepted draft tokens come first: those that reached the reply are at most its tokens
+            # there (the engine's record counts what the target accepted, before max_tokens, EOS or a stop).
+            self.stats.observe_round(min(step.accepted, self.completion_tokens - before), step.tree_nodes)
         if self.text.stopped:
             self.finish_reason = "stop"
         elif reason:  # the engine's: "eos" ends the turn; "max_new_tokens" and "context" are the length
@@ -204,9 +238,16 @@ class Generation:
             # so the next request starts on a free engine.
             with anyio.CancelScope(shield=True):
                 await self.engine.run(rounds.close)
-            self.engine.metrics.record(self.finish_reason or "abort", len(self.req.prompt_ids),
-                                       self.completion_tokens, self.stats, time.perf_counter() - self.arrival,
-                                       self.ttft_s)
+            self.record()
+
+    def record(self) -> None:
+        """Counts this request in the metrics, as it ended (an abort: its client left, queued or decoding)."""
+        self.engine.metrics.record(self.finish_reason or "abort", len(self.req.prompt_ids), self.completion_tokens,
+                                   self.stats, time.perf_counter() - self.arrival, self.ttft_s)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.text.tokens)
 
     def usage(self) -> dict[str, int]:
         return usage(len(self.req.prompt_ids), self.completion_tokens)

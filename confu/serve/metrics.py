@@ -1,20 +1,23 @@
 """Speculative-decoding statistics per request and the server's Prometheus metrics.
 
-Names follow vLLM's (`vllm:spec_decode_num_drafts`, ... ; here `confu:`), so dashboards built for vLLM read
-confu's. The metrics are prometheus_client's, in a registry of the server's own (not the process-wide default
-one): two servers in one process, as in the tests, keep separate counts. Counters are exposed with the `_total`
-suffix, as prometheus_client writes them.
+Names follow vLLM's (`vllm:spec_decode_num_drafts`, ... ; here `confu:`), and every sample carries the served
+model's name as its `model_name` label, as vLLM's do, so dashboards built for vLLM read confu's. The metrics are
+prometheus_client's, in a registry of the server's own (not the process-wide default one): two servers in one
+process, as in the tests, keep separate counts. Counters are exposed with the `_total` suffix, as
+prometheus_client writes them.
 
 Spec-decode counting, per verification round that had a draft tree (`StepRecord`): `num_drafts` += 1,
 `num_draft_tokens` += the tree's nodes (every token the target verified as a draft, as vLLM counts a chain's k),
-`num_accepted_tokens` += tokens accepted from the tree, `num_accepted_tokens_per_pos[i]` += 1 when the accepted
-path reached depth i + 1. Mean acceptance length = 1 + accepted / drafts, the τ of `confu generate`.
+`num_accepted_tokens` += tokens accepted from the tree that reached the reply (not those past max_tokens, EOS or
+a stop sequence), `num_accepted_tokens_per_pos[i]` += 1 when the accepted path reached depth i + 1. Mean
+acceptance length = 1 + accepted / drafts, the τ of `confu generate`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -64,52 +67,55 @@ class SpecDecodeStats:
 
 
 class ServerMetrics:
-    """Everything `/metrics` shows."""
+    """Everything `/metrics` shows, each sample labelled with the served model's name."""
 
-    def __init__(self, depth: int, running: Callable[[], float], waiting: Callable[[], float]):
+    def __init__(self, depth: int, model_name: str, running: Callable[[], float], waiting: Callable[[], float]):
         p = "confu:"
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.num_drafts = Counter(p + "spec_decode_num_drafts", "Verification rounds that checked a draft.",
-                                  registry=r)
-        self.num_draft_tokens = Counter(p + "spec_decode_num_draft_tokens", "Draft tokens verified (tree nodes).",
-                                        registry=r)
-        self.num_accepted_tokens = Counter(p + "spec_decode_num_accepted_tokens", "Draft tokens accepted.",
-                                           registry=r)
-        self.accepted_per_pos = Counter(p + "spec_decode_num_accepted_tokens_per_pos",
-                                        "Draft tokens accepted at each position.", ["position"], registry=r)
-        self.request_success = Counter(p + "request_success", "Finished requests by finish reason.",
-                                       ["finished_reason"], registry=r)
-        self.request_errors = Counter(p + "request_errors", "Requests answered with an error, by HTTP status.",
-                                      ["status"], registry=r)
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests.", registry=r)
-        self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated for finished requests.",
-                                         registry=r)
-        self.latency = Histogram(p + "e2e_request_latency_seconds", "Request latency, arrival to last token.",
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "Arrival to the first generated token.",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        Gauge(p + "num_requests_running", "Requests generating now (0 or 1).", registry=r).set_function(running)
-        Gauge(p + "num_requests_waiting", "Requests queued for the engine.", registry=r).set_function(waiting)
+        r = self.registry = CollectorRegistry()
+        model = {"model_name": model_name}
+
+        def labelled(metric_type, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs):
+            """The metric, with `model_name` bound (labels beyond it are bound per sample)."""
+            metric = metric_type(p + name, doc, ["model_name", *labels], registry=r, **kwargs)
+            return metric.labels(**model) if not labels else partial(metric.labels, **model)
+
+        self.num_drafts = labelled(Counter, "spec_decode_num_drafts", "Verification rounds that checked a draft.")
+        self.num_draft_tokens = labelled(Counter, "spec_decode_num_draft_tokens",
+                                         "Draft tokens verified (tree nodes).")
+        self.num_accepted_tokens = labelled(Counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.accepted_per_pos = labelled(Counter, "spec_decode_num_accepted_tokens_per_pos",
+                                         "Draft tokens accepted at each position.", ("position",))
+        self.request_success = labelled(Counter, "request_success", "Finished requests by finish reason.",
+                                        ("finished_reason",))
+        self.request_errors = labelled(Counter, "request_errors", "Requests answered with an error, by HTTP status.",
+                                       ("status",))
+        self.prompt_tokens = labelled(Counter, "prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = labelled(Counter, "generation_tokens", "Tokens generated for finished requests.")
+        self.latency = labelled(Histogram, "e2e_request_latency_seconds", "Request latency, arrival to last token.",
+                                buckets=LATENCY_BUCKETS)
+        self.ttft = labelled(Histogram, "time_to_first_token_seconds", "Arrival to the first generated token.",
+                             buckets=LATENCY_BUCKETS)
+        labelled(Gauge, "num_requests_running", "Requests generating now (0 or 1).").set_function(running)
+        labelled(Gauge, "num_requests_waiting", "Requests queued for the engine.").set_function(waiting)
         for pos in range(depth):  # every position is listed from the start, as vLLM does
-            self.accepted_per_pos.labels(position=str(pos))
+            self.accepted_per_pos(position=str(pos))
 
     def record(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, stats: SpecDecodeStats,
                latency_s: float, ttft_s: float | None) -> None:
-        self.request_success.labels(finished_reason=finish_reason).inc()
+        self.request_success(finished_reason=finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.num_drafts.inc(stats.num_drafts)
         self.num_draft_tokens.inc(stats.num_draft_tokens)
         self.num_accepted_tokens.inc(stats.num_accepted_tokens)
         for pos, count in enumerate(stats.accepted_per_pos):
-            self.accepted_per_pos.labels(position=str(pos)).inc(count)
+            self.accepted_per_pos(position=str(pos)).inc(count)
         self.latency.observe(latency_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
 
     def error(self, status: int) -> None:
-        self.request_errors.labels(status=str(status)).inc()
+        self.request_errors(status=str(status)).inc()
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition in the format the scraper's Accept header asks for (Prometheus text by default), and

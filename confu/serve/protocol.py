@@ -2,9 +2,12 @@
 body, never an exception that reaches the server) and the response / stream-chunk shapes.
 
 Supported: `/v1/chat/completions` (messages through the target's chat template) and `/v1/completions` (a raw
-prompt, or token ids), with temperature, top_p, top_k (an extension, as in vLLM), max_tokens
-(or max_completion_tokens), stop, seed, stream and stream_options.include_usage. Omitted sampling parameters take
-the server's decoding flags (greedy unless `confu serve --temperature` says otherwise), not OpenAI's temperature 1.
+prompt, or token ids), with temperature (0 to 2, as OpenAI's), top_p, top_k (an extension, as in vLLM), max_tokens
+(or max_completion_tokens; at most what the context has room for after the prompt), stop, seed, stream and
+stream_options.include_usage. Omitted sampling parameters take the server's decoding flags (greedy unless
+`confu serve --temperature` says otherwise), not OpenAI's temperature 1; an omitted max_tokens is the server's,
+cut to the context's room. A parameter confu does not implement is refused unless it asks for nothing, never
+silently ignored.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from confu.engine.sampling import SamplingConfig
 from confu.errors import InputError
 
 MAX_STOP_SEQUENCES = 4
+MAX_TEMPERATURE = 2.0  # OpenAI's bound
 ROLES = ("system", "user", "assistant", "tool", "developer")
 # Parameters confu does not implement, with the values that ask for nothing (accepted as such).
 UNSUPPORTED = {"logprobs": (None, False), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
-               "best_of": (None, 1)}
+               "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "logit_bias": (None, {}), "response_format": (None, {"type": "text"})}
 
 
 class RequestError(Exception):
@@ -134,6 +139,13 @@ def completion_prompt_ids(tokenizer, prompt: Any, vocab_size: int) -> list[int]:
                        "(one prompt per request)", param="prompt")
 
 
+def check_model(name: Any, served: str, status: int = 400) -> None:
+    """Refuses any model but the one served: a 400 for a request's `model`, a 404 for a `/v1/models/{id}`."""
+    if name != served:
+        raise RequestError(f"the model {json.dumps(name)} does not exist; this server serves {json.dumps(served)}",
+                           status=status, param="model", code="model_not_found")
+
+
 def parse_request(raw: bytes, chat: bool, model: str, tokenizer, vocab_size: int, max_context: int,
                   defaults: Defaults) -> CompletionRequest:
     try:
@@ -142,10 +154,7 @@ def parse_request(raw: bytes, chat: bool, model: str, tokenizer, vocab_size: int
         raise RequestError(f"the request body is not valid JSON: {err}") from err
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    name = body.get("model", model)
-    if name != model:
-        raise RequestError(f"the model {json.dumps(name)} does not exist; this server serves {json.dumps(model)}",
-                           param="model", code="model_not_found")
+    check_model(body.get("model", model), model)
     n = body.get("n")
     if n not in (None, 1):
         raise RequestError("only n = 1 is supported", param="n")
@@ -160,15 +169,16 @@ def parse_request(raw: bytes, chat: bool, model: str, tokenizer, vocab_size: int
         raise RequestError("'stream_options' must be an object with a boolean include_usage", param="stream_options")
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = defaults.max_tokens
-    elif not _is_int(max_tokens) or max_tokens < 1:
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise RequestError(f"'max_tokens' must be an integer >= 1, got {json.dumps(max_tokens)}", param="max_tokens")
     top_k = _optional_int(body, "top_k")
     top_k = defaults.top_k if top_k is None else (0 if top_k == -1 else top_k)  # vLLM spells "off" as -1
+    temperature = _number(body, "temperature", defaults.temperature)
+    if temperature > MAX_TEMPERATURE:
+        raise RequestError(f"'temperature' must be at most {MAX_TEMPERATURE:g}, got {temperature:g}",
+                           param="temperature")
     try:
-        sampling = SamplingConfig(_number(body, "temperature", defaults.temperature),
-                                  _number(body, "top_p", defaults.top_p), top_k)
+        sampling = SamplingConfig(temperature, _number(body, "top_p", defaults.top_p), top_k)
     except InputError as err:
         raise RequestError(str(err)) from err
 
@@ -176,9 +186,16 @@ def parse_request(raw: bytes, chat: bool, model: str, tokenizer, vocab_size: int
         tokenizer, body.get("prompt"), vocab_size)
     if not ids:
         raise RequestError("the prompt is empty", param="messages" if chat else "prompt")
-    if len(ids) + 1 > max_context:
+    room = max_context - len(ids)  # tokens the context holds after the prompt
+    if room < 1:
         raise RequestError(f"the prompt has {len(ids)} tokens; the model's context holds {max_context}",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(defaults.max_tokens, room)
+    elif max_tokens > room:
+        raise RequestError(f"'max_tokens' is {max_tokens}, but the model's context of {max_context} tokens holds "
+                           f"{room} after the prompt's {len(ids)}", param="max_tokens",
+                           code="context_length_exceeded")
     return CompletionRequest(chat=chat, model=model, prompt_ids=ids, max_tokens=max_tokens, sampling=sampling,
                              seed=_optional_int(body, "seed"), stop=_stop(body), stream=stream,
                              include_usage=options.get("include_usage", False))

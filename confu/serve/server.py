@@ -1,18 +1,21 @@
 """`confu serve`'s HTTP layer: a FastAPI app over one `Engine`, run by uvicorn.
 
 Routes: `/v1/chat/completions` and `/v1/completions` (a JSON body, or an SSE stream that ends with
-`data: [DONE]`), `/v1/models`, `/health`, `/metrics`. Request bodies are read raw and validated by
-`confu.serve.protocol`, not by FastAPI's pydantic models: every mistake must be an OpenAI-style 400, which is
-what OpenAI clients parse. Unknown routes and methods get the same error shape.
+`data: [DONE]`), `/v1/models` and `/v1/models/{id}` (with the method and draft that serve the model), `/health`
+(the same), `/metrics`. Request bodies are read raw and validated by `confu.serve.protocol`, not by FastAPI's
+pydantic models: every mistake must be an OpenAI-style 400, which is what OpenAI clients parse. Unknown routes and
+methods get the same error shape. With an API key, every /v1 route wants it as a bearer token (401 otherwise, as
+vLLM and llama-server answer); /health and /metrics stay open to probes and scrapers.
 
 A request waits for the engine slot before its response starts, so a full queue is a plain 429 and a stream's
 200 means its generation has begun. A plain request asks between rounds whether its client is still connected; a
 streaming one is cancelled by Starlette when its client disconnects. Either way the generation stops at the end of
-the round in flight.
+the round in flight. A request whose client leaves while it is queued, or decoding, is counted as an abort.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
@@ -26,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from confu.engine.generate import Decoder
 from confu.errors import ConfuError
@@ -65,8 +68,27 @@ class EventStream(StreamingResponse):
 
 def error_response(engine: Engine, err: RequestError) -> JSONResponse:
     engine.metrics.error(err.status)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
+    headers = {429: {"Retry-After": str(RETRY_AFTER_S)}, 401: {"WWW-Authenticate": "Bearer"}}.get(err.status)
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+class BearerAuth:
+    """ASGI middleware: a /v1 request without `Authorization: Bearer <api key>` gets an OpenAI-style 401 (pure
+    ASGI, not Starlette's BaseHTTPMiddleware, so streams and disconnects pass through untouched)."""
+
+    def __init__(self, app: ASGIApp, engine: Engine, api_key: str):
+        self.app, self.engine = app, engine
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = RequestError("a valid API key is required: 'Authorization: Bearer <key>'", status=401,
+                                   code="invalid_api_key")
+                await error_response(self.engine, err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def engine_error(err: Exception) -> RequestError:
@@ -120,12 +142,18 @@ async def completion(engine: Engine, request: Request, chat: bool) -> Response:
     try:
         req = engine.parse(await read_body(request), chat)
         gen = Generation(engine, req, arrival)
-        await engine.slot.acquire(request.is_disconnected)
     except RequestError as err:
         return error_response(engine, err)
     except ConfuError as err:  # the engine refused the request's settings
         return error_response(engine, RequestError(str(err)))
-    except (ClientGone, ClientDisconnect):  # gone while queued, or before its body was read
+    except ClientDisconnect:  # gone before its body was read: there is no request to count
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    try:
+        await engine.slot.acquire(request.is_disconnected)
+    except RequestError as err:  # the queue is full
+        return error_response(engine, err)
+    except ClientGone:  # gone while queued
+        gen.record()
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     if req.stream:
         return EventStream(stream_events(gen), release=engine.slot.release)
@@ -147,6 +175,8 @@ def create_app(engine: Engine) -> FastAPI:
 
     # The API is OpenAI's, validated by hand (see the module docstring): FastAPI's generated schema would be empty.
     app = FastAPI(title="confu", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if engine.cfg.api_key:
+        app.add_middleware(BearerAuth, engine=engine, api_key=engine.cfg.api_key)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -154,12 +184,19 @@ def create_app(engine: Engine) -> FastAPI:
         return error_response(engine, RequestError(str(exc.detail), status=exc.status_code, code=code))
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.cfg.model_name, **engine.decoding()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return engine.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        try:
+            return JSONResponse(engine.model_card(model_id))
+        except RequestError as err:
+            return error_response(engine, err)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
