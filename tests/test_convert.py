@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from confu.cli import main
 from confu.engine.checkpoint import load_draft, new_draft, save_draft
-from confu.engine.convert import CONFU_TO_EAGLE3, TargetInfo, convert, detect_layout
+from confu.engine.convert import CONFU_TO_EAGLE3, TargetInfo, convert, detect_layout, public_name
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.tree import TreeConfig
-from confu.errors import CheckpointError, DraftMismatchError
+from confu.errors import CheckpointError, DraftMismatchError, InputError
 from tests.helpers import chat_ids, load_target
 
 DRAFT_VOCAB = 200
@@ -162,7 +162,8 @@ def test_exported_configs_and_names(target, info, tmp_path):
     sc = spec["speculators_config"]
     assert sc["algorithm"] == "eagle3" and sc["default_proposal_method"] == "greedy"
     assert sc["proposal_methods"][0]["speculative_tokens"] == 3
-    assert sc["verifier"]["name_or_path"] == str(Path(target.name).resolve())
+    # a name another machine can use: the model directory's, not its local path
+    assert sc["verifier"]["name_or_path"] == Path(target.name).resolve().name
     spec_names = set(load_file(str(tmp_path / "spec/model.safetensors")))
     assert spec_names == {k.replace("midlayer.", "layers.0.") for k in CONFU_TO_EAGLE3.values()}
 
@@ -304,8 +305,57 @@ def test_speculators_without_norm_before_residual_is_refused(target, info, tmp_p
     cfg = json.loads((tmp_path / "spec/config.json").read_text())
     del cfg["norm_before_residual"]  # vLLM reads a missing flag as true
     (tmp_path / "spec/config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="norm_before_residual: true"):
+    with pytest.raises(CheckpointError, match="config lacks norm_before_residual, which vLLM then takes as true"):
         convert(tmp_path / "spec", info, "confu", tmp_path / "back")
+
+
+def test_a_file_as_source_is_called_a_file(target, tmp_path, tiny_llama_dir, capsys):
+    src = save_draft(random_head(target), tmp_path / "confu")
+    err = cli_error(capsys, ["convert", str(src / "model.safetensors"), "--target", str(tiny_llama_dir), "--to",
+                             "eagle3", "--out", str(tmp_path / "out")])
+    assert "model.safetensors is a file; a draft is a directory holding config.json" in err
+
+
+def test_a_non_empty_out_is_refused_unless_forced(target, info, tmp_path, tiny_llama_dir, capsys):
+    src = save_draft(random_head(target), tmp_path / "confu")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["convert", str(src), "--target", str(tiny_llama_dir), "--to", "eagle3", "--out", str(out)]
+    err = cli_error(capsys, args)
+    assert "is not empty" in err and "--force" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"], "nothing written"
+    assert main(args + ["--force"]) == 0 and detect_layout(out) == "eagle3"
+    with pytest.raises(InputError, match="is a file"):
+        convert(src, info, "eagle3", out / "notes.txt")
+
+
+def test_a_target_too_shallow_for_the_default_feature_layers_is_refused(target, tmp_path):
+    """A target of the draft's hidden and vocabulary sizes but 4 layers: EAGLE-3's default layers for it would be
+    (2, 2, 1), which no draft was trained on."""
+    shallow = tmp_path / "shallow"
+    shallow.mkdir()
+    config = json.loads((Path(target.name) / "config.json").read_text())
+    (shallow / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    src = official_dir(random_head(target), tmp_path / "official")
+    with pytest.raises(DraftMismatchError, match=r"feature layers \[2, 2, 1\] \(from EAGLE-3's default"):
+        convert(src, TargetInfo.load(str(shallow)), "confu", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_speculators_draft_for_another_architecture_is_refused(target, info, tmp_path):
+    convert(save_draft(random_head(target), tmp_path / "confu"), info, "speculators", tmp_path / "spec")
+    cfg = json.loads((tmp_path / "spec/config.json").read_text())
+    cfg["speculators_config"]["verifier"] = {"name_or_path": "Qwen/Qwen3-8B", "architectures": ["Qwen3ForCausalLM"]}
+    (tmp_path / "spec/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DraftMismatchError, match="drafts for a Qwen3ForCausalLM verifier"):
+        convert(tmp_path / "spec", info, "confu", tmp_path / "back")
+
+
+def test_public_name_is_never_a_local_path(tmp_path):
+    assert public_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert public_name(str(tmp_path / "models" / "Llama-3.1-8B-Instruct")) == "Llama-3.1-8B-Instruct"
+    assert public_name(str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct.Q4_1"
 
 
 def test_broken_weights_are_one_line_errors(target, tmp_path, tiny_llama_dir, capsys):

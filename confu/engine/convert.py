@@ -82,7 +82,7 @@ class TargetInfo:
     """
 
     name: str  # the --target spec, as confu drafts record it
-    name_or_path: str  # what another engine loads (an HF id or a directory)
+    public_name: str  # what other engines know the target as (`public_name`)
     model_type: str
     architectures: tuple[str, ...]
     hidden_size: int
@@ -94,14 +94,14 @@ class TargetInfo:
     feature_layers: tuple[int, ...]
 
     @classmethod
-    def from_hf_config(cls, name: str, config: Any, name_or_path: str, vocab_size: int | None = None) -> TargetInfo:
+    def from_hf_config(cls, name: str, config: Any, vocab_size: int | None = None) -> TargetInfo:
         from confu.engine.target import default_feature_layers
 
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = config.num_attention_heads
         return cls(
             name=name,
-            name_or_path=name_or_path,
+            public_name=public_name(name),
             model_type=config.model_type,
             architectures=tuple(getattr(config, "architectures", None) or ()),
             hidden_size=config.hidden_size,
@@ -120,20 +120,28 @@ class TargetInfo:
 
         from confu.hub import resolve_target
 
-        path = resolve_target(spec)
-        return cls.from_hf_config(spec, AutoConfig.from_pretrained(path), str(Path(path).resolve()))
+        return cls.from_hf_config(spec, AutoConfig.from_pretrained(resolve_target(spec)))
 
     @classmethod
     def of(cls, target) -> TargetInfo:
         """Of a loaded `Target` (its embedding decides the vocabulary size, as for confu's own drafts)."""
-        config = target.model.config
-        return cls.from_hf_config(target.name, config, getattr(config, "_name_or_path", "") or target.name,
-                                  vocab_size=target.vocab_size)
+        return cls.from_hf_config(target.name, target.model.config, vocab_size=target.vocab_size)
 
     def identity(self) -> dict[str, Any]:
         """`DraftConfig.target`, as `DraftConfig.for_target` writes it."""
         return {"name": self.name, "model_type": self.model_type, "hidden_size": self.hidden_size,
                 "num_hidden_layers": self.num_layers, "vocab_size": self.vocab_size}
+
+
+def public_name(spec: str) -> str:
+    """The target's name for other engines (a speculators `verifier`): an embedded target's Hugging Face id,
+    else its directory's or GGUF file's name; never a local path, which means nothing on another machine."""
+    from confu.hub import EMBEDDED_TARGETS
+
+    if spec in EMBEDDED_TARGETS:
+        return EMBEDDED_TARGETS[spec].hub_id
+    path = Path(spec).expanduser().resolve()
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
 @dataclass
@@ -196,6 +204,9 @@ def read_weights(src: Path) -> dict[str, Tensor]:
 def detect_layout(src: str | Path) -> str:
     """`confu`, `eagle3` or `speculators`, from config.json (and the weight names when the config is ambiguous)."""
     src = Path(src)
+    if src.is_file():
+        raise CheckpointError(f"{src} is a file; a draft is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME} "
+                              f"(or {PICKLE_WEIGHTS_NAME})")
     if not src.is_dir():
         raise CheckpointError(f"draft directory not found: {src}")
     cfg = _read_json(src / CONFIG_NAME)
@@ -310,8 +321,17 @@ def _parse_foreign(layout: str, c: dict[str, Any], target: TargetInfo, source: s
     layer_cfg = c.get("transformer_layer_config") or c.get("transformer_config")
     if not isinstance(layer_cfg, dict):
         raise CheckpointError(f"{source}: speculators config lacks transformer_layer_config")
-    # vLLM treats a missing norm_before_residual as true; confu's layer is the false case.
-    flags = {"norm_before_residual": c.get("norm_before_residual", True)}
+    if "norm_before_residual" not in c:
+        raise CheckpointError(f"{source}: speculators config lacks norm_before_residual, which vLLM then takes as "
+                              "true (a normed residual, which confu's draft layer does not implement); a draft with "
+                              "the un-normed residual says norm_before_residual: false")
+    verifier = (c.get("speculators_config") or {}).get("verifier") or {}
+    drafts_for = verifier.get("architectures")
+    if drafts_for and target.architectures and not set(drafts_for) & set(target.architectures):
+        raise DraftMismatchError(f"{source} drafts for a {'/'.join(drafts_for)} verifier "
+                                 f"({verifier.get('name_or_path')}), not target {target.name!r} "
+                                 f"({'/'.join(target.architectures)})")
+    flags = {"norm_before_residual": c["norm_before_residual"]}
     for key in ("norm_before_fc", "fc_norm", "norm_output", "target_hidden_size"):
         if key in c:
             flags[key] = c[key]
@@ -348,9 +368,15 @@ def _rename_foreign(layout: str, tensors: dict[str, Tensor], cfg: DraftConfig, s
 def _validate(ckpt: DraftCheckpoint, target: TargetInfo, source: str) -> None:
     """Config against the target, tensors against the config (shapes from a head built on the meta device)."""
     cfg = ckpt.cfg
-    if not all(0 <= i <= target.num_layers for i in cfg.feature_layers):
-        raise DraftMismatchError(f"{source}: feature layers {cfg.feature_layers} do not exist in target "
+    layers = list(cfg.feature_layers)
+    if not all(0 <= i <= target.num_layers for i in layers):
+        raise DraftMismatchError(f"{source}: feature layers {layers} do not exist in target "
                                  f"{target.name!r} ({target.num_layers} layers)")
+    if layers != sorted(set(layers)):  # low, mid, high: a draft trained on a target reads three distinct layers
+        why = (f"EAGLE-3's default (2, L//2, L-3) for its {target.num_layers} layers" if tuple(layers) ==
+               target.feature_layers else "the draft's config")
+        raise DraftMismatchError(f"{source}: feature layers {layers} (from {why}) are not three distinct layers "
+                                 f"from low to high; is {target.name!r} the target this draft was trained for?")
     if cfg.hidden_size != target.hidden_size or cfg.vocab_size != target.vocab_size:
         raise DraftMismatchError(
             f"{source} does not fit target {target.name!r}: hidden size draft {cfg.hidden_size}, target "
@@ -435,7 +461,7 @@ def llama_config(cfg: DraftConfig, target: TargetInfo, dtype: str) -> dict[str, 
 class ExportOptions:
     """What the other engines' configs record beyond the head itself."""
 
-    verifier: str | None = None  # speculators `verifier.name_or_path` (default: the target's path)
+    verifier: str | None = None  # speculators `verifier.name_or_path` (default: the target's `public_name`)
     speculative_tokens: int = 3  # speculators `proposal_methods[0].speculative_tokens` (vLLM's default k)
 
     def __post_init__(self) -> None:
@@ -470,7 +496,7 @@ def speculators_config(cfg: DraftConfig, target: TargetInfo, dtype: str, options
             "algorithm": "eagle3",
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": options.speculative_tokens}],
             "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": options.verifier or target.name_or_path,
+            "verifier": {"name_or_path": options.verifier or target.public_name,
                          "architectures": list(target.architectures)},
         },
         "torch_dtype": dtype,
@@ -517,10 +543,17 @@ class ConversionReport:
 
 
 def convert(src: str | Path, target: TargetInfo, to: str, out: str | Path,
-            options: ExportOptions | None = None) -> ConversionReport:
-    """Read `src` in whatever layout it has, check it against `target`, write it to `out` in layout `to`."""
-    if Path(out).resolve() == Path(src).resolve():
+            options: ExportOptions | None = None, force: bool = False) -> ConversionReport:
+    """Read `src` in whatever layout it has, check it against `target`, write it to `out` in layout `to`. An
+    `out` that holds anything is refused unless `force` (its config and weights are then replaced)."""
+    out = Path(out)
+    if out.resolve() == Path(src).resolve():
         raise InputError("--out must differ from the source directory")
+    if out.is_file():
+        raise InputError(f"--out {out} is a file; a draft is written as a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InputError(f"--out {out} is not empty; name a new or empty directory, or pass --force to write "
+                         "into it")
     ckpt = read_checkpoint(src, target)
     notes = ckpt.notes + write_checkpoint(ckpt, to, out, target, options)
-    return ConversionReport(ckpt.layout, to, Path(out), notes)
+    return ConversionReport(ckpt.layout, to, out, notes)
