@@ -1,8 +1,8 @@
 """The decoding loop in named stages: prefill -> draft -> verify -> accept -> cache update.
 
-One loop serves plain autoregressive decoding (no draft: every round verifies the root alone), EAGLE-3 and
-ConFu. ConFu adds contemplate slots to the verify pass (`confu.engine.contemplate`) and feeds the resulting future
-prediction `f` to the draft for the next round.
+One loop serves plain autoregressive decoding (no draft: every round verifies the root alone), EAGLE-3, ConFu
+and matches in the text so far, alone or with a head. ConFu adds contemplate slots to the verify pass
+(`confu.engine.contemplate`) and feeds the resulting future prediction `f` to the draft for the next round.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from confu.engine.draft import Eagle3Head
-from confu.engine.methods import PlainVerify, Proposer, method_for_head
+from confu.engine.matcher import MatchConfig
+from confu.engine.methods import PlainVerify, Proposer, asks_for_tree, method_for_head
 from confu.engine.sampling import SamplingConfig, logits_to_probs, sample_token
 from confu.engine.sizing import AutoSizer, VerifyCosts, load_verify_costs
 from confu.engine.target import RowLogits, Target, TargetCache, TargetOutput, check_feature_layers
@@ -40,6 +41,9 @@ class GenerationConfig:
     # observed acceptance (`confu.engine.sizing`), drafting nothing where plain decoding is faster
     auto_tree: bool = True
     contemplate: int | None = None  # ConFu: None = a slot on every node, N = the N likeliest round ends
+    # a decoder built with a matcher proposes matches in the text so far for this sequence (False: not, and its
+    # text is not kept for later sequences either)
+    match: bool = True
     seed: int | None = None
     stop_at_eos: bool = True
     # prompts of at least this many tokens prefill their first n - 1 rows in one dense pass (0: never)
@@ -71,11 +75,14 @@ class StepRecord:
 
     accepted: int
     tree_nodes: int
-    depth: int  # levels the draft grew this round (0: no draft)
+    depth: int  # levels the verified tree reaches: drafted, or looked up at no draft cost (0: no tree)
     contemplate_slots: int
     verify_tokens: int  # rows in the target pass: root + nodes + contemplate slots
     draft_s: float  # drafting the tree, plus the draft's catch-up on the tokens this round accepted
     verify_s: float  # the target pass, acceptance and the cache commit
+    # per source of the tree's nodes (a draft "head", "match"es in the text so far): nodes verified, accepted
+    nodes_by_source: dict[str, int] = field(default_factory=dict)
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,6 +103,15 @@ class GenerationResult:
     @property
     def tokens_per_s(self) -> float:
         return len(self.tokens) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def by_source(self) -> dict[str, dict[str, int]]:
+        """Per source of draft candidates: the nodes verified and accepted over every round."""
+        totals: dict[str, dict[str, int]] = {}
+        for step in self.steps:
+            for what, counts in (("nodes", step.nodes_by_source), ("accepted", step.accepted_by_source)):
+                for source, n in counts.items():
+                    totals.setdefault(source, {"nodes": 0, "accepted": 0})[what] += n
+        return totals
 
 
 # The stages of a round, in order, as `RoundHooks.stage_done` names them.
@@ -134,14 +150,15 @@ class RoundState:
 class Decoder:
     """The decoding loop, handed a method: a proposer (None: plain decoding) and a verify extension.
 
-    `Decoder.for_head(target, head)` builds the pair a draft head stands for (`confu.engine.methods`).
+    `Decoder.for_head(target, head, match)` builds the pair a draft head (and matches in the text so far) stand
+    for (`confu.engine.methods`).
     """
 
     def __init__(self, target: Target, proposer: Proposer | None = None, extension: PlainVerify | None = None):
         self.target = target
         self.proposer = proposer
         self.extension = extension or PlainVerify()
-        self.feature_layers = proposer.feature_layers if proposer is not None else target.feature_layers
+        self.feature_layers = (proposer.feature_layers if proposer is not None else ()) or target.feature_layers
         check_feature_layers(self.feature_layers, target.num_layers)
         self._verify_costs: VerifyCosts | None = None
         self._clock: tuple[float, list[float], int] | None = None  # the last sequence's AutoSizer.clock()
@@ -153,14 +170,16 @@ class Decoder:
             return None
         if self._verify_costs is None:
             self._verify_costs = load_verify_costs(self.target)
-        sizer = AutoSizer(self._verify_costs, cfg.tree.depth, self.extension.extra_row_count)
+        # a proposer that drafts no levels (looked-up candidates only) leaves the sizer no depth to plan
+        depth = cfg.tree.depth if self.proposer.drafts_levels else 0
+        sizer = AutoSizer(self._verify_costs, depth, self.extension.extra_row_count)
         if self._clock is not None:
             sizer.set_clock(self._clock)
         return sizer
 
     @classmethod
-    def for_head(cls, target: Target, head: Eagle3Head | None) -> Decoder:
-        return cls(target, *method_for_head(head))
+    def for_head(cls, target: Target, head: Eagle3Head | None, match: MatchConfig | None = None) -> Decoder:
+        return cls(target, *method_for_head(head, match))
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -300,9 +319,12 @@ class Decoder:
                 depth = 0 if proposer is None or room < 2 else sizer.plan_round() if sizer else cfg.tree.depth
                 budget = room - 1 if sizer is None else min(room - 1, sizer.draft_nodes())
                 depth = min(depth, budget)  # a node d levels deep brings d - 1 ancestors: no deeper level fits
-                tree = proposer.propose(max_nodes=budget, depth=depth) if depth else None
+                asks = proposer is not None and budget > 0 and asks_for_tree(proposer, depth)
+                tree = proposer.propose(max_nodes=budget, depth=depth) if asks else None
                 if sizer is not None and tree is not None:
-                    tree = sizer.choose_nodes(tree, time.perf_counter() - tic)
+                    tree = sizer.choose_nodes(tree, time.perf_counter() - tic, drafted=depth > 0)
+                if tree is not None and not len(tree):
+                    tree = None
                 toc = time.perf_counter()
                 if hooks is not None:
                     hooks.stage_done(STAGE_DRAFT)
@@ -323,10 +345,9 @@ class Decoder:
                 state = RoundState(bonus, out.features[keep[-1]])
                 draft_s = (toc - tic) + (time.perf_counter() - verified)
                 if sizer is not None:
-                    if tree is None:
-                        sizer.observe_plain(draft_s + verified - toc)
-                    else:
-                        sizer.observe(tree, depth, len(accepted), draft_s, verified - toc)
+                    if depth == 0:  # no level drafted: the time per token of rounds without a draft model
+                        sizer.observe_plain((draft_s + verified - toc) / len(new_tokens))
+                    sizer.observe(tree, depth, len(accepted), draft_s, verified - toc, accepted)
                     self._clock = sizer.clock()
                 if hooks is not None:
                     hooks.stage_done(STAGE_BOOKKEEPING)
@@ -334,12 +355,14 @@ class Decoder:
                 step = StepRecord(
                     accepted=len(accepted),
                     tree_nodes=0 if tree is None else len(tree),
-                    depth=0 if tree is None else depth,
+                    depth=0 if tree is None else max(depth, tree.max_depth),
                     contemplate_slots=len(out.last_hidden) - len(out.logits),
                     verify_tokens=len(out.features),
                     # the draft's catch-up on the accepted tokens is draft work, done after verification
                     draft_s=draft_s,
                     verify_s=verified - toc,
+                    nodes_by_source={} if tree is None else tree.count_by_source(range(len(tree))),
+                    accepted_by_source={} if tree is None else tree.count_by_source(accepted),
                 )
                 new, reason = self._clip(new_tokens, emitted, cfg)
                 emitted += len(new)

@@ -7,7 +7,9 @@ A method is a pair:
   after the verify rows, and the future state those rows produce for the proposer.
 
 Plain decoding is no proposer and `PlainVerify`; EAGLE-3 is a `DraftHeadProposer` and `PlainVerify`; ConFu is a
-`DraftHeadProposer` (whose head reads `f`) and `ContemplateSlots`. Tests hand the loop oracle proposers.
+`DraftHeadProposer` (whose head reads `f`) and `ContemplateSlots`. Matches in the text so far are a
+`MatchProposer` (`confu.engine.matcher`), alone or joined to a head's proposer by `MergedProposer`. Tests hand
+the loop oracle proposers.
 """
 
 from __future__ import annotations
@@ -23,15 +25,20 @@ from confu.engine.contemplate import ContemplatePlan, plan_contemplate_slots
 from confu.engine.draft import ConFuHead, Eagle3Head
 from confu.engine.draft_kernel import fuse_draft_layer
 from confu.engine.drafter import Drafter
+from confu.engine.matcher import MatchConfig, MatchProposer
 from confu.engine.quant import pack_model
-from confu.engine.tree import DraftTree
+from confu.engine.tree import DraftTree, merge_trees
 
 if TYPE_CHECKING:
     from confu.engine.generate import GenerationConfig
 
 
 class Proposer(Protocol):
-    feature_layers: tuple[int, ...]  # hidden-state indices of the target features `observe` receives
+    feature_layers: tuple[int, ...]  # hidden-state indices of the target features `observe` receives (): none
+    # Each level of depth runs a draft model, so tree sizing plans how many levels a round buys.
+    drafts_levels: bool
+    # Proposes candidates that cost no draft model (looked up), so it is asked in rounds that draft no level too.
+    lookup_candidates: bool
 
     def begin(self, cfg: GenerationConfig, max_len: int) -> None:
         """A new sequence of at most `max_len` tokens."""
@@ -41,8 +48,13 @@ class Proposer(Protocol):
         verify extension's prediction for the next round, if it makes one."""
 
     def propose(self, max_nodes: int, depth: int) -> DraftTree | None:
-        """A tree of at most `max_nodes` nodes and `depth` levels below the last observed token (None: nothing
-        to propose)."""
+        """A tree of at most `max_nodes` nodes below the last observed token, drafting `depth` levels (0: none;
+        looked-up candidates may go deeper), or None: nothing to propose."""
+
+
+def asks_for_tree(proposer: Proposer, depth: int) -> bool:
+    """Whether a round that drafts `depth` levels asks `proposer` for a tree."""
+    return depth > 0 or proposer.lookup_candidates
 
 
 class DraftHeadProposer:
@@ -70,6 +82,9 @@ class DraftHeadProposer:
         self.pending: list[tuple[Tensor, Tensor]] = []
         self.future: Tensor | None = None
 
+    drafts_levels = True
+    lookup_candidates = False
+
     def begin(self, cfg: GenerationConfig, max_len: int) -> None:
         self.drafter = Drafter(self.head, cfg.tree, max_len)
         self.root_out = None
@@ -85,6 +100,38 @@ class DraftHeadProposer:
             self.root_out = self.drafter.catch_up(torch.cat(features), torch.cat(tokens), self.future)
             self.pending = []
         return self.drafter.draft_tree(self.root_out, max_nodes=max_nodes, depth=depth)
+
+
+class MergedProposer:
+    """Two proposers as one: each round the second's tree joins the first's (`tree.merge_trees`: a candidate
+    both propose is verified once, credited to the first), and the best-scored `max_nodes` of the union are
+    proposed, under the configured node bound too (a fixed tree keeps its size). Tree sizing then weighs every
+    node by its score against its verify row, whichever proposer it came from."""
+
+    def __init__(self, first: Proposer, second: Proposer):
+        self.first, self.second = first, second
+        if first.feature_layers and second.feature_layers and first.feature_layers != second.feature_layers:
+            raise ValueError("merged proposers must read the same target features")
+        self.feature_layers = first.feature_layers or second.feature_layers
+        self.drafts_levels = first.drafts_levels or second.drafts_levels
+        self.lookup_candidates = first.lookup_candidates or second.lookup_candidates
+        self.total_nodes = 0
+
+    def begin(self, cfg: GenerationConfig, max_len: int) -> None:
+        self.first.begin(cfg, max_len)
+        self.second.begin(cfg, max_len)
+        self.total_nodes = cfg.tree.total_nodes
+
+    def observe(self, features: Tensor, next_tokens: Tensor, future: Tensor | None) -> None:
+        self.first.observe(features, next_tokens, future)
+        self.second.observe(features, next_tokens, future)
+
+    def propose(self, max_nodes: int, depth: int) -> DraftTree | None:
+        trees = [p.propose(max_nodes, depth) for p in (self.first, self.second) if asks_for_tree(p, depth)]
+        trees = [t for t in trees if t is not None and len(t)]
+        if len(trees) < 2:
+            return trees[0] if trees else None
+        return merge_trees(*trees, max_nodes=min(max_nodes, self.total_nodes))
 
 
 @dataclass
@@ -151,10 +198,13 @@ class ContemplateSlots(PlainVerify):
         return 1 + (nodes if self.budget is None else min(self.budget, nodes))
 
 
-def method_for_head(head: Eagle3Head | None) -> tuple[Proposer | None, PlainVerify]:
-    """The (proposer, verify extension) pair a draft head stands for; None is plain decoding."""
+def method_for_head(head: Eagle3Head | None, match: MatchConfig | None = None) -> tuple[Proposer | None, PlainVerify]:
+    """The (proposer, verify extension) pair a draft head stands for, with matches in the text so far joined to
+    its trees when `match` is given; no head and no `match` is plain decoding."""
+    matcher = None if match is None else MatchProposer(match)
     if head is None:
-        return None, PlainVerify()
-    if isinstance(head, ConFuHead):
-        return DraftHeadProposer(head), ContemplateSlots(head)
-    return DraftHeadProposer(head), PlainVerify()
+        return matcher, PlainVerify()
+    proposer = DraftHeadProposer(head)
+    if matcher is not None:
+        proposer = MergedProposer(proposer, matcher)
+    return proposer, ContemplateSlots(head) if isinstance(head, ConFuHead) else PlainVerify()

@@ -5,8 +5,9 @@ measured once per target, numerics, device and thread count (`measure_verify_cos
 `$CONFU_CACHE/costs`), and the draft's cost per depth level, timed online. What a round yields comes from
 acceptance observed online:
 - a node's cumulative draft score estimates the log-probability that the target accepts it, so a tree's
-  expected accepted length is the sum of exp(score) over its nodes; a calibration factor (accepted / predicted,
-  both averaged over recent rounds) corrects the draft's over- or under-confidence;
+  expected accepted length is the sum of exp(score) over its nodes; a calibration factor per source of nodes
+  (a draft head, matches in the text so far; accepted / predicted, both averaged over recent rounds) corrects
+  each source's over- or under-confidence, so one tree can mix them;
 - `gain[d]`, the recent mean of min(accepted, d), is what drafting d levels deep has been worth.
 
 Each round `AutoSizer` picks the depth with the best expected tokens per second, or no draft at all when
@@ -20,12 +21,17 @@ expected gain pays for their verify rows. A draft that cannot pay therefore cost
 shallow tree now and then, not a tree per token; one that pays only with tiny trees (a 2-core CPU, where each
 draft level and verify row costs several ms) is drafted at the depth that pays, and the decoder hands those
 per-depth rates to its next sequence.
+
+Candidates that cost no draft model (matches in the text so far) are proposed in rounds that draft no level
+as well; such a round keeps only the nodes that pay for their rows, possibly none, and its time per token is
+what rounds without a draft model make, the rate a drafted depth must beat.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from confu.engine.tree import DraftTree
+from confu.engine.tree import HEAD_SOURCE, DraftTree, rank_by_score
 
 COST_ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 DECAY = 0.9  # weight of the past in the running means: about the last ten rounds count
@@ -150,13 +156,14 @@ class AutoSizer:
     gain: list[float] = field(default_factory=list)  # gain[d - 1]: running mean of min(accepted, d)
     observed_depth: int = 0  # the deepest depth drafted so far: gain is known up to it
     level_s: float = 0.0  # running mean of draft seconds per depth level (catch-up included)
-    predicted: float = 0.0  # running sums behind the calibration factor
-    observed: float = 0.0
+    # per source of nodes: running sums behind its calibration factor
+    predicted: dict[str, float] = field(default_factory=dict)
+    observed: dict[str, float] = field(default_factory=dict)
     rounds: int = 0
     last_nodes: int = 0
     # What rounds really took, on the clock: the cost model misses what it cannot see (catch-up after rounds
     # without a draft, the context length, other processes), so drafting stops when it measurably loses.
-    plain_s: float = 0.0  # running mean of the seconds of a round without a draft
+    plain_s: float = 0.0  # running mean of the seconds per token of rounds without a draft level
     # depth_rate[d - 1]: running mean of the tokens per second of rounds drafted d levels deep (0: none yet).
     # Per depth, because one mean over all drafted rounds mixes the depth that pays with the explorations
     # around it, and a draft that pays only shallow (tiny trees on a CPU) would be judged a loss.
@@ -184,7 +191,8 @@ class AutoSizer:
 
     @property
     def plain_round_s(self) -> float:
-        """Seconds of a round without a draft: on the clock, or the cost curve's one-row pass until one has run."""
+        """Seconds per token of rounds that draft no level (plain, or verifying looked-up candidates only): on the
+        clock, or the cost curve's one-row pass until one has run."""
         return self.plain_s or self.costs(self._rows(0))
 
     @property
@@ -193,12 +201,18 @@ class AutoSizer:
         without."""
         return self.draft_rate > 0 and self.draft_rate * self.plain_round_s < 1.0
 
-    def _rows(self, nodes: int) -> int:
-        return nodes + 1 + (self.extra_rows(nodes) if self.extra_rows else 0)
+    def _rows(self, nodes: int, extended: bool = True) -> int:
+        """Rows of a pass over `nodes` nodes, with the verify extension's rows unless not `extended`."""
+        return nodes + 1 + (self.extra_rows(nodes) if self.extra_rows and extended else 0)
 
     @property
     def calibration(self) -> float:
-        return self.observed / self.predicted if self.predicted > 0 else 1.0
+        """A draft head's calibration factor."""
+        return self.calibration_of(HEAD_SOURCE)
+
+    def calibration_of(self, source: str) -> float:
+        predicted = self.predicted.get(source, 0.0)
+        return self.observed.get(source, 0.0) / predicted if predicted > 0 else 1.0
 
     def reach(self, d: int) -> float:
         """Share of recent rounds that accepted at least d tokens (gain[d] - gain[d - 1])."""
@@ -258,20 +272,28 @@ class AutoSizer:
         choice that reaches the budget doubles the next round's."""
         return 2 * max(self.last_nodes, MIN_DRAFT_NODES // 2)
 
-    def choose_nodes(self, tree: DraftTree, draft_s: float) -> DraftTree:
-        """Keep the top-n nodes by score (a valid tree: a parent never scores below its child) for the n with
-        the best expected tokens per second."""
+    def choose_nodes(self, tree: DraftTree, draft_s: float, drafted: bool = True) -> DraftTree | None:
+        """Keep the n likeliest nodes for the n with the best expected tokens per second. A node's likelihood is
+        exp(score) times its source's calibration, capped by its parent's (so the n likeliest form a tree, ties
+        kept in score, then index order). A round that drafted no level (`drafted` False: looked-up
+        candidates, no rows of the verify extension) may keep none (None)."""
         if len(tree) == 0:
             return tree
-        order = sorted(range(len(tree)), key=lambda i: -float(tree.scores[i]))  # stable: ties keep index order
-        gains = (tree.scores.double().exp() * self.calibration)[order].cumsum(0).tolist()
-        best_n, best_rate = 1, -1.0
+        sources, parents = tree.node_sources(), tree.parents.tolist()
+        scores = tree.scores.double().tolist()
+        likely: list[float] = []
+        for i, score in enumerate(scores):  # parents come first
+            value = math.exp(score) * self.calibration_of(sources[i])
+            likely.append(min(value, likely[parents[i]]) if parents[i] >= 0 else value)
+        order = rank_by_score(list(zip(likely, scores, strict=True)), range(len(tree)))
+        best_n, best_rate, gain = (1, -1.0, 0.0) if drafted else (0, 1.0 / (draft_s + self.costs(1)), 0.0)
         for n in range(1, len(tree) + 1):
-            rate = (1.0 + gains[n - 1]) / (draft_s + self.costs(self._rows(n)))
+            gain += likely[order[n - 1]]
+            rate = (1.0 + gain) / (draft_s + self.costs(self._rows(n, drafted)))
             if rate > best_rate:
                 best_n, best_rate = n, rate
         self.last_nodes = best_n
-        return prune(tree, sorted(order[:best_n]))
+        return prune(tree, sorted(order[:best_n])) if best_n else None
 
     def clock(self) -> tuple[float, list[float], int]:
         """What the clock has said: (plain_s, depth_rate, explore_gap). A decoder hands it to the sizer of its
@@ -293,9 +315,14 @@ class AutoSizer:
         self.next_plain_check = self.rounds + self.plain_check_gap
 
     def observe(self, tree: DraftTree | None, depth: int, accepted: int, draft_s: float,
-                verify_s: float | None = None) -> None:
-        """Update the running means with a verified round (`verify_s`: its target pass, when timed)."""
-        if tree is None or depth == 0:
+                verify_s: float | None = None, accepted_nodes: list[int] | None = None) -> None:
+        """Update the running means with a verified round (`verify_s`: its target pass, when timed;
+        `accepted_nodes`: which nodes, for per-source calibration; without them every accepted token is credited
+        to the source of the tree's first node)."""
+        if tree is None:
+            return
+        self._calibrate(tree, accepted, accepted_nodes)
+        if depth == 0:  # looked-up candidates only: no draft level to learn about
             return
         if verify_s is not None:
             rate = (1 + accepted) / (draft_s + verify_s)
@@ -308,8 +335,17 @@ class AutoSizer:
             self.gain[d - 1] = min(accepted, d) if first else DECAY * self.gain[d - 1] + (1 - DECAY) * min(accepted, d)
         self.observed_depth = max(self.observed_depth, depth)
         self.level_s = draft_s / depth if self.level_s == 0 else DECAY * self.level_s + (1 - DECAY) * draft_s / depth
-        self.predicted = DECAY * self.predicted + float(tree.scores.double().exp().sum())
-        self.observed = DECAY * self.observed + accepted
+
+    def _calibrate(self, tree: DraftTree, accepted: int, accepted_nodes: list[int] | None) -> None:
+        """Each source's running sums: the expected accepted nodes its scores predicted, and those accepted."""
+        sources = tree.node_sources()
+        predicted: dict[str, float] = {}
+        for source, score in zip(sources, tree.scores.double().exp().tolist(), strict=True):
+            predicted[source] = predicted.get(source, 0.0) + score
+        got = tree.count_by_source(accepted_nodes) if accepted_nodes is not None else {sources[0]: accepted}
+        for source, expected in predicted.items():
+            self.predicted[source] = DECAY * self.predicted.get(source, 0.0) + expected
+            self.observed[source] = DECAY * self.observed.get(source, 0.0) + got.get(source, 0)
 
 
 def prune(tree: DraftTree, keep: list[int]) -> DraftTree:
@@ -319,4 +355,5 @@ def prune(tree: DraftTree, keep: list[int]) -> DraftTree:
     new_index = {old: new for new, old in enumerate(keep)}
     parents = [-1 if int(tree.parents[i]) < 0 else new_index[int(tree.parents[i])] for i in keep]
     index = torch.tensor(keep)
-    return DraftTree.from_parents(tree.tokens[index], parents, tree.scores[index])
+    sources = None if tree.sources is None else [tree.sources[i] for i in keep]
+    return DraftTree.from_parents(tree.tokens[index], parents, tree.scores[index], sources=sources)

@@ -26,11 +26,13 @@ from torch import Tensor
 
 from confu.errors import InputError
 
-__all__ = ["DraftTree", "TreeBuilder", "TreeConfig", "path_to"]
+__all__ = ["HEAD_SOURCE", "DraftTree", "TreeBuilder", "TreeConfig", "best_subtree", "merge_trees", "path_to"]
 
 # log_softmax output is <= 0 mathematically; a rounding error this small is clamped away so the invariant
 # "a child never outscores its parent" holds exactly. Anything larger is a caller bug (raw logits passed).
 _LOGPROB_SLACK = 1e-4
+# What proposed a node: a tree without labels is a draft head's (`DraftTree.node_sources`).
+HEAD_SOURCE = "head"
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class DraftTree:
     """A verified-ready draft tree of ``T`` nodes (root excluded), parents before children.
 
     ``children[0]`` lists the root's children and ``children[i + 1]`` node ``i``'s, each by descending score
-    (ties by index): verification tries siblings in that order.
+    (ties by index): verification tries siblings in that order. ``sources`` names what proposed each node
+    (None: every node is a draft head's), for per-source statistics and calibration; verification ignores it.
     """
 
     tokens: Tensor  # (T,) long, target vocabulary ids
@@ -77,6 +80,7 @@ class DraftTree:
     ancestor_mask: Tensor  # (T, T) bool, [i, j] iff j is an ancestor of i or j == i
     retrieve: Tensor  # (n_leaves, D) long, root-to-leaf node indices padded with -1
     children: list[list[int]]
+    sources: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
@@ -101,6 +105,18 @@ class DraftTree:
             node = child
         return path
 
+    def node_sources(self) -> list[str]:
+        """What proposed each node."""
+        return list(self.sources) if self.sources is not None else [HEAD_SOURCE] * len(self)
+
+    def count_by_source(self, nodes: Sequence[int]) -> dict[str, int]:
+        """How many of `nodes` each source proposed."""
+        sources = self.node_sources()
+        counts: dict[str, int] = {}
+        for i in nodes:
+            counts[sources[i]] = counts.get(sources[i], 0) + 1
+        return counts
+
     def children_of(self, node: int) -> list[int]:
         """Children of ``node`` (``-1`` = root) by descending score."""
         return self.children[node + 1]
@@ -115,6 +131,7 @@ class DraftTree:
             ancestor_mask=self.ancestor_mask.to(device),
             retrieve=self.retrieve.to(device),
             children=[list(c) for c in self.children],
+            sources=self.sources,
         )
 
     @staticmethod
@@ -123,11 +140,13 @@ class DraftTree:
         parents: Sequence[int] | Tensor,
         scores: Sequence[float] | Tensor | None = None,
         device: torch.device | str | None = None,
+        sources: Sequence[str] | None = None,
     ) -> DraftTree:
         """Build a tree from node arrays; ``parents[i]`` must be ``-1`` or an index ``< i``.
 
         Without ``scores`` every node scores 0, so siblings are tried in index order. Siblings are ordered on
-        the scores as given (float64 stays float64); the stored ``scores`` are float32.
+        the scores as given (float64 stays float64); the stored ``scores`` are float32. ``sources`` labels
+        each node's proposer (None: all a draft head's).
         """
         tok = [int(t) for t in _as_list(tokens, "tokens")]
         par = [int(q) for q in _as_list(parents, "parents")]
@@ -142,6 +161,8 @@ class DraftTree:
             raise InputError(f"scores has {len(sc)} entries for {n} nodes")
         if any(math.isnan(x) for x in sc):
             raise InputError("tree scores must not be NaN")
+        if sources is not None and len(sources) != n:
+            raise InputError(f"sources has {len(sources)} entries for {n} nodes")
         for i, q in enumerate(par):
             if not -1 <= q < i:
                 raise InputError(f"node {i} has parent {q}; parents must be -1 or precede their children")
@@ -167,6 +188,7 @@ class DraftTree:
             retrieve=torch.tensor([paths[leaf] + [-1] * (width - len(paths[leaf])) for leaf in leaves],
                                   dtype=torch.long, device=device).reshape(len(leaves), width),
             children=children,
+            sources=None if sources is None else tuple(sources),
         )
 
     @staticmethod
@@ -174,6 +196,58 @@ class DraftTree:
         """A single path ``tokens[0] -> tokens[1] -> ...`` below the root (a linear draft)."""
         tok = _as_list(tokens, "tokens")
         return DraftTree.from_parents(tok, list(range(-1, len(tok) - 1)), device=device)
+
+
+def best_subtree(tokens: Sequence[int], parents: Sequence[int], scores: Sequence[float], max_nodes: int,
+                 sources: Sequence[str] | None = None, device: torch.device | str | None = None) -> DraftTree:
+    """The ``max_nodes`` best-scored candidates of a candidate tree (``parents[i]`` -1 or ``< i``) as a
+    ``DraftTree``, in creation order.
+
+    The sort is stable on ``-score`` over creation order. A parent is created before its children and scores
+    at least as much, so it always ranks ahead of them: every kept node's parent is kept and the kept set is a
+    tree. Creation order is then a valid parents-first order.
+    """
+    kept = sorted(rank_by_score(list(scores), range(len(tokens)))[:max_nodes])
+    new_index = {old: new for new, old in enumerate(kept)}
+    old_parents = [parents[i] for i in kept]
+    if any(p >= 0 and p not in new_index for p in old_parents):
+        # Unreachable while children never outscore their parents; guards future edits.
+        raise AssertionError("rerank dropped the parent of a kept candidate")
+    return DraftTree.from_parents(
+        [tokens[i] for i in kept],
+        [new_index[p] if p >= 0 else -1 for p in old_parents],
+        [scores[i] for i in kept],
+        device=device,
+        sources=None if sources is None else [sources[i] for i in kept],
+    )
+
+
+def merge_trees(first: DraftTree, second: DraftTree, max_nodes: int) -> DraftTree:
+    """One tree holding both trees' candidates, the ``max_nodes`` best-scored of them.
+
+    A node of ``second`` whose path is already in ``first`` (same tokens from the root) is a duplicate: it adds
+    no row, keeps ``first``'s source, and scores the better of the two estimates. The max of two trees whose
+    children never outscore their parents keeps that property, so the best-scored nodes still form a tree.
+    """
+    tokens, parents = first.tokens.tolist(), first.parents.tolist()
+    scores, sources = first.scores.double().tolist(), first.node_sources()
+    node_at = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens, strict=True))}
+    where: list[int] = []  # second's node -> merged node (parents come first, so a parent is always mapped)
+    for tok, par, score, source in zip(second.tokens.tolist(), second.parents.tolist(),
+                                       second.scores.double().tolist(), second.node_sources(), strict=True):
+        key = (where[par] if par >= 0 else -1, tok)
+        if key in node_at:
+            i = node_at[key]
+            scores[i] = max(scores[i], score)
+        else:
+            i = node_at[key] = len(tokens)
+            tokens.append(tok)
+            parents.append(key[0])
+            scores.append(score)
+            sources.append(source)
+        where.append(i)
+    labels = None if set(sources) == {HEAD_SOURCE} else sources
+    return best_subtree(tokens, parents, scores, max_nodes, labels, device=first.tokens.device)
 
 
 def path_to(tree: DraftTree, node: int) -> list[int]:
@@ -299,21 +373,6 @@ class TreeBuilder:
         return torch.tensor(frontier[: sum(i >= start for i in kept_now)], dtype=torch.long)
 
     def build(self, device: torch.device | str | None = None) -> DraftTree:
-        """Keep the ``total_nodes`` best candidates and return them as a ``DraftTree``.
-
-        The sort is stable on ``-score`` over creation order. A parent is created before its children and its
-        score is >= theirs (log-probs are <= 0), so it always ranks ahead of them: every kept node's parent is
-        kept and the kept set is a tree. Creation order is then a valid parents-first order.
-        """
-        kept = sorted(rank_by_score(self._scores, range(len(self)))[: self.config.total_nodes])
-        new_index = {old: new for new, old in enumerate(kept)}
-        old_parents = [self._parents[i] for i in kept]
-        if any(p >= 0 and p not in new_index for p in old_parents):
-            # Unreachable given the score invariant enforced in expand(); guards future edits.
-            raise AssertionError("rerank dropped the parent of a kept candidate")
-        return DraftTree.from_parents(
-            [self._tokens[i] for i in kept],
-            [new_index[p] if p >= 0 else -1 for p in old_parents],
-            [self._scores[i] for i in kept],
-            device=device,
-        )
+        """Keep the ``total_nodes`` best candidates and return them as a ``DraftTree`` (``best_subtree``: log-probs
+        are <= 0, so no child outscores its parent)."""
+        return best_subtree(self._tokens, self._parents, self._scores, self.config.total_nodes, device=device)
