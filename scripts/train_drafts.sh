@@ -15,11 +15,11 @@
 # batch of 4 random sequences, 1,463 tokens on average), reads a stored target pass, and the prompt source skips
 # repeated first turns, so a rerun follows the same recipe and budget with other prompts and batch
 # compositions: not the same bits. The shipped EAGLE-3 draft is newer than this recipe, two stages:
-#   a. step 570 of a 600-step run (sessions 12-13), --fc-rms 1 (now the default), --head-init random, on 1,088
+#   a. step 570 of a 600-step run (2026-12-01, a25d8d8), --fc-rms 1 (now the default), --head-init random, on 1,088
 #      regenerated conversations (688 greedy, 400 at T=0.8);
 #   b. continued (--init a) on 2,380 conversations (those plus 1,292 greedy ones on other prompts): a 300-step
-#      run, --steps 300 --batch-tokens 4096 --max-len 1024 --ttt-steps 6 --ttt-warmup 0 --lr 3e-4 (sessions 14-15).
-# Its config.json holds both commands. The shipped ConFu drafts (session 18) start from that EAGLE-3 draft, with
+#      run, --steps 300 --batch-tokens 4096 --max-len 1024 --ttt-steps 6 --ttt-warmup 0 --lr 3e-4 (2026-12-01, a9a1997).
+# Its config.json holds both commands. The shipped ConFu drafts (2026-12-01, 7327d62) start from that EAGLE-3 draft, with
 # stage 5's recipe below on its 2,380 + 1,148 word-seeded conversations, 100 steps x 1,536 tokens, TTT 6.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +49,8 @@ $CONFU train --method eagle3 --data "$RUN/data" --out "$RUN/eagle3" --steps "$BA
 # From that checkpoint, all with the same step budget, two at a time with one thread each: ConFu and the
 # EAGLE-3 continuation (the fair baseline), then the paper's two ablations (static [con]/[f]; no replication).
 # ConFu trains its own parts first: the EAGLE-3 body at lr 3e-7 (x10,000 for the soft prompt and the MoEs), with
-# two documented deviations from the paper, --future-residual and --future-loss 1 (BENCHMARKS.md, sessions 13-14
-# and 18: the recipe under which the real f carried signal at this scale).
+# two documented deviations from the paper, --future-residual and --future-loss 1 (BENCHMARKS.md, "ConFu's future
+# prediction": the recipe under which the real f carried signal at this scale).
 CONFU_RECIPE=(--lr 3e-7 --aux-lr-mult 10000 --anchors 64 --replicate 4 --future-residual --future-loss 1)
 extra() {  # extra NAME METHOD [FLAGS...]
   local name=$1 method=$2; shift 2
