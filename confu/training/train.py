@@ -43,9 +43,13 @@ LOG_NAME = "train_log.jsonl"
 # split and the schedule, without which "resume" would silently be a different run.
 RESUME_KEYS = ("method", "data", "batch_tokens", "max_len", "seed", "eval_fraction", "total_steps",
                "ttt_steps", "ttt_warmup", "anchors", "replicate", "oracle_future", "future_bias",
-               "future_residual", "future_loss", "label_temperature")
+               "future_residual", "future_loss", "label_temperature", "stage", "future_ahead")
 # What a checkpoint written before a key existed ran with (so such runs still resume).
-RESUME_DEFAULTS = {"label_temperature": 1.0}
+RESUME_DEFAULTS = {"label_temperature": 1.0, "stage": "draft", "future_ahead": [2]}
+# What a run trains: the whole head, or (ConFu, a deviation from the paper) only the parts that make f on the
+# target side, the soft prompt and the [con] MoE, on the future loss alone, with the draft not run at all.
+STAGES = ("draft", "future")
+TARGET_SIDE_PARTS = ("soft_prompt", "con_moe")
 LENGTH_BUCKET = 32  # sequences whose lengths agree to this many tokens are interchangeable within an epoch
 
 
@@ -104,6 +108,10 @@ class TrainConfig:
     # Deviation from the paper: weight of an auxiliary loss that teaches f to hold x_{a+2} as the target's own
     # output layer reads it (`confu.training.ttt.future_prediction_ce`); 0 = the paper's draft loss only
     future_loss: float = 0.0
+    # the tokens x_{a+k} that loss reads f against (`future_prediction_ce`); (2,): the token draft step 0 guesses
+    future_ahead: list[int] = field(default_factory=lambda: [2])
+    # "draft" (the paper) or "future": train only TARGET_SIDE_PARTS on the future loss (see STAGES)
+    stage: str = "draft"
     zero_future: bool = False  # ConFu probe for `confu evaluate`: the draft gets f = 0 (does it use f?)
     # ConFu plumbing probe: f is the target's own final hidden state this many positions after the anchor
     # (a future prediction that certainly holds the future), instead of the contemplate token's; 0 = off
@@ -116,8 +124,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data = [str(p) for p in _as_list(self.data)]
+        self.future_ahead = [int(k) for k in self.future_ahead]
         if self.method not in ("eagle3", "confu"):
             raise InputError(f"--method must be eagle3 or confu, got {self.method!r}")
+        if self.stage == "future" and (self.method != "confu" or not self.future_loss or self.oracle_future):
+            raise InputError("--stage future trains a ConFu head's f on the future loss: it needs --method confu, "
+                             "--future-loss > 0 and no --oracle-future")
         checks = {
             "--data (at least one file)": len(self.data) >= 1,
             "--batch-tokens (must be >= --max-len)": self.batch_tokens >= self.max_len,
@@ -137,6 +149,9 @@ class TrainConfig:
             "--fc-rms": self.fc_rms >= 0,
             "--future-loss": self.future_loss >= 0,
             "--label-temperature (must be > 0)": self.label_temperature > 0,
+            "--stage": self.stage in STAGES,
+            "--future-ahead (distinct k >= 1)": len(set(self.future_ahead)) == len(self.future_ahead) >= 1
+            and min(self.future_ahead) >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -348,6 +363,7 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
     slot on every node. depth: TTT steps to run (the curriculum's; default all).
     """
     from confu.training.ttt import (
+        TTTResult,
         assign_anchor_rows,
         contemplate_futures,
         eagle3_rows,
@@ -384,13 +400,16 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
         f = contemplate_futures(source.target.model, head, tb, plan.anchors)
     aux = None
     if cfg.future_loss and not cfg.oracle_future:
-        aux = future_prediction_ce(f, tb, plan.anchors, plan.anchor_ok, source.labels)
-    if cfg.zero_future:
-        f = torch.zeros_like(f)
-    future = f[torch.arange(len(indices), device=device)[:, None], plan.row_slot]
-    res = ttt_forward(head, tb, valid, plan.rows, plan.row_ok, depth, future, cfg.label_temperature)
+        aux = future_prediction_ce(f, tb, plan.anchors, plan.anchor_ok, source.labels, cfg.future_ahead)
+    if cfg.stage == "future":
+        res = TTTResult.empty(depth, device)
+    else:
+        if cfg.zero_future:
+            f = torch.zeros_like(f)
+        future = f[torch.arange(len(indices), device=device)[:, None], plan.row_slot]
+        res = ttt_forward(head, tb, valid, plan.rows, plan.row_ok, depth, future, cfg.label_temperature)
     if aux is not None:
-        res.future_ce_sum, res.future_count = aux
+        res.future_ce_sum, res.future_count, res.future_correct = aux
     return res
 
 
@@ -401,23 +420,39 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
-def _stats_vector(res, ttt_steps: int) -> Tensor:
-    """Per-step sums padded to `ttt_steps` (a curriculum step runs fewer), then tau's two sums."""
-    pad = ttt_steps - len(res.count)
+def _stats_vector(res, cfg: TrainConfig) -> Tensor:
+    """Per-step sums padded to `ttt_steps` (a curriculum step runs fewer), tau's two sums, then the future
+    loss's sum, and its counts and hits per k of `future_ahead` (zeros without it)."""
+    pad = cfg.ttt_steps - len(res.count)
     per_step = [torch.nn.functional.pad(x, (0, pad)) for x in (res.ce_sum.detach().float(), res.count, res.correct)]
-    return torch.cat([*per_step, torch.stack([res.tau_sum, res.tau_rows])])
+    zero = res.tau_sum.new_zeros(())
+    future = [res.future_ce_sum.detach().float().reshape(1), res.future_count, res.future_correct] \
+        if res.future_ce_sum is not None else [zero.new_zeros(1 + 2 * len(cfg.future_ahead))]
+    return torch.cat([*per_step, torch.stack([res.tau_sum, res.tau_rows]), *future])
 
 
-def _metrics(stats: Tensor, ttt_steps: int, decay: float) -> dict[str, Any]:
-    ce, count, correct = stats[:ttt_steps], stats[ttt_steps : 2 * ttt_steps], stats[2 * ttt_steps : -2]
+def _stats_size(cfg: TrainConfig) -> int:
+    return 3 * cfg.ttt_steps + 3 + 2 * len(cfg.future_ahead)
+
+
+def _metrics(stats: Tensor, cfg: TrainConfig) -> dict[str, Any]:
+    steps = cfg.ttt_steps
+    ce, count, correct = stats[:steps], stats[steps : 2 * steps], stats[2 * steps : 3 * steps]
+    tau_sum, tau_rows, future_ce = stats[3 * steps : 3 * steps + 3]
+    future_count, future_correct = stats[3 * steps + 3 :].chunk(2)
     safe = count.clamp(min=1)
-    weights = torch.tensor([decay**k for k in range(ttt_steps)], dtype=stats.dtype, device=stats.device)
-    return {
+    weights = torch.tensor([cfg.ttt_decay**k for k in range(steps)], dtype=stats.dtype, device=stats.device)
+    metrics = {
         "loss": float((weights * ce / safe).sum()),
         "acc": [round(float(a), 4) for a in correct / safe],
-        "tau": float(stats[-2] / stats[-1].clamp(min=1)),
-        "rows": int(stats[-1]),
+        "tau": float(tau_sum / tau_rows.clamp(min=1)),
+        "rows": int(tau_rows),
     }
+    if future_count.sum() > 0:
+        metrics["future_ce"] = round(float(future_ce / future_count.sum()), 4)
+        metrics["future_acc"] = {k: round(float(c / n), 4) for k, c, n in
+                                 zip(cfg.future_ahead, future_correct, future_count.clamp(min=1), strict=True)}
+    return metrics
 
 
 def _local_part(global_ids: list[int], d: _Dist) -> list[int]:
@@ -430,7 +465,7 @@ def evaluate(source: TargetSource, head, indices: Sequence[int], cfg: TrainConfi
     """Held-out loss, per-step accuracy and simulated tau over dataset `indices` (summed over ranks when
     data-parallel)."""
     d = d or _Dist(device=head.fc.weight.device)
-    stats = torch.zeros(3 * cfg.ttt_steps + 2, device=head.fc.weight.device)
+    stats = torch.zeros(_stats_size(cfg), device=head.fc.weight.device)
     lengths = [len(source.seqs[i][0]) for i in indices]
     batches = LengthBatches(lengths, cfg.batch_tokens, cfg.seed).epoch(0, shuffle=False)
     was_training = head.training
@@ -439,9 +474,9 @@ def evaluate(source: TargetSource, head, indices: Sequence[int], cfg: TrainConfi
         chunk = [indices[j] for j in batch]
         with _autocast(head.fc.weight.device):
             res = batch_forward(source, head, chunk, [f"eval:{i}" for i in chunk], cfg, evaluation=True)
-        stats += _stats_vector(res, cfg.ttt_steps)
+        stats += _stats_vector(res, cfg)
     head.train(was_training)
-    return _metrics(d.all_sum(stats), cfg.ttt_steps, cfg.ttt_decay)
+    return _metrics(d.all_sum(stats), cfg)
 
 
 def make_optimizer(head, cfg: TrainConfig, total_steps: int):
@@ -560,6 +595,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
             dist.broadcast(t, 0)
     if cfg.freeze_lm_head:
         head.lm_head.weight.requires_grad_(False)
+    if cfg.stage == "future":
+        for name, p in head.named_parameters():
+            p.requires_grad_(name.split(".")[0] in TARGET_SIDE_PARTS)
     source = open_source(target, head, parts, cfg, d)
     if state is None and not cfg.init and cfg.fc_rms:
         factor = scale_fc_to_rms(head, source, train_idx[:FC_RMS_SEQS], cfg.fc_rms, d)
@@ -604,15 +642,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         depth = cfg.ttt_depth(step, total)
         with _autocast(d.device):
             res = batch_forward(source, head, local, [f"{cfg.seed}:{step}:{i}" for i in local], cfg, False, depth)
-        stats = d.all_sum(_stats_vector(res, cfg.ttt_steps))
+        stats = d.all_sum(_stats_vector(res, cfg))
         counts = stats[cfg.ttt_steps : 2 * cfg.ttt_steps].clamp(min=1)
         # Normalised by the global counts, so summing the ranks' gradients gives the single-process gradient.
         loss = sum(w * res.ce_sum[k] / counts[k] for k, w in enumerate(weights[:depth]))
-        future_ce = None
         if res.future_ce_sum is not None:
-            future_count = d.all_sum(res.future_count.reshape(1))[0].clamp(min=1)
+            future_count = stats[3 * cfg.ttt_steps + 3 :].chunk(2)[0].sum().clamp(min=1)  # global, as the draft's
             loss = loss + cfg.future_loss * res.future_ce_sum / future_count
-            future_ce = float(d.all_sum(res.future_ce_sum.detach().reshape(1))[0] / future_count)
         loss.backward()
         if d.world > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -628,11 +664,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         elapsed += seconds
         batch_tokens = sum(len(train_seqs[i][0]) for i in global_ids)
         tokens += batch_tokens
-        metrics = _metrics(stats, cfg.ttt_steps, cfg.ttt_decay)
+        metrics = _metrics(stats, cfg)
         record = {"step": step, "tokens": tokens, "depth": depth, "loss": round(metrics["loss"], 5),
                   "acc": metrics["acc"], "tau": round(metrics["tau"], 4), "lr": sched.get_last_lr()[0],
                   "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(batch_tokens / seconds, 1),
-                  "elapsed_s": round(elapsed, 2)} | ({} if future_ce is None else {"future_ce": round(future_ce, 4)})
+                  "elapsed_s": round(elapsed, 2)} | {k: metrics[k] for k in ("future_ce", "future_acc")
+                                                     if k in metrics}
         log(record)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc'][0]:.3f}",
                         tau=f"{metrics['tau']:.2f}")

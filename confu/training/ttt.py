@@ -13,7 +13,7 @@ future key). Everything here takes a leading batch dimension of right-padded seq
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +53,27 @@ class TTTResult:
     tau_sum: Tensor  # () sum over rows valid at step 0 of the simulated acceptance length
     tau_rows: Tensor  # () rows valid at step 0
     future_ce_sum: Tensor | None = None  # () ConFu `--future-loss`: `future_prediction_ce`, with gradients
-    future_count: Tensor | None = None  # () anchors in it
+    future_count: Tensor | None = None  # (len(ahead),) anchors scored for each k
+    future_correct: Tensor | None = None  # (len(ahead),) anchors whose f names the token k ahead
+
+    @classmethod
+    def empty(cls, steps: int, device: torch.device | str) -> TTTResult:
+        """No draft rows (`--stage future` runs no train-time test)."""
+        zeros = torch.zeros(steps, device=device)
+        return cls(ce_sum=zeros, count=zeros, correct=zeros, tau_sum=zeros.new_zeros(()), tau_rows=zeros.new_zeros(()))
+
+
+@dataclass
+class StepView:
+    """What one train-time-test step computed, for probes (`ttt_forward(..., observe=...)`)."""
+
+    step: int
+    query: Tensor  # (B, heads, M, d) rotated queries
+    keys: Tensor  # (B, kv_heads, K, d) every key the step attends; for ConFu the last M are the rows' future keys
+    mask: Tensor  # (B, 1 or heads, M, K) bool (True = attend) or float logit offsets
+    logits: Tensor  # (B, M, Vd) draft logits
+    valid: Tensor  # (B, M) rows with a loss target at this step
+    label_rows: Tensor  # (B, M) sequence row whose target logits are this step's labels
 
 
 def collate(samples: Sequence[tuple[Sequence[int], Sequence[int]]], device: torch.device | str = "cpu"):
@@ -263,20 +283,32 @@ def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
     return -(target_p * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
 
 
-def future_prediction_ce(f: Tensor, tb: TargetBatch, anchors: Tensor, anchor_ok: Tensor,
-                         labels) -> tuple[Tensor, Tensor]:
-    """How well the target's own output layer reads x_{a+2} out of f_a: the auxiliary loss of `--future-loss`
-    (a deviation from the paper, which trains f through the draft's loss only).
+def future_prediction_ce(f: Tensor, tb: TargetBatch, anchors: Tensor, anchor_ok: Tensor, labels,
+                         ahead: Sequence[int] = (2,)) -> tuple[Tensor, Tensor, Tensor]:
+    """How well the target's own output layer reads the tokens `ahead` of each anchor out of f: the auxiliary
+    loss of `--future-loss` (a deviation from the paper, which trains f through the draft's loss only).
 
-    Soft cross-entropy of `labels(f_a)` (the target's logits over the draft vocabulary of a final-norm hidden
-    state, `DraftLabels`) against the target's own distribution at row a+1, which predicts x_{a+2}: the
-    token the draft's step 0 must guess at anchor row a. Returns the sum over anchors that have that row, and
-    their count.
+    For each k in `ahead`: soft cross-entropy of `labels(f_a)` (the target's logits over the draft vocabulary
+    of a final-norm hidden state, `DraftLabels`) against the target's own distribution at row a+k-1, which
+    predicts x_{a+k}. k = 2 is the token the draft's step 0 must guess at anchor row a; larger k make f a
+    summary of the next few tokens. Returns the cross-entropy summed over every (anchor, k) whose row exists
+    (with gradients), and per k (len(ahead),) the anchors scored and those whose argmax names the target's
+    argmax at that row.
     """
     n = tb.shape[1]
-    ce = soft_cross_entropy(labels(f), _gather_rows(tb.logits, (anchors + 1).clamp(max=n - 1)))  # (B, K)
-    ok = anchor_ok & (anchors + 1 < tb.lengths[:, None])
-    return torch.where(ok, ce, torch.zeros_like(ce)).sum(), ok.sum().float()
+    logits = labels(f)  # (B, K, Vd)
+    guess = logits.argmax(-1)
+    ce_sum = logits.new_zeros(())
+    count, correct = [], []
+    for k in ahead:
+        rows = anchors + (k - 1)
+        ok = anchor_ok & (rows < tb.lengths[:, None])
+        rows = rows.clamp(max=n - 1)
+        ce = soft_cross_entropy(logits, _gather_rows(tb.logits, rows))  # (B, K)
+        ce_sum = ce_sum + torch.where(ok, ce, torch.zeros_like(ce)).sum()
+        count.append(ok.sum())
+        correct.append((ok & (guess == _gather_rows(tb.logits, rows).argmax(-1))).sum())
+    return ce_sum, torch.stack(count).float(), torch.stack(correct).float()
 
 
 def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
@@ -290,11 +322,13 @@ def _gather_heads(x: Tensor, rows: Tensor) -> Tensor:
 
 
 def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, row_ok: Tensor,
-                ttt_steps: int, future: Tensor | None = None, label_temperature: float = 1.0) -> TTTResult:
+                ttt_steps: int, future: Tensor | None = None, label_temperature: float = 1.0,
+                observe: Callable[[StepView], None] | None = None) -> TTTResult:
     """The train-time test for the query rows `rows` (B, M) (all keys of every row are always present).
 
     valid: (B, N, L) from `step_validity`. future: (B, M, H) f used by each query row (ConFu), or None.
     label_temperature: the soft labels are softmax(target logits / it) (`TrainConfig.label_temperature`).
+    observe: called with each step's `StepView` (the probes of `confu.training.probe` read them).
     """
     layer = head.layer
     b, n = tb.shape
@@ -343,6 +377,8 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
         logit_pos = (rows + 1 + k).clamp(max=n - 1)
         ce = soft_cross_entropy(logits, label_logits[bidx, logit_pos])  # (B, M)
         ok = step_valid[..., k]
+        if observe is not None:
+            observe(StepView(k, q, torch.cat(keys + tail_k, 2), mask, logits, ok, logit_pos))
         ce_sum.append(torch.where(ok, ce, torch.zeros_like(ce)).sum())
         count.append(ok.sum())
         hit = (head.to_target_ids(logits.argmax(-1)) == tb.argmax[bidx, logit_pos]) & ok
