@@ -128,6 +128,7 @@ class _Fixed:
     """A proposer that always proposes one tree."""
 
     feature_layers = ()
+    name = "fixed"
 
     def __init__(self, tree: DraftTree, drafts_levels: bool):
         self.tree, self.drafts_levels, self.lookup_candidates = tree, drafts_levels, not drafts_levels

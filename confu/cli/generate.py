@@ -11,14 +11,25 @@ from confu.chat import encode_prompt, read_prompts_file
 from confu.cli.common import add_decoding_args, add_numerics_arg, add_target_args, parse_tree_nodes
 
 
-def load_decoder(target_spec: str, draft: str, numerics: str = "auto"):
+def load_decoder(target_spec: str, draft: str, numerics: str = "auto", match: bool = False,
+                 match_history: int = 0):
+    """The decoder for `--draft` (a directory or 'none'), with match candidates under `--match` (kept across
+    sequences up to `match_history` tokens)."""
     from confu.engine.checkpoint import load_draft
     from confu.engine.generate import Decoder
+    from confu.engine.matcher import MatchConfig
     from confu.engine.target import Target
 
     target = Target.load(target_spec, numerics=numerics)
     head = None if draft == "none" else load_draft(draft, target)
-    return Decoder.for_head(target, head)
+    return Decoder.for_head(target, head, MatchConfig(history_tokens=match_history) if match else None)
+
+
+def add_match_arg(p) -> None:
+    """`--match`, for every command that builds a decoder from `--draft`."""
+    p.add_argument("--match", action="store_true",
+                   help="add draft candidates matched in the prompt and the text so far (no training needed; "
+                        "with --draft none they are the only draft)")
 
 
 def generation_config(args, tree_nodes: int | str):
@@ -47,12 +58,14 @@ def result_record(decoder, res) -> dict:
         "stop_reason": res.stop_reason,
         "numerics": decoder.target.numerics,
     }
-    drafted = [s for s in res.steps if s.depth]
+    drafted = [s for s in res.steps if s.tree_nodes]
     if res.steps and decoder.proposer is not None:
         # the tree shape each round verified: under --tree-nodes auto it is chosen per round
         record["tree"] = {"nodes": [s.tree_nodes for s in res.steps], "depth": [s.depth for s in res.steps],
                           "rounds_without_draft": len(res.steps) - len(drafted),
                           "mean_nodes": round(sum(s.tree_nodes for s in res.steps) / len(res.steps), 2)}
+        # where the verified and accepted candidates came from: the draft "head", "match"es in the text so far
+        record["sources"] = res.by_source()
     if any(s.contemplate_slots for s in res.steps):
         record["contemplate_slots"] = [s.contemplate_slots for s in res.steps]
         record["verify_tokens"] = [s.verify_tokens for s in res.steps]
@@ -60,7 +73,7 @@ def result_record(decoder, res) -> dict:
 
 
 def cmd_generate(args) -> None:
-    decoder = load_decoder(args.target, args.draft, args.numerics)
+    decoder = load_decoder(args.target, args.draft, args.numerics, args.match)
     cfg = generation_config(args, args.tree_nodes)
     tok = decoder.target.tokenizer
     if args.prompt_file:
@@ -103,10 +116,11 @@ def cmd_init_draft(args) -> None:
 
 def add_parser(subparsers: Any) -> None:
     """`confu generate` and `confu init-draft`."""
-    g = subparsers.add_parser("generate", help="decode one prompt (plain, EAGLE-3 or ConFu)")
+    g = subparsers.add_parser("generate", help="decode one prompt (plain, EAGLE-3, ConFu, matches in the text)")
     add_target_args(g)
     add_numerics_arg(g)
     g.add_argument("--draft", default="none", help="a draft directory, or 'none' for plain decoding")
+    add_match_arg(g)
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="one prompt")
     prompt.add_argument("--prompt-file", help="prompts, one per line: prints a JSON line each and a pooled summary")

@@ -17,14 +17,22 @@ from confu.cli.common import (
     add_target_args,
     parse_tree_nodes,
 )
+from confu.cli.generate import add_match_arg
 
 API_KEY_ENV = "CONFU_API_KEY"
 
 
+def add_match_args(p) -> None:
+    """`--match` and how much of earlier requests' text it may match."""
+    add_match_arg(p)
+    p.add_argument("--match-history", type=int, default=0, metavar="TOKENS",
+                   help="with --match: also match the latest TOKENS tokens of earlier requests (their text then "
+                        "becomes draft candidates for later requests, which verification checks; never output)")
+
+
 def served_method(decoder) -> str:
-    """What decodes for the server: 'plain', or the draft head's method ('eagle3', 'confu')."""
-    head = getattr(decoder.proposer, "head", None)
-    return "plain" if head is None else head.cfg.method
+    """What decodes for the server: 'plain', or what proposes ('eagle3', 'confu', 'match', 'eagle3+match')."""
+    return "plain" if decoder.proposer is None else decoder.proposer.name
 
 
 def serve_config(args, model_name: str, max_queue: int, method: str = "plain", api_key: str | None = None):
@@ -48,6 +56,7 @@ def serve_config(args, model_name: str, max_queue: int, method: str = "plain", a
         method=method,
         draft=None if args.draft == "none" else args.draft,
         api_key=api_key,
+        match=args.match,
     )
 
 
@@ -57,7 +66,7 @@ def cmd_serve(args) -> None:
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
     cfg = serve_config(args, args.served_model_name or args.target, args.max_queue, api_key=api_key)
-    decoder = load_decoder(args.target, args.draft, args.numerics)
+    decoder = load_decoder(args.target, args.draft, args.numerics, args.match, args.match_history)
     cfg = replace(cfg, method=served_method(decoder))
     kind = "plain decoding" if args.draft == "none" else f"{cfg.method} draft {args.draft}"
     auth = ", bearer API key required" if api_key else ""
@@ -85,7 +94,7 @@ def cmd_bench_serve(args) -> None:
     else:
         model = args.target
         # Room in the queue for every client: a 429 would count as an error of the run.
-        decoder = load_decoder(args.target, args.draft, args.numerics)
+        decoder = load_decoder(args.target, args.draft, args.numerics, args.match, args.match_history)
         cfg = serve_config(args, model, max_queue=args.clients, method=served_method(decoder))
         server = serve_in_thread(make_server(decoder, cfg))
     with server as base_url:
@@ -108,6 +117,7 @@ def add_parser(subparsers: Any) -> None:
     add_numerics_arg(s)
     s.add_argument("--draft", default="none",
                    help="a draft directory (confu, official / SpecForge or speculators EAGLE-3), or 'none'")
+    add_match_args(s)
     s.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument("--served-model-name", default=None, help="the model id clients name (default: --target)")
@@ -129,6 +139,7 @@ def add_parser(subparsers: Any) -> None:
     add_target_args(b)
     add_numerics_arg(b)
     b.add_argument("--draft", default="none", help="a draft directory, or 'none'")
+    add_match_args(b)
     b.add_argument("--url", help="a running server (http://host:port) instead of starting one")
     b.add_argument("--clients", type=int, default=8, help="concurrent clients")
     b.add_argument("--requests", type=int, default=5, help="requests per client, one after another")

@@ -80,9 +80,10 @@ class StepRecord:
     verify_tokens: int  # rows in the target pass: root + nodes + contemplate slots
     draft_s: float  # drafting the tree, plus the draft's catch-up on the tokens this round accepted
     verify_s: float  # the target pass, acceptance and the cache commit
-    # per source of the tree's nodes (a draft "head", "match"es in the text so far): nodes verified, accepted
+    # what proposed the tree's nodes (a draft "head", "match"es in the text so far): nodes verified per source,
+    # and the source of each accepted node, in path order
     nodes_by_source: dict[str, int] = field(default_factory=dict)
-    accepted_by_source: dict[str, int] = field(default_factory=dict)
+    accepted_sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -108,9 +109,10 @@ class GenerationResult:
         """Per source of draft candidates: the nodes verified and accepted over every round."""
         totals: dict[str, dict[str, int]] = {}
         for step in self.steps:
-            for what, counts in (("nodes", step.nodes_by_source), ("accepted", step.accepted_by_source)):
-                for source, n in counts.items():
-                    totals.setdefault(source, {"nodes": 0, "accepted": 0})[what] += n
+            for source, n in step.nodes_by_source.items():
+                totals.setdefault(source, {"nodes": 0, "accepted": 0})["nodes"] += n
+            for source in step.accepted_sources:
+                totals[source]["accepted"] += 1
         return totals
 
 
@@ -362,7 +364,7 @@ class Decoder:
                     draft_s=draft_s,
                     verify_s=verified - toc,
                     nodes_by_source={} if tree is None else tree.count_by_source(range(len(tree))),
-                    accepted_by_source={} if tree is None else tree.count_by_source(accepted),
+                    accepted_sources=[] if tree is None else tree.sources_of(accepted),
                 )
                 new, reason = self._clip(new_tokens, emitted, cfg)
                 emitted += len(new)

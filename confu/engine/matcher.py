@@ -118,6 +118,7 @@ class MatchProposer:
     worth their verify rows.
     """
 
+    name = MATCH_SOURCE
     feature_layers: tuple[int, ...] = ()
     drafts_levels = False
     lookup_candidates = True

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 
 class Proposer(Protocol):
+    name: str  # what proposes, as reports and the server name it: "eagle3", "confu", "match", "eagle3+match"
     feature_layers: tuple[int, ...]  # hidden-state indices of the target features `observe` receives (): none
     # Each level of depth runs a draft model, so tree sizing plans how many levels a round buys.
     drafts_levels: bool
@@ -74,6 +75,7 @@ class DraftHeadProposer:
             if pack_model(fast, lossy=True):
                 fuse_draft_layer(fast)
                 self.head = fast
+        self.name = head.cfg.method
         self.feature_layers = tuple(head.cfg.feature_layers)
         self.drafter: Drafter | None = None
         self.root_out: Tensor | None = None  # the draft's output hidden of the last observed row
@@ -110,6 +112,7 @@ class MergedProposer:
 
     def __init__(self, first: Proposer, second: Proposer):
         self.first, self.second = first, second
+        self.name = f"{first.name}+{second.name}"
         if first.feature_layers and second.feature_layers and first.feature_layers != second.feature_layers:
             raise ValueError("merged proposers must read the same target features")
         self.feature_layers = first.feature_layers or second.feature_layers

@@ -18,6 +18,7 @@ for what verification reads.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -109,13 +110,14 @@ class DraftTree:
         """What proposed each node."""
         return list(self.sources) if self.sources is not None else [HEAD_SOURCE] * len(self)
 
+    def sources_of(self, nodes: Sequence[int]) -> list[str]:
+        """What proposed each of `nodes`."""
+        sources = self.node_sources()
+        return [sources[i] for i in nodes]
+
     def count_by_source(self, nodes: Sequence[int]) -> dict[str, int]:
         """How many of `nodes` each source proposed."""
-        sources = self.node_sources()
-        counts: dict[str, int] = {}
-        for i in nodes:
-            counts[sources[i]] = counts.get(sources[i], 0) + 1
-        return counts
+        return dict(Counter(self.sources_of(nodes)))
 
     def children_of(self, node: int) -> list[int]:
         """Children of ``node`` (``-1`` = root) by descending score."""

@@ -49,6 +49,7 @@ class ServeConfig:
     method: str = "plain"  # what decodes: "plain", or the draft's method ("eagle3", "confu"); told to clients
     draft: str | None = None  # the draft directory, as given
     api_key: str | None = None  # required as `Authorization: Bearer <key>` on /v1 routes when set
+    match: bool = False  # the decoder proposes matches in the text so far (`--match`); a request may turn them off
 
 
 class ClientGone(Exception):
@@ -171,8 +172,11 @@ class Engine:
 
     def parse(self, raw: bytes, chat: bool) -> CompletionRequest:
         t = self.decoder.target
-        return parse_request(raw, chat, self.cfg.model_name, t.tokenizer, t.vocab_size, t.max_context,
-                             self.cfg.defaults)
+        req = parse_request(raw, chat, self.cfg.model_name, t.tokenizer, t.vocab_size, t.max_context,
+                            self.cfg.defaults)
+        if req.match and not self.cfg.match:
+            raise RequestError("'match' needs a server started with --match", param="match")
+        return req
 
     def decoding(self) -> dict[str, Any]:
         """How the model is served: the method and the draft (None for plain decoding)."""
@@ -197,7 +201,7 @@ class Generation:
         self.engine, self.req, self.arrival = engine, req, arrival
         self.config = GenerationConfig(max_new_tokens=req.max_tokens, sampling=req.sampling, tree=engine.cfg.tree,
                                        auto_tree=engine.cfg.auto_tree, contemplate=engine.cfg.contemplate,
-                                       seed=req.seed)
+                                       seed=req.seed, match=req.match is not False)
         self.stats = SpecDecodeStats(depth=engine.cfg.tree.depth)
         self.finish_reason: str | None = None  # None while decoding; "abort" if it never finished
         self.ttft_s: float | None = None
@@ -214,7 +218,8 @@ class Generation:
         if step is not None and step.tree_nodes:
             # The round's accepted draft tokens come first: those that reached the reply are at most its tokens
             # there (the engine's record counts what the target accepted, before max_tokens, EOS or a stop).
-            self.stats.observe_round(min(step.accepted, self.completion_tokens - before), step.tree_nodes)
+            self.stats.observe_round(min(step.accepted, self.completion_tokens - before), step.tree_nodes,
+                                     step.accepted_sources, step.nodes_by_source)
         if self.text.stopped:
             self.finish_reason = "stop"
         elif reason:  # the engine's: "eos" ends the turn; "max_new_tokens" and "context" are the length

@@ -6,6 +6,9 @@ prometheus_client's, in a registry of the server's own (not the process-wide def
 process, as in the tests, keep separate counts. Counters are exposed with the `_total` suffix, as
 prometheus_client writes them.
 
+Per source of draft candidates (a draft "head", "match"es in the text so far), `num_draft_tokens_by_source` and
+`num_accepted_tokens_by_source` split the two counts.
+
 Spec-decode counting, per verification round that had a draft tree (`StepRecord`): `num_drafts` += 1,
 `num_draft_tokens` += the tree's nodes (every token the target verified as a draft, as vLLM counts a chain's k),
 `num_accepted_tokens` += tokens accepted from the tree that reached the reply (not those past max_tokens, EOS or
@@ -15,7 +18,7 @@ acceptance length = 1 + accepted / drafts, the τ of `confu generate`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -38,11 +41,21 @@ class SpecDecodeStats:
     accepted_per_pos: list[int] = field(default_factory=list)
     # acceptance length (accepted + 1, the bonus token included) -> number of rounds
     acceptance_length_histogram: dict[int, int] = field(default_factory=dict)
+    # per source of draft candidates ("head", "match"): tree nodes verified, and accepted
+    draft_tokens_by_source: dict[str, int] = field(default_factory=dict)
+    accepted_tokens_by_source: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.accepted_per_pos = self.accepted_per_pos or [0] * self.depth
 
-    def observe_round(self, accepted: int, drafted: int) -> None:
+    def observe_round(self, accepted: int, drafted: int, accepted_sources: Sequence[str] = (),
+                      nodes_by_source: dict[str, int] | None = None) -> None:
+        """A round that verified `drafted` nodes and accepted `accepted`; the sources of its nodes and of the
+        accepted ones (in path order; only the first `accepted` count)."""
+        for source, n in (nodes_by_source or {}).items():
+            self.draft_tokens_by_source[source] = self.draft_tokens_by_source.get(source, 0) + n
+        for source in accepted_sources[:accepted]:
+            self.accepted_tokens_by_source[source] = self.accepted_tokens_by_source.get(source, 0) + 1
         self.num_drafts += 1
         self.num_draft_tokens += drafted
         self.num_accepted_tokens += accepted
@@ -63,6 +76,8 @@ class SpecDecodeStats:
             "num_accepted_tokens_per_pos": list(self.accepted_per_pos),
             "mean_acceptance_length": round(self.mean_acceptance_length, 4),
             "acceptance_length_histogram": {str(k): v for k, v in sorted(self.acceptance_length_histogram.items())},
+            "num_draft_tokens_by_source": dict(sorted(self.draft_tokens_by_source.items())),
+            "num_accepted_tokens_by_source": dict(sorted(self.accepted_tokens_by_source.items())),
         }
 
 
@@ -85,6 +100,10 @@ class ServerMetrics:
         self.num_accepted_tokens = labelled(Counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted.")
         self.accepted_per_pos = labelled(Counter, "spec_decode_num_accepted_tokens_per_pos",
                                          "Draft tokens accepted at each position.", ("position",))
+        self.draft_tokens_by_source = labelled(Counter, "spec_decode_num_draft_tokens_by_source",
+                                               "Draft tokens verified, by what proposed them.", ("source",))
+        self.accepted_tokens_by_source = labelled(Counter, "spec_decode_num_accepted_tokens_by_source",
+                                                  "Draft tokens accepted, by what proposed them.", ("source",))
         self.request_success = labelled(Counter, "request_success", "Finished requests by finish reason.",
                                         ("finished_reason",))
         self.request_errors = labelled(Counter, "request_errors", "Requests answered with an error, by HTTP status.",
@@ -110,6 +129,10 @@ class ServerMetrics:
         self.num_accepted_tokens.inc(stats.num_accepted_tokens)
         for pos, count in enumerate(stats.accepted_per_pos):
             self.accepted_per_pos(position=str(pos)).inc(count)
+        for source, count in stats.draft_tokens_by_source.items():
+            self.draft_tokens_by_source(source=source).inc(count)
+        for source, count in stats.accepted_tokens_by_source.items():
+            self.accepted_tokens_by_source(source=source).inc(count)
         self.latency.observe(latency_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)

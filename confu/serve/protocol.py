@@ -4,7 +4,8 @@ body, never an exception that reaches the server) and the response / stream-chun
 Supported: `/v1/chat/completions` (messages through the target's chat template) and `/v1/completions` (a raw
 prompt, or token ids), with temperature (0 to 2, as OpenAI's), top_p, top_k (an extension, as in vLLM), max_tokens
 (or max_completion_tokens; at most what the context has room for after the prompt), stop, seed, stream and
-stream_options.include_usage. Omitted sampling parameters take the server's decoding flags (greedy unless
+stream_options.include_usage, and `match` (an extension: false turns off a `--match` server's draft candidates
+matched in the text so far for this request). Omitted sampling parameters take the server's decoding flags (greedy unless
 `confu serve --temperature` says otherwise), not OpenAI's temperature 1; an omitted max_tokens is the server's,
 cut to the context's room. A parameter confu does not implement is refused unless it asks for nothing, never
 silently ignored.
@@ -63,6 +64,7 @@ class CompletionRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    match: bool | None = None  # draft candidates matched in the text so far: on / off (None: the server's)
 
 
 def _is_int(value: Any) -> bool:
@@ -76,6 +78,13 @@ def _number(body: dict, key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"'{key}' must be a number, got {json.dumps(value)}", param=key)
     return float(value)
+
+
+def _optional_bool(body: dict, key: str) -> bool | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"'{key}' must be a boolean, got {json.dumps(value)}", param=key)
+    return value
 
 
 def _optional_int(body: dict, key: str) -> int | None:
@@ -198,7 +207,7 @@ def parse_request(raw: bytes, chat: bool, model: str, tokenizer, vocab_size: int
                            code="context_length_exceeded")
     return CompletionRequest(chat=chat, model=model, prompt_ids=ids, max_tokens=max_tokens, sampling=sampling,
                              seed=_optional_int(body, "seed"), stop=_stop(body), stream=stream,
-                             include_usage=options.get("include_usage", False))
+                             include_usage=options.get("include_usage", False), match=_optional_bool(body, "match"))
 
 
 # -- responses --------------------------------------------------------------------------------------------------
