@@ -146,6 +146,23 @@ def test_future_is_contemplate_state_of_last_accepted_node(tiny_llama_dir, monke
         assert not torch.allclose(f, contemplate_state(seq[:-1], con), atol=1e-3)
 
 
+def test_zero_future_gives_the_draft_zeros_and_keeps_the_output(tiny_llama_dir):
+    """`zero_future` (`confu generate --zero-future`): every round's f reaches the proposer as zeros while the
+    contemplate rows still run, and greedy output stays the target's own; without it f is not zero."""
+    target = load_target(tiny_llama_dir)
+    head = _confu_head(target)
+    ids = chat_ids(target, PROMPTS[0])
+    _RecordingOracle.reference = ids + hf_greedy(target, ids, 20)
+    for zero in (True, False):
+        _RecordingOracle.records = []
+        res = decoder_with(target, head, _RecordingOracle).generate(
+            ids, GenerationConfig(max_new_tokens=20, tree=TreeConfig(12, 5, 2), auto_tree=False, zero_future=zero))
+        assert res.tokens == _RecordingOracle.reference[len(ids):]
+        futures = torch.stack([f for _, f, _ in _RecordingOracle.records])
+        assert len(futures) > 3 and bool((futures == 0).all()) == zero
+        assert all(s.contemplate_slots > 0 for s in res.steps)
+
+
 def test_confu_greedy_matches_hf_on_embedded_target(embedded_dir, record_property):
     target = load_target(embedded_dir)
     head = new_draft(target, "confu", draft_vocab_size=4096)

@@ -131,6 +131,19 @@ def acceptance_table(summary: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def sources_table(summary: dict[str, Any]) -> str:
+    """Draft candidates by what proposed them: per round verified and accepted, and each source's share."""
+    rows = []
+    for s in _drafted(summary):
+        for source, c in (s.get("sources") or {}).items():
+            rows.append(_row_head(s) + [source, fmt(c["nodes_per_round"]), fmt(c["accepted_per_round"]),
+                                        _percent(c["acceptance"]), _percent(c["share_of_accepted"])])
+    if not rows:
+        return "(no drafted rounds)"
+    return _table(["Method", "Nodes", "T", "source", "nodes / round", "accepted / round", "accepted / nodes",
+                   "share of accepted"], rows)
+
+
 def _bytes(x: float | None) -> str:
     if not x:
         return "-"
@@ -225,6 +238,14 @@ def render_report(summary: dict[str, Any], run_info: dict[str, Any], plots: Sequ
         "grown to depth d (n = those rounds), with its interval over questions.",
         "",
         acceptance_table(summary),
+        "",
+        "## Draft candidates by source",
+        "",
+        "What proposed the verified nodes: the draft `head`, or `match`es in the text so far (a candidate both "
+        "propose is verified once and counts as the head's, so `match` is what matching adds). Per "
+        "verification round, rounds without a tree included.",
+        "",
+        sources_table(summary),
         "",
         "## Per-step latency (ms per verification round, share of the round)",
         "",

@@ -274,6 +274,32 @@ def acceptance_profile(records: Sequence[dict], max_depth: int | None = None) ->
     return {"per_depth": per_depth, "survival": survival}
 
 
+def candidate_sources(records: Sequence[dict]) -> dict[str, dict[str, float]] | None:
+    """Per source of draft candidates (a draft "head", "match"es in the text so far), over every round: nodes
+    verified and accepted per round, the share of them accepted, and the source's share of all accepted draft
+    tokens. None without per-source step records (plain decoding, records from before they were kept)."""
+    nodes: dict[str, int] = defaultdict(int)
+    accepted: dict[str, int] = defaultdict(int)
+    rounds = 0
+    for rec in records:
+        steps = rec.get("steps") or {}
+        if "nodes_by_source" not in steps:
+            continue
+        rounds += len(steps["nodes_by_source"])
+        for counts in steps["nodes_by_source"]:
+            for source, n in counts.items():
+                nodes[source] += n
+        for path in steps["accepted_sources"]:
+            for source in path:
+                accepted[source] += 1
+    if not nodes:
+        return None
+    total = sum(accepted.values())
+    return {source: {"nodes_per_round": n / rounds, "accepted_per_round": accepted[source] / rounds,
+                     "acceptance": accepted[source] / n, "share_of_accepted": accepted[source] / total if total else 0.0}
+            for source, n in sorted(nodes.items())}
+
+
 def greedy_identity(records: Sequence[dict], reference: Sequence[dict]) -> dict[str, int]:
     """At T=0 every lossless method must emit the reference's tokens: count questions that match exactly."""
     ref = {r["question_id"]: [t.get("tokens") for t in r.get("turns", [])] for r in reference}
@@ -369,6 +395,7 @@ def summarize(records: Sequence[dict], max_depth: int | None = None,
             "acceptance": acceptance_profile(recs, max_depth) if kinds[method] != "hf" else None,
             "memory": kv_memory(recs),
             "routing": routing_utilisation(recs),
+            "sources": candidate_sources(recs),
         }
         if temp == 0 and kinds[method] != "ar" and base_all["ar"]:
             entry["greedy_identity_vs_ar"] = greedy_identity(recs, base_all["ar"])

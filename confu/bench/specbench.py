@@ -45,10 +45,12 @@ if TYPE_CHECKING:
 RECORDS_NAME = "records.jsonl"
 RUN_NAME = "run.json"
 # Decoding options that change what a record means: a resumed run must use the same ones.
-PINNED_OPTIONS = ("target", "numerics", "max_new_tokens", "top_p", "top_k", "depth", "topk", "contemplate", "seed",
-                  "repeats")
+PINNED_OPTIONS = ("target", "numerics", "max_new_tokens", "top_p", "top_k", "depth", "topk", "contemplate",
+                  "zero_future", "seed", "repeats")
 # Per-round fields of `StepRecord` kept in a record, as parallel lists over rounds.
-STEP_FIELDS = ("accepted", "tree_nodes", "depth", "contemplate_slots", "verify_tokens", "draft_s", "verify_s")
+STEP_FIELDS = ("accepted", "tree_nodes", "depth", "contemplate_slots", "verify_tokens", "draft_s", "verify_s",
+               "nodes_by_source", "accepted_sources")
+MATCH = "match"  # a method's suffix (and, alone, a method): draft candidates matched in the text so far
 
 
 # -- methods and questions -----------------------------------------------------------------------------------
@@ -56,26 +58,29 @@ STEP_FIELDS = ("accepted", "tree_nodes", "depth", "contemplate_slots", "verify_t
 
 @dataclass(frozen=True)
 class MethodSpec:
-    kind: str  # ar | hf | eagle3 | confu
+    kind: str  # ar | hf | eagle3 | confu | match | eagle3+match | confu+match
     label: str
     draft_dir: str | None = None
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
-    """`ar,hf,eagle3:DIR[=label],confu:DIR[=label]` -> specs; labels default to the directory's name."""
+    """`ar,hf,match,eagle3[+match]:DIR[=label],confu[+match]:DIR[=label]` -> specs; labels default to the
+    directory's name (+match)."""
     specs: list[MethodSpec] = []
     for item in (p.strip() for p in text.split(",")):
         if not item:
             continue
-        if item in ("ar", "hf"):
+        if item in ("ar", "hf", MATCH):
             specs.append(MethodSpec(item, item))
             continue
         kind, sep, rest = item.partition(":")
-        if not sep or kind not in ("eagle3", "confu") or not rest:
-            raise InputError(f"--methods: {item!r} is not ar, hf, eagle3:DIR[=label] or confu:DIR[=label]")
+        head_kind = kind.removesuffix("+" + MATCH)
+        if not sep or head_kind not in ("eagle3", "confu") or not rest:
+            raise InputError(f"--methods: {item!r} is not ar, hf, match, eagle3[+match]:DIR[=label] or "
+                             "confu[+match]:DIR[=label]")
         path, eq, label = rest.rpartition("=")
         if not eq or "/" in label or not label:  # no '=label' (a path may itself contain '=')
-            path, label = rest, Path(rest.rstrip("/")).name
+            path, label = rest, Path(rest.rstrip("/")).name + kind[len(head_kind):]
         specs.append(MethodSpec(kind, label, path))
     if not specs:
         raise InputError("--methods is empty")
@@ -213,20 +218,21 @@ class LoadedMethod:
 def load_methods(target: Target, specs: Sequence[MethodSpec]) -> list[LoadedMethod]:
     from confu.engine.checkpoint import load_draft, read_config
     from confu.engine.generate import Decoder
+    from confu.engine.matcher import MatchConfig
 
     loaded = []
     for spec in specs:
-        if spec.kind in ("ar", "hf"):
-            dec = Decoder.for_head(target, None) if spec.kind == "ar" else None
+        match = MatchConfig() if spec.kind.endswith(MATCH) else None
+        if spec.kind in ("ar", "hf", MATCH):
+            dec = Decoder.for_head(target, None, match) if spec.kind != "hf" else None
             loaded.append(LoadedMethod(spec, dec))
             continue
+        kind = spec.kind.removesuffix("+" + MATCH)
         method = read_config(spec.draft_dir).method
-        if method != spec.kind:
-            raise InputError(
-                f"--methods: {spec.kind}:{spec.draft_dir} holds a {method!r} draft, not {spec.kind!r}"
-            )
+        if method != kind:
+            raise InputError(f"--methods: {spec.kind}:{spec.draft_dir} holds a {method!r} draft, not {kind!r}")
         head = load_draft(spec.draft_dir, target)
-        loaded.append(LoadedMethod(spec, Decoder.for_head(target, head)))
+        loaded.append(LoadedMethod(spec, Decoder.for_head(target, head, match)))
     return loaded
 
 
@@ -250,6 +256,7 @@ class BenchConfig:
     depth: int = 6
     topk: int = 8
     contemplate: int | None = None  # None = a slot on every node
+    zero_future: bool = False  # ConFu probe: f = 0 (`GenerationConfig.zero_future`)
     seed: int = 0
     warmup: int = 1
     repeats: int = 1  # timed runs of every question x method x setting
@@ -325,7 +332,7 @@ def _check_run_file(out: Path, cfg: BenchConfig) -> dict:
     path = out / RUN_NAME
     if path.is_file():
         old = json.loads(path.read_text())
-        before = {"numerics": "auto", "repeats": 1, **old["pinned"]}  # older run files: options they lacked
+        before = {"numerics": "auto", "repeats": 1, "zero_future": False, **old["pinned"]}  # options older files lacked
         diff = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in pinned.items() if before.get(k) != v]
         diff += [f"label {lab}: {old['drafts'][lab]} -> {d}" for lab, d in drafts.items()
                  if old["drafts"].get(lab, d) != d]
@@ -354,6 +361,7 @@ class BenchRunner:
             tree=tree,
             auto_tree=auto,
             contemplate=c.contemplate,
+            zero_future=c.zero_future,
             seed=seed,
         )
 
@@ -484,7 +492,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "n_questions": len(questions), "questions_per_category": dict(Counter(q.category for q in questions)),
         "temperatures": cfg.temperatures, "tree_nodes": cfg.tree_nodes, "max_new_tokens": cfg.max_new_tokens,
         "top_p": cfg.top_p, "top_k": cfg.top_k, "depth": cfg.depth, "topk": cfg.topk,
-        "contemplate": "all" if cfg.contemplate is None else cfg.contemplate, "seed": cfg.seed,
+        "contemplate": "all" if cfg.contemplate is None else cfg.contemplate, "zero_future": cfg.zero_future,
+        "seed": cfg.seed,
         "warmup": cfg.warmup, "repeats": cfg.repeats, "machine": _machine(),
         "rss_after_load_bytes": loaded_rss, "peak_rss_bytes": peak_rss_bytes(), "numerics": runner.target.numerics,
         "draft_numerics": draft_numerics(runner.target.device), "torch": torch.__version__,

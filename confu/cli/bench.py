@@ -24,7 +24,8 @@ def cmd_bench(args) -> None:
         categories=categories, limit_per_category=args.limit_per_category,
         temperatures=args.temperatures or [args.temperature], tree_nodes=args.tree_nodes,
         max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k, depth=args.depth,
-        topk=args.topk, contemplate=args.contemplate, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
+        topk=args.topk, contemplate=args.contemplate, zero_future=args.zero_future, seed=args.seed,
+        warmup=args.warmup, repeats=args.repeats,
         progress=not args.no_progress,
     )
     res = run_bench(cfg)
@@ -42,7 +43,9 @@ def _add_bench(subparsers: Any) -> None:
     add_target_args(b)
     add_numerics_arg(b)
     b.add_argument("--methods", required=True,
-                   help="comma-separated: ar, hf, eagle3:DIR[=label], confu:DIR[=label]")
+                   help="comma-separated: ar, hf, match (draft candidates matched in the text so far), "
+                        "eagle3:DIR[=label], confu:DIR[=label], and eagle3+match:DIR / confu+match:DIR (a head's "
+                        "trees with matches)")
     b.add_argument("--questions", required=True,
                    help="Spec-Bench question.jsonl, or a .txt prompt file (one prompt per line)")
     b.add_argument("--categories", nargs="+", help="only these categories (space or comma separated)")

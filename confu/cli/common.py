@@ -75,4 +75,6 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=8, help="children expanded per draft node")
     p.add_argument("--contemplate", type=parse_contemplate, default=None,
                    help="ConFu: 'all' (default) or the number of contemplate slots besides the root")
+    p.add_argument("--zero-future", action="store_true",
+                   help="ConFu probe: the draft gets f = 0 every round (measures what the future prediction adds)")
     p.add_argument("--seed", type=int, default=0, help="the sampling seed")

@@ -43,6 +43,7 @@ def generation_config(args, tree_nodes: int | str):
         tree=tree,
         auto_tree=auto,
         contemplate=args.contemplate,
+        zero_future=args.zero_future,
         seed=args.seed,
     )
 

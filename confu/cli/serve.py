@@ -52,6 +52,7 @@ def serve_config(args, model_name: str, max_queue: int, method: str = "plain", a
         tree=tree,
         auto_tree=auto,
         contemplate=args.contemplate,
+        zero_future=args.zero_future,
         max_queue=max_queue,
         method=method,
         draft=None if args.draft == "none" else args.draft,

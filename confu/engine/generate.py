@@ -41,6 +41,9 @@ class GenerationConfig:
     # observed acceptance (`confu.engine.sizing`), drafting nothing where plain decoding is faster
     auto_tree: bool = True
     contemplate: int | None = None  # ConFu: None = a slot on every node, N = the N likeliest round ends
+    # ConFu probe: the draft gets f = 0 every round (the contemplate rows still run), so decoding measures what
+    # f adds to acceptance
+    zero_future: bool = False
     # a decoder built with a matcher proposes matches in the text so far for this sequence (False: not, and its
     # text is not kept for later sequences either)
     match: bool = True

@@ -181,10 +181,12 @@ class ContemplateSlots(PlainVerify):
     def __init__(self, head: ConFuHead):
         self.head = head
         self.budget: int | None = None
+        self.zero_future = False
         self.plan: ContemplatePlan | None = None
 
     def begin(self, cfg: GenerationConfig) -> None:
         self.budget = cfg.contemplate
+        self.zero_future = cfg.zero_future
         self.plan = None
 
     def soft_prompt(self) -> list[tuple[Tensor, Tensor]]:
@@ -195,7 +197,8 @@ class ContemplateSlots(PlainVerify):
         return ExtraRows(*self.plan.slot_inputs(positions, mask, self.head, route))
 
     def future(self, last_hidden: Tensor, accepted: list[int]) -> Tensor:
-        return self.plan.future_of(last_hidden, accepted)
+        f = self.plan.future_of(last_hidden, accepted)
+        return torch.zeros_like(f) if self.zero_future else f
 
     def extra_row_count(self, nodes: int) -> int:
         return 1 + (nodes if self.budget is None else min(self.budget, nodes))

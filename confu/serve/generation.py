@@ -45,6 +45,7 @@ class ServeConfig:
     tree: TreeConfig
     auto_tree: bool = True  # `tree` bounds per-round sizing (`--tree-nodes auto`)
     contemplate: int | None = None
+    zero_future: bool = False  # ConFu probe (`GenerationConfig.zero_future`)
     max_queue: int = 16  # requests waiting beyond the one generating
     method: str = "plain"  # what decodes: "plain", or the draft's method ("eagle3", "confu"); told to clients
     draft: str | None = None  # the draft directory, as given
@@ -201,7 +202,7 @@ class Generation:
         self.engine, self.req, self.arrival = engine, req, arrival
         self.config = GenerationConfig(max_new_tokens=req.max_tokens, sampling=req.sampling, tree=engine.cfg.tree,
                                        auto_tree=engine.cfg.auto_tree, contemplate=engine.cfg.contemplate,
-                                       seed=req.seed, match=req.match is not False)
+                                       zero_future=engine.cfg.zero_future, seed=req.seed, match=req.match is not False)
         self.stats = SpecDecodeStats(depth=engine.cfg.tree.depth)
         self.finish_reason: str | None = None  # None while decoding; "abort" if it never finished
         self.ttft_s: float | None = None
