@@ -39,14 +39,17 @@ drafts: $(STAMP)
 # [BENCH_OUT=runs/specbench] [NUMERICS=q8] (the target's numerics: auto = GGUF-exact fp32 kernels; q8 = llama.cpp's
 # 8-bit activations). BENCH_LIMIT questions per category (intervals need at least 2), each timed BENCH_REPEATS
 # times (intervals on speed-ups then carry the run-to-run noise); the defaults take about 3 hours on 2 cores.
+# BENCH_METHODS=... replaces the methods, e.g. matches in the text so far, alone and merged into EAGLE-3's trees:
+#   make bench QUESTIONS=... BENCH_METHODS='ar,hf,match,eagle3:$$(D)-eagle3=EAGLE-3,eagle3+match:$$(D)-eagle3=EAGLE-3+match'
 BENCH_LIMIT ?= 3
 BENCH_REPEATS ?= 2
 NUMERICS ?= auto
 BENCH_OUT ?= runs/specbench
 D := drafts/smollm2-135m
+BENCH_METHODS ?= ar,hf,eagle3:$(D)-eagle3=EAGLE-3,confu:$(D)-confu=ConFu,confu:$(D)-confu-nomoe=ConFu-MoE,confu:$(D)-confu-norep=ConFu-replicate
 bench: $(STAMP)
 	@test -n "$(QUESTIONS)" || { echo "usage: make bench QUESTIONS=path/to/question.jsonl"; exit 2; }
 	$(VENV)/bin/confu bench --target smollm2-135m --numerics $(NUMERICS) \
-	  --methods ar,hf,eagle3:$(D)-eagle3=EAGLE-3,confu:$(D)-confu=ConFu,confu:$(D)-confu-nomoe=ConFu-MoE,confu:$(D)-confu-norep=ConFu-replicate \
+	  --methods $(BENCH_METHODS) \
 	  --questions $(QUESTIONS) --limit-per-category $(BENCH_LIMIT) --temperatures 0,0.7 --tree-nodes auto,16 \
 	  --depth 6 --topk 8 --contemplate 4 --max-new-tokens 48 --repeats $(BENCH_REPEATS) --out $(BENCH_OUT)

@@ -1,7 +1,9 @@
-"""`make demo`: plain decoding next to EAGLE-3 and ConFu decoding on the embedded SmolLM2 target.
+"""`make demo`: plain decoding next to EAGLE-3, ConFu, matches in the text so far (no draft model), and EAGLE-3
+with matches merged into its trees, on the embedded SmolLM2 target.
 
 Uses the shipped drafts in `drafts/` when they exist, else untrained heads (which accept little: the point is
-then that the output is token-identical and what each verify pass costs).
+then that the output is token-identical and what each verify pass costs). Matches need no training: they pay
+where the answer repeats itself or its prompt.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 from confu.chat import encode_prompt
 from confu.engine.checkpoint import load_draft, new_draft
 from confu.engine.generate import Decoder, GenerationConfig
+from confu.engine.matcher import MATCH_SOURCE, MatchConfig
 from confu.engine.target import Target
 from confu.engine.tree import TreeConfig
 
@@ -18,6 +21,8 @@ PROMPTS = [
     "Write a short poem about the sea.",
     "Explain what a hash table is in two sentences.",
     "Give three tips for learning a new language.",
+    "Correct the spelling in this sentence and write it out again: The quick brown fox jumpd over the lazzy dog "
+    "while the farmer watched from his old wooden porch.",
 ]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,16 +39,21 @@ def main() -> None:
     # One decoder per method for all prompts, as a server keeps one: tree sizing carries what it measured
     # (acceptance, the clock) from one prompt to the next.
     plain_decoder = Decoder(target)
-    decoders = {method: Decoder.for_head(target, head) for method, (head, _) in heads.items()}
+    eagle3, kind = heads["eagle3"]
+    methods = {f"{method} ({kind})": Decoder.for_head(target, head) for method, (head, kind) in heads.items()}
+    methods["match (no draft)"] = Decoder.for_head(target, None, MatchConfig())
+    methods[f"eagle3+match ({kind})"] = Decoder.for_head(target, eagle3, MatchConfig())
     for text in PROMPTS:
         ids = encode_prompt(target.tokenizer, text, raw=False)
         plain = plain_decoder.generate(ids, cfg)
         print(f"\n### {text}\n{target.tokenizer.decode(plain.tokens, skip_special_tokens=True)}")
-        print(f"  plain          : {plain.tokens_per_s:6.1f} tok/s")
-        for method, (_, kind) in heads.items():
-            res = decoders[method].generate(ids, cfg)
+        print(f"  {'plain':26s}: {plain.tokens_per_s:6.1f} tok/s")
+        for name, decoder in methods.items():
+            res = decoder.generate(ids, cfg)
             same = "identical" if res.tokens == plain.tokens else "DIFFERENT"
-            print(f"  {method:6s} ({kind}): {res.tokens_per_s:6.1f} tok/s  tau {res.tau:.2f}  output {same}")
+            from_matches = res.by_source().get(MATCH_SOURCE, {}).get("accepted", 0)
+            print(f"  {name:26s}: {res.tokens_per_s:6.1f} tok/s  tau {res.tau:.2f}  output {same}  "
+                  f"tokens from matches {from_matches}")
 
 
 if __name__ == "__main__":
