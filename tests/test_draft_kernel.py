@@ -7,13 +7,18 @@ final norm, lm_head, log_softmax and topk, ties broken towards the lower index.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
+from confu.engine import draft_kernel
 from confu.engine.draft import DraftConfig, build_head, init_weights_like_eagle
-from confu.engine.draft_kernel import FusedDraftLayer, fuse_draft_layer, top_children
+from confu.engine.draft_kernel import DRAFT_LAYER, FusedDraftLayer, fuse_draft_layer, top_children
+from confu.engine.generate import GenerationConfig
 from confu.engine.methods import DraftHeadProposer
-from confu.engine.quant import kernel_status, pack_model
+from confu.engine.quant import pack_model
+from confu.engine.tree import TreeConfig
 from tests.helpers import require_kernels
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
@@ -21,7 +26,7 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 
 def require_fused():
     require_kernels()
-    if not kernel_status().draft_layer:
+    if DRAFT_LAYER.library() is None:
         pytest.skip("no AVX512-VNNI kernels in this build (the CPU, or CONFU_KERNELS_AVX2): the draft layer runs torch ops")
 
 
@@ -129,15 +134,40 @@ def test_top_log_probs_kernel_breaks_ties_towards_the_lower_index():
     require_fused()
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0] + [-5.0] * 14])  # not a multiple of 16 wide
     values, ids = torch.empty(1, 5), torch.empty(1, 5, dtype=torch.int64)
-    kernel_status().library.top_log_probs(logits.data_ptr(), 1, logits.shape[1], 5, values.data_ptr(), ids.data_ptr())
+    DRAFT_LAYER.library().top_log_probs(logits.data_ptr(), 1, logits.shape[1], 5, values.data_ptr(), ids.data_ptr())
     assert ids.tolist() == [[1, 2, 4, 0, 3]]
     torch.testing.assert_close(values, torch.log_softmax(logits, -1)[:, [1, 2, 4, 0, 3]])
 
 
-def test_proposer_drafts_through_the_fused_layer_where_built():
-    require_kernels()
+class CountingLibrary:
+    """The kernels' library, counting the calls of each function."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, Counter()
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.lib, name)
+
+        def call(*args):
+            self.calls[name] += 1
+            return fn(*args)
+
+        return call
+
+
+@torch.no_grad()
+def test_a_proposer_drafts_its_levels_in_the_fused_kernels(monkeypatch):
+    require_fused()
+    lib = CountingLibrary(DRAFT_LAYER.library())
+    monkeypatch.setattr(draft_kernel.DRAFT_LAYER, "library", lambda: lib)
     head = _tiny_head()
     proposer = DraftHeadProposer(head)
-    assert isinstance(proposer.head.layer, FusedDraftLayer) == kernel_status().draft_layer
+    proposer.begin(GenerationConfig(tree=TreeConfig(total_nodes=8, depth=3, topk=3)), max_len=64)
+    gen = torch.Generator().manual_seed(5)
+    proposer.observe(torch.randn(4, 3 * HIDDEN, generator=gen), torch.randint(0, 300, (4,), generator=gen), None)
+    tree = proposer.propose(max_nodes=8, depth=3)
+    assert len(tree) == 8
+    # the catch-up pass and each level: q / k / v, attention and MLP, children, each one kernel call
+    assert lib.calls["draft_qkv"] >= 3 and lib.calls["draft_attend"] >= 3 and lib.calls["draft_top_children"] >= 3
     assert not isinstance(head.layer, FusedDraftLayer), "the caller's head is left as it was"
     assert not fuse_draft_layer(head), "an unpacked head has no int8 weights to fuse"

@@ -1,17 +1,23 @@
-"""GGUF-exact quantized linear layers: block recovery, the CPU kernels, and a quantized target decoding losslessly."""
+"""GGUF-exact quantized linear layers: block recovery, the CPU kernels, their build (a corrupt cache, a compiler that
+hangs, none at all), and a quantized target decoding losslessly with and without them."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 from torch import nn
 
+from confu.engine import quant
+from confu.engine.attention import row_invariant_attention_built
 from confu.engine.checkpoint import new_draft
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.quant import (
     CFLAGS,
     PackedLinear,
     for_q8_activations,
+    kernel_path,
     kernel_status,
     load_kernels,
     pack_exact,
@@ -28,7 +34,9 @@ from confu.engine.tree import TreeConfig
 from confu.errors import InputError
 from tests.helpers import (
     PROMPTS,
+    OracleProposer,
     chat_ids,
+    decoder_with,
     gguf_q4_1,
     gguf_q8_0,
     hf_greedy,
@@ -83,6 +91,58 @@ def test_kernel_matches_dense_and_is_row_invariant(kind, build):
             assert torch.equal(out[row], packed_matmul(x[row : row + 1].contiguous(), packed, lib)[0])
     with single_thread():
         assert torch.equal(packed_matmul(x, packed, lib), packed_matmul(x, packed, lib))
+
+
+def test_a_corrupt_cached_build_is_built_again(tmp_path, monkeypatch):
+    require_kernels()
+    monkeypatch.setenv("CONFU_CACHE", str(tmp_path))
+    path = kernel_path(CFLAGS)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x7fELF cut short by a full disk")
+    status = load_kernels(CFLAGS)
+    assert status.library is not None and status.lanes == 8, status.reason
+    assert status.reason == str(path) and path.stat().st_size > 10_000
+
+
+def test_a_compiler_that_hangs_is_given_up_on(tmp_path, monkeypatch):
+    hanging = tmp_path / "cc"
+    hanging.write_text("#!/bin/sh\nsleep 60\n")  # a child of the compiler's process holds the pipes too
+    hanging.chmod(0o755)
+    monkeypatch.setenv("CC", str(hanging))
+    monkeypatch.setenv("CONFU_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(quant, "COMPILE_TIMEOUT_S", 1)
+    start = time.monotonic()
+    status = load_kernels(CFLAGS)
+    assert status.library is None and "did not finish building the kernels within 1 s" in status.reason
+    assert time.monotonic() - start < 30
+
+
+@pytest.fixture
+def no_kernel_library(tmp_path, monkeypatch):
+    """This process as on a machine where the kernels cannot be built: no C compiler and nothing cached."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("CONFU_CACHE", str(tmp_path / "cache"))
+    kernel_status.cache_clear()
+    yield
+    kernel_status.cache_clear()  # the next caller loads this machine's kernels again (the environment is restored)
+
+
+def test_decoding_without_any_kernel_library_works_and_is_lossless(no_kernel_library, tiny_llama_dir):
+    status = kernel_status()
+    assert status.library is None and "no-such-compiler" in status.reason
+    target = quantized_tiny_target(tiny_llama_dir)  # GGUF-exact weights the kernels would take
+    assert not any(isinstance(m, PackedLinear) for m in target.model.modules()) and not row_invariant_attention_built()
+    cfg = GenerationConfig(max_new_tokens=12, tree=TreeConfig(8, 4, 3), auto_tree=False)
+    for text in PROMPTS[:2]:
+        prompt = chat_ids(target, text)
+        want = hf_greedy(target, prompt, 12)
+        assert Decoder.for_head(target, None).generate(prompt, cfg).tokens == want
+        OracleProposer.reference = prompt + want
+        for method in ("eagle3", "confu"):
+            decoder = decoder_with(target, new_draft(target, method, draft_vocab_size=256), OracleProposer)
+            assert not any(isinstance(m, PackedLinear) for m in decoder.proposer.head.modules())
+            result = decoder.generate(prompt, cfg)
+            assert result.tokens == want and any(s.accepted for s in result.steps), (method, text)
 
 
 def int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ other dtypes, AVX2 builds, logit soft-capping, a long prompt's bulk prefill) ord
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from confu.engine.quant import kernel_status
+from confu.engine.quant import KernelFamily
 
 SPLIT_ATTENTION = "confu_split"  # no "sdpa" in the name: transformers would demand `_supports_sdpa` (Gemma-2 has not)
 
@@ -95,9 +97,16 @@ def _softcapped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tenso
     return torch.softmax(scores.float(), dim=-1).to(value.dtype) @ value
 
 
+_L = ctypes.c_long
+# kernels.c's `attend_rows` (AVX-512 builds)
+ATTEND_ROWS = KernelFamily("attention", attend_rows=[ctypes.c_void_p, _L, _L, ctypes.c_void_p, ctypes.c_void_p, _L, _L,
+                                                     ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_float,
+                                                     ctypes.c_void_p])
+
+
 def row_invariant_attention_built() -> bool:
     """Whether this machine's kernels include `attend_rows` (AVX-512 builds)."""
-    return kernel_status().attention
+    return ATTEND_ROWS.library() is not None
 
 
 def _kernel_applies(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> bool:
@@ -134,7 +143,7 @@ def row_invariant_attention(query: Tensor, key: Tensor, value: Tensor, mask: Ten
     seen = mask.reshape(n, total).contiguous().view(torch.uint8)
     out = torch.empty(1, n, heads, dim, dtype=query.dtype)
     scale = scaling if scaling is not None else dim ** -0.5
-    kernel_status().library.attend_rows(
+    ATTEND_ROWS.library().attend_rows(
         query.data_ptr(), query.stride(2), query.stride(1), key.data_ptr(), value.data_ptr(), key.stride(1),
         key.stride(2), seen.data_ptr(), n, total, heads, kv_heads, dim, scale, out.data_ptr())
     return out

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from confu.engine.draft import DraftLayer, Eagle3Head, rope_inv_freq
-from confu.engine.quant import PackedLinear, PackedWeight, kernel_status, kernels_take, stack_outputs
+from confu.engine.quant import KernelFamily, PackedLinear, PackedWeight, kernels_take, stack_outputs
 
 
 class _I8Weight(ctypes.Structure):
@@ -42,6 +42,17 @@ class _DraftLayerArgs(ctypes.Structure):
     ]
 
 
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+# kernels.c's fused draft layer and top-k (AVX512-VNNI builds); `top_log_probs` is the top-k alone
+DRAFT_LAYER = KernelFamily(
+    "draft_layer",
+    draft_qkv=[_P, _P, _P, _P, _I, _P, _P, _P],
+    draft_attend=[_P, _P, _P, _P, _P, _L, _L, _P, _I, _I, _P, _L, _P],
+    top_log_probs=[_P, _I, _I, _I, _P, _P],
+    draft_top_children=[_P, _I, _I, _P, ctypes.c_float, _P, _P, _P, _I, _P, _I, _P, _P],
+)
+
+
 def _i8(packed: PackedWeight) -> _I8Weight:
     return _I8Weight(packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr())
 
@@ -50,7 +61,7 @@ def _layer_fits(layer: DraftLayer) -> bool:
     """The layer's linear layers run the int8 kernel and its shapes fit the fused kernels (multiples of 16)."""
     cfg = layer.cfg
     linears = (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj)
-    return (kernel_status().draft_layer
+    return (DRAFT_LAYER.library() is not None
             and all(isinstance(m, PackedLinear) and m.packed.kind == "i8" and m.bias is None for m in linears)
             and cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0
             and cfg.head_dim % 16 == 0 and cfg.head_dim <= 256
@@ -65,7 +76,7 @@ class FusedDraftLayer(nn.Module):
         cfg = layer.cfg
         self.layer = layer
         self.cfg = cfg
-        self.lib = kernel_status().library
+        self.lib = DRAFT_LAYER.library()
         self._qkv = stack_outputs(stack_outputs(layer.q_proj.packed, layer.k_proj.packed), layer.v_proj.packed)
         self._gate_up = stack_outputs(layer.gate_proj.packed, layer.up_proj.packed)
         # held here: the kernel reads them through the raw pointers below
@@ -129,8 +140,8 @@ def top_children(head: Eagle3Head, out_hidden: Tensor, k: int) -> tuple[Tensor, 
     kernel call where the head's lm_head is int8-packed (ties: the lower draft id first); torch's ops otherwise."""
     lm_head, cfg = head.lm_head, head.cfg
     k = min(k, cfg.draft_vocab_size)
-    status = kernel_status()
-    if not (status.draft_layer and isinstance(lm_head, PackedLinear) and lm_head.packed.kind == "i8"
+    lib = DRAFT_LAYER.library()
+    if not (lib is not None and isinstance(lm_head, PackedLinear) and lm_head.packed.kind == "i8"
             and kernels_take(out_hidden, head.norm.weight) and cfg.hidden_size % 16 == 0):
         top = torch.log_softmax(head.logits(out_hidden).float(), dim=-1).topk(k, dim=-1)
         return head.to_target_ids(top.indices), top.values
@@ -139,7 +150,7 @@ def top_children(head: Eagle3Head, out_hidden: Tensor, k: int) -> tuple[Tensor, 
     logps = torch.empty(n, k)
     ids = torch.empty(n, k, dtype=torch.int64)
     packed = lm_head.packed
-    status.library.draft_top_children(x.data_ptr(), n, cfg.hidden_size, head.norm.weight.data_ptr(), head.norm.eps,
-                                      packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr(),
-                                      packed.out_features, head.d2t.data_ptr(), k, logps.data_ptr(), ids.data_ptr())
+    lib.draft_top_children(x.data_ptr(), n, cfg.hidden_size, head.norm.weight.data_ptr(), head.norm.eps,
+                           packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr(), packed.out_features,
+                           head.d2t.data_ptr(), k, logps.data_ptr(), ids.data_ptr())
     return ids, logps

@@ -19,6 +19,7 @@ kernels cannot take (autograd, other devices or dtypes, a weight that wants a gr
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 from collections.abc import Callable
 
@@ -26,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from confu.engine.quant import (
+    KernelFamily,
     PackedLinear,
     PackedWeight,
-    kernel_status,
     kernels_take,
     packed_matmul,
     split_outputs,
@@ -36,6 +37,10 @@ from confu.engine.quant import (
 )
 
 PROBE_ROWS = 3
+# kernels.c's row-wise RMSNorm and SiLU gate (AVX-512 builds)
+NORM_MLP = KernelFamily("norm_mlp", rms_norm_rows=[ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                                   ctypes.c_float, ctypes.c_void_p],
+                        silu_mul=[ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p])
 TOLERANCE = 1e-4  # relative to the probe output's largest magnitude: roundings, not a different function
 
 
@@ -48,7 +53,7 @@ class FusedRMSNorm(nn.Module):
         self.in_features = norm.weight.shape[0]
         self.eps = eps
         self.fallback: Callable[[Tensor], Tensor] = norm.forward  # a bound method, not a registered submodule
-        self.lib = kernel_status().library
+        self.lib = NORM_MLP.library()
 
     def forward(self, x: Tensor) -> Tensor:
         width = self.in_features
@@ -74,7 +79,7 @@ class FusedGatedMLP(nn.Module):
         self.gate_up = gate_up
         self.in_features, self.intermediate = mlp.gate_proj.in_features, mlp.gate_proj.out_features
         self.fallback: Callable[[Tensor], Tensor] = mlp.forward
-        self.lib = kernel_status().library
+        self.lib = NORM_MLP.library()
 
     def share_weights(self) -> None:
         """Point the gate and up projections' packed weights at the stacked copy (views), so the model holds
@@ -146,7 +151,7 @@ def fuse_norms_and_mlps(model: nn.Module) -> list[tuple[nn.Module, str, nn.Modul
     """Swap every RMSNorm and gated MLP of `model` that the row kernels reproduce (after `quant.pack_model`, whose
     packed gate / up projections the MLPs need); returns the swaps (parent, attribute, original, fused), to be
     undone like `pack_model`'s. Nothing is swapped where the kernels are not built (AVX-512 only)."""
-    if not kernel_status().norm_mlp:
+    if NORM_MLP.library() is None:
         return []
     swaps = []
     for parent in list(model.modules()):

@@ -24,6 +24,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -39,6 +40,9 @@ SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 AVX512_FLAGS = ("-mavx512f",)  # 16-lane tiles where the CPU has them (kernels.c: twice the work per instruction)
 VNNI_FLAGS = ("-mavx512bw", "-mavx512vnni")  # the draft head's int8 kernel (64 byte products an instruction)
+# A build takes a few seconds; a compiler that hangs (a broken toolchain, a stalled network file system) must not
+# hang the first decode with it: past this, the kernels count as unavailable and decoding runs torch's modules.
+COMPILE_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -71,19 +75,73 @@ def compile_flags(flags: set[str], avx512: bool = True) -> tuple[str, ...]:
 
 
 def _compile(out: Path, cflags: tuple[str, ...]) -> str | None:
-    """Build the shared library at `out` (atomically); returns an error message or None."""
+    """Build the shared library at `out` (atomically) within COMPILE_TIMEOUT_S; returns an error message or None."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return "no C compiler (cc / gcc) on PATH"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([compiler, *cflags, str(SOURCE), "-lm", "-o", str(tmp_out)], capture_output=True,
-                              text=True)
+        try:
+            # its own process group: on a timeout the compiler's children (cc1, as) go with it
+            proc = subprocess.Popen([compiler, *cflags, str(SOURCE), "-lm", "-o", str(tmp_out)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        except OSError as err:
+            return f"cannot run the C compiler {compiler}: {err}"
+        with proc:
+            try:
+                _, stderr = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                return f"{compiler} did not finish building the kernels within {COMPILE_TIMEOUT_S} s"
         if proc.returncode != 0:
-            return f"{compiler} failed: {proc.stderr.strip()[-500:]}"
+            return f"{compiler} failed: {stderr.strip()[-500:]}"
         tmp_out.replace(out)
     return None
+
+
+def _open(path: Path) -> ctypes.CDLL | None:
+    """The library at `path`, or None where it does not load as ours (truncated, corrupt, not a library)."""
+    try:
+        lib = ctypes.CDLL(str(path))  # after torch: the kernels share torch's OpenMP runtime (libgomp.so.1)
+    except OSError:
+        return None
+    return lib if hasattr(lib, "kernel_lanes") else None  # a library, but no build of kernels.c
+
+
+def typed(lib: ctypes.CDLL, signatures: dict[str, list]) -> ctypes.CDLL:
+    """`lib` with these functions' argument types set (each returns void)."""
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+class KernelFamily:
+    """Some of `kernels.c`'s functions, declared with their C signatures beside the code that calls them.
+
+    `library()` is this machine's kernel library with those signatures set, or None where there is none or its
+    build lacks the family (`built`: the `KernelStatus` flag that says whether it has them).
+    """
+
+    def __init__(self, built: str, **signatures: list):
+        self.built, self.signatures = built, signatures
+        self._typed: ctypes.CDLL | None = None
+
+    def library(self) -> ctypes.CDLL | None:
+        status = kernel_status()
+        if not getattr(status, self.built):
+            return None
+        if self._typed is not status.library:  # a library loaded anew (tests reload it) needs its types again
+            self._typed = typed(status.library, self.signatures)
+        return status.library
+
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+# The matmuls `packed_matmul` runs; the int8 ones are built with AVX512-VNNI only.
+MATMULS = {"q4_1_matmul": [_P, _I, _I, _P, _P, _P, _I, _P], "q8_0_matmul": [_P, _I, _I, _P, _P, _I, _P]}
+INT8_MATMULS = {"i8_matmul": [_P, _I, _I, _P, _P, _P, _I, _P], "a8_matmul": [_P, _I, _I, _P, _P, _P, _P, _I, _P]}
 
 
 @functools.cache
@@ -99,45 +157,33 @@ def kernel_status() -> KernelStatus:
     return load_kernels(compile_flags(flags, avx512=not os.environ.get("CONFU_KERNELS_AVX2")))
 
 
-def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
-    """The kernels built with `cflags` (compiled once, then loaded from the cache)."""
+def kernel_path(cflags: tuple[str, ...]) -> Path:
+    """Where the build with `cflags` of this `kernels.c` is cached."""
     from confu.hub import cache_dir
 
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"confu-kernels-{key}.so"
-    if not path.is_file():
+    return cache_dir() / "kernels" / f"confu-kernels-{key}.so"
+
+
+def load_kernels(cflags: tuple[str, ...]) -> KernelStatus:
+    """The kernels built with `cflags`: compiled once, then loaded from the cache; a cached build that does not
+    load (a disk that filled up, a copy cut short) is built again rather than failing every run after."""
+    path = kernel_path(cflags)
+    lib = _open(path) if path.is_file() else None
+    if lib is None:
         error = _compile(path, cflags)
         if error:
             return KernelStatus(None, error)
-    lib = ctypes.CDLL(str(path))  # after torch: the kernels share torch's OpenMP runtime (libgomp.so.1)
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.q4_1_matmul.argtypes = [p, i, i, p, p, p, i, p]
-    lib.q8_0_matmul.argtypes = [p, i, i, p, p, i, p]
-    lib.q4_1_matmul.restype = lib.q8_0_matmul.restype = None
-    lib.kernel_lanes.restype = lib.i8_vnni.restype = lib.attend_rows_built.restype = i
-    lib.draft_layer_built.restype = lib.norm_mlp_built.restype = i
-    int8, attention, draft_layer = bool(lib.i8_vnni()), bool(lib.attend_rows_built()), bool(lib.draft_layer_built())
-    norm_mlp = bool(lib.norm_mlp_built())
-    if int8:
-        lib.i8_matmul.argtypes = [p, i, i, p, p, p, i, p]
-        lib.a8_matmul.argtypes = [p, i, i, p, p, p, p, i, p]
-        lib.i8_matmul.restype = lib.a8_matmul.restype = None
-    if attention:
-        lib.attend_rows.argtypes = [p, ctypes.c_long, ctypes.c_long, p, p, ctypes.c_long, ctypes.c_long, p, i, i, i, i,
-                                    i, ctypes.c_float, p]
-        lib.attend_rows.restype = None
-    if draft_layer:
-        lib.draft_qkv.argtypes = [p, p, p, p, i, p, p, p]
-        lib.draft_attend.argtypes = [p, p, p, p, p, ctypes.c_long, ctypes.c_long, p, i, i, p, ctypes.c_long, p]
-        lib.top_log_probs.argtypes = [p, i, i, i, p, p]
-        lib.draft_top_children.argtypes = [p, i, i, p, ctypes.c_float, p, p, p, i, p, i, p, p]
-        lib.draft_qkv.restype = lib.draft_attend.restype = lib.top_log_probs.restype = None
-        lib.draft_top_children.restype = None
-    if norm_mlp:
-        lib.rms_norm_rows.argtypes = [p, i, i, p, ctypes.c_float, p]
-        lib.silu_mul.argtypes = [p, i, i, p]
-        lib.rms_norm_rows.restype = lib.silu_mul.restype = None
-    return KernelStatus(lib, str(path), lib.kernel_lanes(), int8, attention, draft_layer, norm_mlp)
+        lib = _open(path)
+        if lib is None:
+            return KernelStatus(None, f"{path} was built but does not load")
+    # the build's flags: which families it has (each family's user declares the signatures it calls)
+    for flag in ("kernel_lanes", "i8_vnni", "attend_rows_built", "draft_layer_built", "norm_mlp_built"):
+        getattr(lib, flag).restype = _I
+    int8 = bool(lib.i8_vnni())
+    typed(lib, {**MATMULS, **(INT8_MATMULS if int8 else {})})
+    return KernelStatus(lib, str(path), lib.kernel_lanes(), int8, bool(lib.attend_rows_built()),
+                        bool(lib.draft_layer_built()), bool(lib.norm_mlp_built()))
 
 
 @dataclass(frozen=True)
