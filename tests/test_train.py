@@ -312,6 +312,46 @@ def test_draft_rows_match_drafter(tiny_target: Target, option: str) -> None:
         assert weight.grad is not None and (weight.grad != 0).all()
 
 
+def test_future_logits_match_the_drafter_and_train_their_gates(tiny_target: Target, tmp_path: Path) -> None:
+    """`--future-logits`: the train-time test's step-k logits are the drafter's at tree depth k (the same gate
+    and the same read of f, so training and drafting agree); the gates get a gradient; a continued ConFu head
+    gains them at zero, its every other weight kept, so it starts as the head it came from."""
+    from confu.engine.checkpoint import save_draft
+    from confu.engine.drafter import Drafter
+    from confu.engine.tree import TreeConfig
+    from confu.training.heads import with_deviations
+    from confu.training.ttt import step_validity, ttt_forward
+
+    plain = new_draft(tiny_target, "confu", draft_vocab_size=512, seed=2)
+    save_draft(plain, tmp_path / "plain")
+    head, added = with_deviations(load_draft(tmp_path / "plain", tiny_target), tiny_target,
+                                  TrainConfig(data=["x"], out="", method="confu", future_logits=True))
+    assert added == ["future_logits"] and not head.future_gate.any()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in head.state_dict().items() if k != "future_gate")
+    with torch.no_grad():
+        head.future_gate.copy_(torch.linspace(0.5, 2.0, len(head.future_gate)))
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(6))
+    tb = run_target(tiny_target.model, tiny_target.feature_layers, head, ids, torch.tensor([24]),
+                    torch.ones(1, 24, dtype=torch.bool), keep_kv=True)
+    rows, f = torch.tensor([[5, 11, 17]]), torch.randn(1, 3, tiny_target.hidden_size)
+    views = []
+    with torch.no_grad():
+        ttt_forward(head, tb, step_validity(tb, 2), rows, torch.ones(1, 3, dtype=torch.bool), 2, future=f,
+                    observe=views.append)
+    for j, r in enumerate(rows[0].tolist()):
+        drafter = Drafter(head, TreeConfig(total_nodes=4, depth=2, topk=1), 64)
+        root = drafter.catch_up(tb.features[0, : r + 1], ids[0, 1 : r + 2], f[0, j])
+        tokens, logps = drafter._top_children(root[0], 0)
+        top = torch.log_softmax(views[0].logits[0, j], -1).topk(1)
+        assert int(tokens[0, 0]) == int(head.to_target_ids(top.indices)[0])
+        torch.testing.assert_close(logps[0], top.values, atol=1e-4, rtol=1e-4)
+        unbiased = torch.log_softmax(head.logits(root[0]).float(), -1).max()
+        assert not torch.allclose(unbiased, top.values[0], atol=1e-3)  # the gate changed what is drafted
+    res = ttt_forward(head, tb, step_validity(tb, 2), rows, torch.ones(1, 3, dtype=torch.bool), 2, future=f)
+    res.ce_sum.sum().backward()
+    assert head.future_gate.grad[:2].abs().min() > 0 and not head.future_gate.grad[2:].any()
+
+
 def test_future_loss_reads_f_with_the_targets_output_layer(tiny_target: Target) -> None:
     """`--future-loss`: the oracle f (the target's final hidden state at a+1) scores exactly the entropy of the
     target's distribution of x_{a+2}, the least any f can; a contemplate f scores more, and its loss reaches

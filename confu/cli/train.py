@@ -34,7 +34,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         replicate=0 if args.no_replicate else args.replicate, soft_prompt_len=args.soft_prompt_len,
         n_expert=1 if args.no_moe else args.n_expert, top_k_expert=args.top_k_expert,
         future_bias=args.future_bias, future_residual=args.future_residual, future_loss=args.future_loss,
-        future_ahead=args.future_ahead, stage=args.stage, device=args.device,
+        future_ahead=args.future_ahead, stage=args.stage, future_logits=args.future_logits, device=args.device,
         stop_after=args.stop_after, progress=not args.no_progress, command=" ".join(sys.argv),
     )
 
@@ -151,6 +151,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--future-loss", type=float, default=0.0,
                    help="ConFu, a deviation from the paper: weight of an auxiliary loss that teaches f to hold the "
                         "token after next, read by the target's own output layer (0: the paper's loss only)")
+    p.add_argument("--future-logits", action="store_true",
+                   help="ConFu, a deviation from the paper: each draft depth adds gate_k * lm_head(f) to its logits "
+                        "(the draft's output layer reads f as a prediction; gates start at zero)")
     p.add_argument("--future-ahead", type=comma_list(int, "--future-ahead"), default=[2], metavar="K,K,...",
                    help="the tokens x_{a+k} after the anchor that --future-loss reads f against, through the "
                         "target's output layer (default 2: the token the draft's first step guesses)")

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from confu.engine.attention import attention
 
 METHODS = ("eagle3", "confu")
+FUTURE_GATE_DEPTHS = 8  # draft depths with a gate of their own under `DraftConfig.future_logits`
 
 
 @dataclass
@@ -48,6 +49,11 @@ class DraftConfig:
     # Deviation from the paper (False = the paper): f also enters every draft row's residual stream after
     # attention, through a linear map that starts at zero, so its gradient never waits on attention to f.
     future_residual: bool = False
+    # Deviation from the paper (False = the paper): every draft depth adds gate_k * lm_head(f) to its logits, a
+    # learned gate per depth starting at zero. Why: f is a final-norm hidden state of the target, so the draft's
+    # output layer (initialised from the target's) reads it directly as a prediction of the tokens ahead, and
+    # the gate's gradient does not wait on attention or a residual map to learn to route f first.
+    future_logits: bool = False
     target_num_kv_heads: int = 0
     target_head_dim: int = 0
     extra: dict = field(default_factory=dict)  # training provenance, free-form
@@ -240,7 +246,9 @@ class ConFuHead(Eagle3Head):
 
     # Its own parameters and modules (first component of a state-dict name), which an EAGLE-3 head lacks:
     # they start fresh when a ConFu head is made from an EAGLE-3 one, and may train at a larger lr.
-    NEW_PARTS = ("soft_prompt", "con_moe", "future_moe", "future_bias", "future_proj")
+    NEW_PARTS = ("soft_prompt", "con_moe", "future_moe", "future_bias", "future_proj", "future_gate")
+    # The optional deviations (`DraftConfig`), which a continued ConFu head may gain (`with_deviations`).
+    DEVIATIONS = ("future_bias", "future_residual", "future_logits")
 
     def __init__(self, cfg: DraftConfig):
         super().__init__(cfg)
@@ -259,6 +267,8 @@ class ConFuHead(Eagle3Head):
         self.future_proj = nn.Linear(h, h, bias=False) if cfg.future_residual else None
         if self.future_proj is not None:
             nn.init.zeros_(self.future_proj.weight)  # starts as the paper's head; learns how much f to add
+        # one gate per draft depth; depths beyond the last use the last (zero: the paper's head)
+        self.future_gate = nn.Parameter(torch.zeros(FUTURE_GATE_DEPTHS)) if cfg.future_logits else None
 
     @property
     def is_confu(self) -> bool:
@@ -299,6 +309,15 @@ class ConFuHead(Eagle3Head):
     def future_shift(self, f: Tensor) -> Tensor | None:
         """What f adds to a draft row's residual (`DraftConfig.future_residual`); None for the paper's head."""
         return None if self.future_proj is None else self.future_proj(f)
+
+    def future_logits(self, f: Tensor) -> Tensor | None:
+        """f read by the draft's output layer, float32 (..., Vd) for f (..., H): what draft depth k adds to its
+        logits times `future_gate_at(k)` (`DraftConfig.future_logits`); None for the paper's head."""
+        return None if self.future_gate is None else self.lm_head(f).float()
+
+    def future_gate_at(self, depth: int) -> Tensor:
+        """The gate of draft depth `depth` (0 = the first drafted token); deeper depths share the last."""
+        return self.future_gate[min(depth, len(self.future_gate) - 1)].float()
 
     def future_mask(self, mask: Tensor, future_cols: slice) -> Tensor:
         """The attention mask (B, 1, n, K) bool, with `DraftConfig.future_bias` added to the logits of the

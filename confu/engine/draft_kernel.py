@@ -134,16 +134,18 @@ def fuse_draft_layer(head: Eagle3Head) -> bool:
     return True
 
 
-def top_children(head: Eagle3Head, out_hidden: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def top_children(head: Eagle3Head, out_hidden: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The k likeliest children of each row of out_hidden (n, H) under the head, best first: target-vocabulary
     ids and log-probs, (n, k) each. Final norm, lm_head, log_softmax, topk and the draft-to-target id map in one
-    kernel call where the head's lm_head is int8-packed (ties: the lower draft id first); torch's ops otherwise."""
+    kernel call where the head's lm_head is int8-packed (ties: the lower draft id first); torch's ops otherwise,
+    and always with `bias` (Vd,) added to the logits (a ConFu head's `future_logits`)."""
     lm_head, cfg = head.lm_head, head.cfg
     k = min(k, cfg.draft_vocab_size)
     lib = DRAFT_LAYER.library()
-    if not (lib is not None and isinstance(lm_head, PackedLinear) and lm_head.packed.kind == "i8"
-            and kernels_take(out_hidden, head.norm.weight) and cfg.hidden_size % 16 == 0):
-        top = torch.log_softmax(head.logits(out_hidden).float(), dim=-1).topk(k, dim=-1)
+    if bias is not None or not (lib is not None and isinstance(lm_head, PackedLinear) and lm_head.packed.kind == "i8"
+                                and kernels_take(out_hidden, head.norm.weight) and cfg.hidden_size % 16 == 0):
+        logits = head.logits(out_hidden).float()
+        top = torch.log_softmax(logits if bias is None else logits + bias, dim=-1).topk(k, dim=-1)
         return head.to_target_ids(top.indices), top.values
     n = out_hidden.shape[0]
     x = out_hidden.contiguous()

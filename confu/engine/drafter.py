@@ -40,6 +40,7 @@ class Drafter:
         self.length = 0
         self.future: tuple[Tensor, Tensor] | None = None
         self.future_shift: Tensor | None = None  # f's residual term for every row of the round (ConFu option)
+        self.future_read: Tensor | None = None  # f through the output layer, (Vd,), gated per depth (ConFu option)
         # Node j of a level adds its own column j to what it sees.
         self._own_column = torch.eye(tree_cfg.topk, dtype=torch.bool, device=self.device)
 
@@ -65,7 +66,7 @@ class Drafter:
         self.keys[:, :, start : start + m] = k
         self.values[:, :, start : start + m] = v
         self.length += m
-        self.future = self.future_shift = None
+        self.future = self.future_shift = self.future_read = None
         if f is not None and head.is_confu:
             f_token = head.future_embedding(hidden_in[:, -1:])
             _, fk, fv = layer.qkv(f_token, f.view(1, 1, -1), torch.tensor([[self.length]], device=self.device))
@@ -73,6 +74,7 @@ class Drafter:
             self.values[:, :, self.length : self.length + 1] = fv
             self.future = (fk, fv)
             self.future_shift = head.future_shift(f.view(1, 1, -1))
+            self.future_read = head.future_logits(f.view(-1))
         # Only the last row's output is used: it drafts the first tree level.
         end = self._tree_start
         mask = self._with_future_bias(torch.ones(1, 1, 1, end, dtype=torch.bool, device=self.device))
@@ -85,9 +87,11 @@ class Drafter:
             return mask
         return self.head.future_mask(mask, slice(self.length, self.length + 1))
 
-    def _top_children(self, out_hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-k children (target ids, log-probs) of each row of out_hidden (n, H), each (n, k)."""
-        return top_children(self.head, out_hidden, self.tree_cfg.topk)
+    def _top_children(self, out_hidden: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+        """Top-k children (target ids, log-probs) at draft depth `depth` of each row of out_hidden (n, H), each
+        (n, k)."""
+        bias = None if self.future_read is None else self.head.future_gate_at(depth) * self.future_read
+        return top_children(self.head, out_hidden, self.tree_cfg.topk, bias)
 
     @torch.no_grad()
     def draft_tree(self, root_out: Tensor, max_nodes: int | None = None, depth: int | None = None) -> DraftTree:
@@ -109,7 +113,7 @@ class Drafter:
         parent_out = root_out[0]  # (n, H) outputs of the nodes being expanded, the root first
         frontier: Tensor | None = None
         for level in range(1, levels + 1):
-            child_tokens, child_logps = self._top_children(parent_out)
+            child_tokens, child_logps = self._top_children(parent_out, level - 1)
             first_child = len(builder)
             frontier = builder.expand(frontier, child_tokens, child_logps)
             if level == levels or not len(frontier):  # the last level, or no node left that can be kept

@@ -26,7 +26,7 @@ FC_RMS_SEQS = 8  # training sequences on which a fresh head's fc output RMS is m
 def _confu_overrides(cfg: TrainConfig) -> dict[str, Any]:
     return {"soft_prompt_len": cfg.soft_prompt_len, "n_expert": cfg.n_expert,
             "top_k_expert": cfg.top_k_expert, "future_bias": cfg.future_bias,
-            "future_residual": cfg.future_residual}
+            "future_residual": cfg.future_residual, "future_logits": cfg.future_logits}
 
 
 def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any, dict[str, Any]]:
@@ -47,6 +47,9 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
         else:
             note = {}
         if src.cfg.method == cfg.method:
+            if src.cfg.method == "confu":
+                src, added = with_deviations(src, target, cfg)
+                note |= {"added_deviations": added} if added else {}
             return src.train(), {"init": str(cfg.init)} | note
         if cfg.method == "confu" and src.cfg.method == "eagle3":
             head = new_draft(target, "confu", src.d2t.clone(), src.t2d.clone(), seed=cfg.seed,
@@ -69,6 +72,25 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
     if cfg.layer_init is not None:
         note["layer_init"] = init_layer_from_target(head, target, cfg.layer_init)
     return head.train(), note
+
+
+def with_deviations(src, target, cfg: TrainConfig) -> tuple[Any, list[str]]:
+    """A continued ConFu head with the deviations `cfg` asks for and `src` lacks (`ConFuHead.DEVIATIONS`):
+    a copy whose new parts start as the paper's head (zero gate, zero residual map), every other weight `src`'s.
+    A deviation `src` has stays (its weights are trained)."""
+    from confu.engine.checkpoint import attach_target_embedding
+    from confu.engine.draft import build_head as build_draft_head
+
+    wanted = {k: v for k, v in _confu_overrides(cfg).items() if k in ConFuHead.DEVIATIONS and v not in (None, False)}
+    added = sorted(k for k, v in wanted.items() if getattr(src.cfg, k) in (None, False))
+    if not added:
+        return src, []
+    head = build_draft_head(replace(src.cfg, **{k: wanted[k] for k in added}, extra=dict(src.cfg.extra)))
+    result = head.load_state_dict(src.state_dict(), strict=False)
+    if result.unexpected_keys or any(k.split(".")[0] not in ConFuHead.NEW_PARTS for k in result.missing_keys):
+        raise CheckpointError(f"{cfg.init}: cannot add {added} to it ({result.missing_keys[:5]})")
+    attach_target_embedding(head, target)
+    return head.to(src.fc.weight.dtype), added
 
 
 def _data_vocab(target, train_seqs: Sequence[Seq], size: int, always_include: Sequence[int] = ()):

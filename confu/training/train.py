@@ -105,6 +105,7 @@ class TrainConfig:
     # starting at this value; None = the paper's plain attention
     future_bias: float | None = None
     future_residual: bool = False  # deviation (`DraftConfig.future_residual`): f also added to the residual
+    future_logits: bool = False  # deviation (`DraftConfig.future_logits`): gate_k * lm_head(f) added to the logits
     # Deviation from the paper: weight of an auxiliary loss that teaches f to hold x_{a+2} as the target's own
     # output layer reads it (`confu.training.ttt.future_prediction_ce`); 0 = the paper's draft loss only
     future_loss: float = 0.0

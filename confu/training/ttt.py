@@ -348,9 +348,10 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
     tail_k: list[Tensor] = []
     tail_v: list[Tensor] = []
     tail_mask: list[Tensor] = []
-    shift = None
+    shift = future_read = None
     if future is not None:
         shift = head.future_shift(future.to(hidden.dtype))
+        future_read = head.future_logits(future.to(hidden.dtype))
         # One key per row at position i+1: [f] routed on h_i, hidden half f; seen by the row at every step.
         _, fk, fv = layer.qkv(head.future_embedding(hidden), future.to(hidden.dtype), rows + 1)
         tail_k, tail_v, tail_mask = [fk], [fv], [eye & row_ok[:, :, None]]
@@ -374,6 +375,8 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
             mask = head.future_mask(mask, slice(mask.shape[-1] - m, None))
         out = layer.attend(hidden, q, torch.cat(keys + tail_k, 2), torch.cat(values + tail_v, 2), mask, shift)
         logits = head.logits(out).float()
+        if future_read is not None:
+            logits = logits + head.future_gate_at(k) * future_read
         logit_pos = (rows + 1 + k).clamp(max=n - 1)
         ce = soft_cross_entropy(logits, label_logits[bidx, logit_pos])  # (B, M)
         ok = step_valid[..., k]
