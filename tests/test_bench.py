@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from statistics import fmean
 
 import pytest
 
+from confu.bench import timing
 from confu.bench.report import acceptance_profile, speedup, summarize, timing_breakdown
 from confu.bench.specbench import load_questions, parse_methods, record_key
+from confu.bench.timing import measure_interleaved
 from confu.cli import main
 from confu.engine.quant import draft_numerics
 from confu.errors import InputError
@@ -24,6 +28,14 @@ QUESTIONS = [
     {"question_id": 6, "category": "qa", "turns": ["Why is the sky blue?"]},
 ]
 SETTINGS_PER_T = 1 + 1 + 2 + 2  # ar, hf, eagle3 x 2 tree sizes, confu x 2 tree sizes
+
+
+@pytest.fixture
+def tick_clock(monkeypatch):
+    """The benchmarks' clock advances one millisecond per reading: every timed call lasts exactly 1 ms, so a
+    reported speed is tokens per call, a function of what ran and not of the machine."""
+    ticks = itertools.count()
+    monkeypatch.setattr(timing, "perf_counter", lambda: next(ticks) / 1000)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +65,7 @@ def _bench_argv(model: Path, drafts: tuple[Path, Path], questions: Path, out: Pa
     ]
 
 
-def test_bench_end_to_end_and_resume(tiny_llama_dir, drafts, tmp_path, capsys):
+def test_bench_end_to_end_and_resume(tiny_llama_dir, drafts, tmp_path, capsys, tick_clock):
     qfile = tmp_path / "questions.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     out = tmp_path / "run"
@@ -65,7 +77,6 @@ def test_bench_end_to_end_and_resume(tiny_llama_dir, drafts, tmp_path, capsys):
     for s in last["settings"]:
         assert set(s) == {"method", "temperature", "tree_nodes", "tau", "sr_vs_ar", "sr_vs_hf",
                           "tokens_per_s"}
-        assert s["tokens_per_s"] > 0 and s["sr_vs_ar"] > 0 and s["sr_vs_hf"] > 0
     assert {s["method"] for s in last["settings"]} == {"ar", "hf", "e3", "cf"}
 
     results = json.loads((out / "results.json").read_text())
@@ -92,6 +103,15 @@ def test_bench_end_to_end_and_resume(tiny_llama_dir, drafts, tmp_path, capsys):
     for r in greedy:
         tokens = [t["tokens"] for t in r["turns"]]
         assert tokens == ar_tokens[r["question_id"]], (r["method"], r["tree_nodes"])
+    # Each setting's speed is its records'; with every turn one tick long, speed is tokens, and at T=0, where every
+    # method emits ar's tokens, no method is faster or slower than either baseline.
+    for s in last["settings"]:
+        mine = [r for r in records if (r["method"], r["temperature"], r["tree_nodes"]) == (s["method"],
+                                                                                            s["temperature"],
+                                                                                            s["tree_nodes"])]
+        assert s["tokens_per_s"] == pytest.approx(fmean(r["tokens_per_s"] for r in mine), abs=1e-3)
+        if s["temperature"] == 0:
+            assert s["sr_vs_ar"] == pytest.approx(1.0) and s["sr_vs_hf"] == pytest.approx(1.0), s
 
     summary = results["summary"]
     assert summary["categories"] == ["writing", "qa"]
@@ -285,7 +305,29 @@ def test_speedup_uses_common_questions_and_contemplate_estimate():
 # -- bench-ar and bench-verify -------------------------------------------------------------------------------
 
 
-def test_bench_verify_tiny(tiny_llama_dir, capsys):
+def test_interleaved_timing_discards_warmup_and_never_times_a_reset(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(timing, "perf_counter", lambda: now[0])
+    calls: list[str] = []
+
+    def work(key: str, seconds: float):
+        def fn() -> str:
+            now[0] += 1.0 if key not in calls else seconds  # the first call (the warm-up) is slow
+            calls.append(key)
+            return key
+        return fn
+
+    def reset(key: str) -> None:
+        calls.append("reset")
+        now[0] += 100.0
+
+    timings = measure_interleaved({"a": work("a", 0.002), "b": work("b", 0.005)}, warmup=1, repeats=3, reset=reset)
+    assert calls == ["a", "reset", "b", "reset"] * 4, "round-robin, the warm-up round included"
+    assert timings["a"].samples == pytest.approx([0.002] * 3) and timings["b"].median == pytest.approx(0.005)
+    assert timings["a"].result == "a"
+
+
+def test_bench_verify_tiny(tiny_llama_dir, capsys, tick_clock):
     argv = ["bench-verify", "--target", str(tiny_llama_dir), "--nodes", "4,8", "--budgets", "all,1",
             "--repeats", "1", "--warmup", "0"]
     assert main(argv) == 0
@@ -296,10 +338,11 @@ def test_bench_verify_tiny(tiny_llama_dir, capsys):
         assert row["tree_nodes"] == n
         tokens = {c: v["tokens"] for c, v in row["columns"].items()}
         assert tokens == {"ar (1 token)": 1, "eagle3": n + 1, "confu all": 2 * (n + 1), "confu 1": n + 3}
-        assert all(v["ms"] > 0 for v in row["columns"].values())
+        # every timed pass lasted one tick: the cells are the timed calls' medians, in milliseconds
+        assert all(v["ms"] == pytest.approx(1.0) == v["best_ms"] for v in row["columns"].values())
 
 
-def test_bench_ar_tiny(tiny_llama_dir, tmp_path, capsys):
+def test_bench_ar_tiny(tiny_llama_dir, tmp_path, capsys, tick_clock):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Write a haiku about the sea.\n\nWhat is two plus three?\n")
     argv = ["bench-ar", "--target", str(tiny_llama_dir), "--prompts-file", str(prompts),
@@ -307,5 +350,8 @@ def test_bench_ar_tiny(tiny_llama_dir, tmp_path, capsys):
     assert main(argv) == 0
     res = _last_json(capsys)
     assert res["identical"] is True
-    assert res["ours_tokens_per_s"] > 0 and res["hf_tokens_per_s"] > 0
-    assert res["ratio"] == pytest.approx(res["ours_tokens_per_s"] / res["hf_tokens_per_s"])
+    # every timed generation lasted one tick: a rate is the tokens of the two prompts (1 to 8 each) over two
+    # ticks, and the same tokens in the same time are a ratio of 1
+    tokens = res["ours_tokens_per_s"] * 2e-3
+    assert tokens == pytest.approx(round(tokens)) and 2 <= round(tokens) <= 16
+    assert res["hf_tokens_per_s"] == pytest.approx(res["ours_tokens_per_s"]) and res["ratio"] == pytest.approx(1.0)

@@ -105,7 +105,10 @@ def test_eagle3_learns(eagle3_run: Path, tiny_data: Path, tiny_target: Target) -
     assert [r["step"] for r in log if "eval" in r] == [0, 75, 150]  # untrained, then during training
     cfg = json.loads((eagle3_run / "config.json").read_text())
     prov = cfg["extra"]["training"]
-    assert prov["steps"] == EAGLE3_STEPS and prov["data_tokens"] > 0 and prov["train_time_s"] > 0
+    assert prov["steps"] == EAGLE3_STEPS and prov["data_tokens"] > 0
+    last_step = [r for r in log if "loss" in r][-1]  # the provenance is the run's own account of its steps
+    assert prov["tokens_seen"] == last_step["tokens"]
+    assert prov["train_time_s"] == pytest.approx(last_step["elapsed_s"], abs=0.06)
     assert 0 < prov["vocab_coverage"] <= 1 and prov["final_eval"]["rows"] > 0
 
     trained = load_draft(eagle3_run, tiny_target)

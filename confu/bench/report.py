@@ -1,6 +1,6 @@
 """Pure summaries of `confu bench` records (the report's numbers) and the CLI's console tables.
 
-Metrics follow Spec-Bench and the ConFu paper exactly (reference NOTES section 3):
+Metrics follow Spec-Bench and the ConFu paper exactly:
 
 - tau = mean over verification steps of (accepted draft tokens + 1), pooled over all steps of all questions
   of a group. Plain decoding scores exactly 1.0 (every step verifies the root alone); `hf` (transformers

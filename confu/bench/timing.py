@@ -88,12 +88,3 @@ def measure_interleaved(
             if on_sample is not None:
                 on_sample(key, seconds)
     return timings
-
-
-def measure(
-    fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, reset: Callable[[], None] | None = None
-) -> Timing:
-    """`measure_interleaved` for a single callable."""
-    return measure_interleaved(
-        {0: fn}, warmup=warmup, repeats=repeats, reset=None if reset is None else (lambda _key: reset())
-    )[0]

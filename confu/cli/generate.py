@@ -78,7 +78,8 @@ def cmd_generate(args) -> None:
     cfg = generation_config(args, args.tree_nodes)
     tok = decoder.target.tokenizer
     if args.prompt_file:
-        # One JSON line per prompt, then the pooled summary (tau over all steps, NOTES section 3).
+        # One JSON line per prompt, then the summary: tau pooled over every step of every prompt (as
+        # `confu.bench.report` pools it), not a mean of per-prompt taus.
         lengths, speeds = [], []
         for text in read_prompts_file(args.prompt_file):
             res = decoder.generate(encode_prompt(tok, text, args.raw), cfg)

@@ -87,10 +87,6 @@ class DraftTree:
         return int(self.tokens.numel())
 
     @property
-    def num_nodes(self) -> int:
-        return len(self)
-
-    @property
     def max_depth(self) -> int:
         return int(self.depths.max()) if len(self) else 0
 
@@ -285,13 +281,6 @@ class TreeBuilder:
 
     def __len__(self) -> int:
         return len(self._tokens)
-
-    @property
-    def num_candidates(self) -> int:
-        return len(self)
-
-    def token_of(self, i: int) -> int:
-        return self._tokens[self._check(i)]
 
     def score_of(self, i: int) -> float:
         return self._scores[self._check(i)]
