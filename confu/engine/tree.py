@@ -282,6 +282,10 @@ class TreeBuilder:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    @property
+    def num_candidates(self) -> int:
+        return len(self)
+
     def score_of(self, i: int) -> float:
         return self._scores[self._check(i)]
 
