@@ -14,6 +14,7 @@ from confu.chat import encode_prompt
 from confu.engine.checkpoint import load_draft, new_draft
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.matcher import MATCH_SOURCE, MatchConfig
+from confu.engine.sizing import load_verify_costs
 from confu.engine.target import Target
 from confu.engine.tree import TreeConfig
 
@@ -43,6 +44,11 @@ def main() -> None:
     methods = {f"{method} ({kind})": Decoder.for_head(target, head) for method, (head, kind) in heads.items()}
     methods["match (no draft)"] = Decoder.for_head(target, None, MatchConfig())
     methods[f"eagle3+match ({kind})"] = Decoder.for_head(target, eagle3, MatchConfig())
+    # Tree sizing reads a verify-cost curve measured once per machine (then cached): measured inside the first timed
+    # generation, it would make that method's first speed the setup's.
+    print("tree sizing: this machine's verify-cost curve is measured once (a few seconds) and cached, before any "
+          "timing", flush=True)
+    load_verify_costs(target)
     for text in PROMPTS:
         ids = encode_prompt(target.tokenizer, text, raw=False)
         plain = plain_decoder.generate(ids, cfg)
