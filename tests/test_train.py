@@ -497,3 +497,32 @@ def test_evaluate_cli_reproduces_the_logged_eval_and_probes_f(eagle3_run: Path, 
     assert zero["zero_future"] and abs(zero["loss"] - real["loss"]) > 1e-4, (real, zero)
     assert main([*common, "--draft", str(eagle3_run), "--zero-future"]) == 2
     assert "need a ConFu draft" in capsys.readouterr().err
+
+
+def test_future_stage_trains_only_the_target_side_and_makes_f_predict(eagle3_run: Path, tiny_data: Path,
+                                                                     tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`--stage future`: only the soft prompt and the [con] MoE change, the future loss falls and f's accuracy
+    on the tokens ahead (logged per k) rises on the sequences it trains on; it refuses an EAGLE-3 run."""
+    cfg = _cfg(tiny_data, tiny_llama_dir, tmp_path / "confu", method="confu", init=str(eagle3_run), steps=1,
+               anchors=6, lr=3e-3, aux_lr_mult=10.0)
+    train(cfg)  # a ConFu head to continue: its soft prompt one step from the init
+    start = load_draft(tmp_path / "confu", tiny_target := Target.load(str(tiny_llama_dir)))
+    fut = _cfg(tiny_data, tiny_llama_dir, tmp_path / "future", method="confu", init=str(tmp_path / "confu"),
+               steps=30, anchors=6, lr=1e-2, aux_lr_mult=1.0, stage="future", future_loss=1.0, future_ahead=[2, 3],
+               eval_fraction=0.0)
+    from confu.errors import InputError
+    from confu.training.features import DraftLabels
+
+    seqs = _train_split(tiny_data, 0.0)
+    source = TargetSource(tiny_target, seqs, labels=DraftLabels(tiny_target, torch.arange(256) + start.d2t))
+    before = evaluate(source, start, range(len(seqs)), fut)
+    train(fut)
+    trained = load_draft(tmp_path / "future", tiny_target)
+    after = evaluate(source, trained, range(len(seqs)), fut)
+    changed = {k.split(".")[0] for k, v in trained.state_dict().items() if not torch.equal(v, start.state_dict()[k])}
+    assert changed == {"soft_prompt", "con_moe"}
+    assert after["future_ce"] < before["future_ce"] and set(after["future_acc"]) == {2, 3}
+    assert after["future_acc"][2] > before["future_acc"][2], (before, after)
+    assert all("future_acc" in r for r in _log(tmp_path / "future") if "loss" in r)
+    with pytest.raises(InputError, match="--stage future"):
+        _cfg(tiny_data, tiny_llama_dir, tmp_path, stage="future", future_loss=1.0)

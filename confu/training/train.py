@@ -678,8 +678,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         if eval_idx and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             last_eval = evaluate(source, head, eval_idx, cfg, d)
             log({"step": step, "tokens": tokens, "eval": last_eval})
-            bar.write(f"step {step}: eval loss {last_eval['loss']:.4f} acc {last_eval['acc'][0]:.3f} "
-                      f"tau {last_eval['tau']:.3f}")
+            future = f" future ce {last_eval['future_ce']:.4f} acc {last_eval['future_acc']}" \
+                if "future_ce" in last_eval else ""
+            draft = "" if cfg.stage == "future" else \
+                f" loss {last_eval['loss']:.4f} acc {last_eval['acc'][0]:.3f} tau {last_eval['tau']:.3f}"
+            bar.write(f"step {step}: eval{draft}{future}")
         if d.main and ((cfg.save_every and step % cfg.save_every == 0) or (step == stop < total)):
             _save_checkpoint(out, head, opt, sched, step, elapsed, tokens, run_keys, provenance)
         d.barrier()
