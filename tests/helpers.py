@@ -13,8 +13,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from confu.engine.generate import Decoder
-from confu.engine.methods import DraftHeadProposer, method_for_head
+from confu.engine.methods import DraftHeadProposer
 from confu.engine.quant import kernel_status
+from confu.engine.registry import method_for_head
 from confu.engine.target import Target
 from confu.engine.tree import DraftTree
 

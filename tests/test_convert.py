@@ -231,7 +231,7 @@ def test_train_init_accepts_an_official_head(target, tiny_llama_dir, tmp_path):
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "out"), target=str(tiny_llama_dir), method="confu",
                       init=str(src))
     confu_head, note = build_head(cfg, target, [])
-    assert confu_head.is_confu and note["init_method"] == "eagle3"
+    assert confu_head.cfg.method == "confu" and note["init_method"] == "eagle3"
     for key, value in head.trainable_state_dict().items():
         assert torch.equal(confu_head.state_dict()[key], value), key
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from confu.engine import draft_kernel
-from confu.engine.draft import DraftConfig, build_head, init_weights_like_eagle
+from confu.engine.draft import DraftConfig, init_weights_like_eagle
 from confu.engine.draft_kernel import DRAFT_LAYER, FusedDraftLayer, fuse_draft_layer, top_children
 from confu.engine.generate import GenerationConfig
 from confu.engine.methods import DraftHeadProposer
 from confu.engine.quant import pack_model
+from confu.engine.registry import build_head
 from confu.engine.tree import TreeConfig
 from tests.helpers import require_kernels
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from confu.engine.draft import DraftConfig, Eagle3Head, apply_rope, build_head, init_weights_like_eagle, rope_angles
+from confu.engine.draft import DraftConfig, Eagle3Head, apply_rope, init_weights_like_eagle, rope_angles
 from confu.engine.drafter import Drafter
+from confu.engine.registry import build_head
 from confu.engine.tree import DraftTree, TreeConfig
 
 VOCAB, DRAFT_VOCAB, HIDDEN = 200, 24, 32

@@ -241,7 +241,7 @@ def test_shipped_drafts_are_trained_and_lossless_on_the_embedded_target(embedded
         for i, (ids, ours, ref) in enumerate(zip(prompts, tokens, plain, strict=True)):
             compare_greedy(target, ids, ours, ref, i, report)
         assert not report.failures, f"{draft_dir.name}: " + "\n".join(report.failures)
-        kind = "confu" if head.is_confu else "eagle3"
+        kind = head.cfg.method
         if kind not in untrained_tau:
             torch.manual_seed(0)
             untrained_tau[kind] = pooled_tau(new_draft(target, kind, draft_vocab_size=head.cfg.draft_vocab_size))[0]

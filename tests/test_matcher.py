@@ -12,7 +12,8 @@ import confu.engine.generate as generate_mod
 from confu.engine.checkpoint import new_draft
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.matcher import MATCH_SOURCE, MatchConfig, MatchProposer
-from confu.engine.methods import MergedProposer, PlainVerify, method_for_head
+from confu.engine.methods import MergedProposer, PlainVerify
+from confu.engine.registry import method_for_head
 from confu.engine.sampling import SamplingConfig
 from confu.engine.tree import DraftTree, TreeConfig, merge_trees
 from tests.helpers import (

@@ -412,7 +412,7 @@ def test_confu_gradients_and_learning(eagle3_run: Path, tiny_data: Path, tiny_ll
     train(cfg)
     assert len([r for r in _log(tmp_path) if "loss" in r]) == cfg.steps
     trained = load_draft(tmp_path, tiny_target)
-    assert trained.is_confu and trained.cfg.n_expert == 8
+    assert trained.cfg.method == "confu" and trained.cfg.n_expert == 8
     assert not torch.equal(trained.soft_prompt, head.soft_prompt)
     after = evaluate(TargetSource(tiny_target, seqs), trained, range(len(seqs)), cfg)
     # Most of the loss is the random target's own entropy, so the decrease is small but steady.

@@ -157,7 +157,7 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
         return load_draft(path, target) if path else new_draft(target, method, draft_vocab_size=vocab, seed=seed)
 
     eagle, confu = head_for("eagle3", eagle3_dir), head_for("confu", confu_dir)
-    if eagle.is_confu or not confu.is_confu:
+    if (eagle.cfg.method, confu.cfg.method) != ("eagle3", "confu"):
         raise InputError("--draft-eagle3 must hold an eagle3 draft and --draft-confu a confu draft")
     prompt_ids = torch.tensor(encode_prompt(target.tokenizer, prompt, raw=False), device=target.device)
     gcfg = GenerationConfig(max_new_tokens=1, tree=TreeConfig(total_nodes=max(nodes), depth=depth, topk=topk))

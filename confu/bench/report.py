@@ -48,7 +48,6 @@ PAPER_COLUMNS: dict[str, str] = {
     "math_reasoning": "M/R",
 }
 BASELINE_KINDS = ("ar", "hf")
-KIND_ORDER = {"ar": 0, "hf": 1, "eagle3": 2, "confu": 3}
 AVG = "AVG"
 
 SettingKey = tuple[str, float, "int | None"]
@@ -339,7 +338,7 @@ def _group_metrics(recs: Sequence[dict], base: dict[str, Sequence[dict]]) -> dic
 def _sort_key(key: SettingKey, kind: str, method_order: dict[str, int]) -> tuple:
     method, temp, nodes = key
     if kind in BASELINE_KINDS:  # baselines on top, by temperature
-        return (0, temp, KIND_ORDER[kind], 0, 0)
+        return (0, temp, BASELINE_KINDS.index(kind), 0, 0)
     # "auto" sizing before fixed node counts (a plain sort of the mixed values fails on str < int)
     size = (1, nodes) if isinstance(nodes, int) else (0, 0)
     return (1, size, temp, method_order[method], 0)

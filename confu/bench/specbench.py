@@ -35,6 +35,7 @@ from confu.bench.probes import RouterTap, StageClock, kv_footprint, peak_rss_byt
 from confu.bench.report import summarize
 from confu.bench.timing import timed
 from confu.chat import encode_prompt, read_prompts_file
+from confu.engine.registry import HEAD_METHODS, MATCH
 from confu.errors import InputError
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ PINNED_OPTIONS = ("target", "numerics", "max_new_tokens", "top_p", "top_k", "dep
 # Per-round fields of `StepRecord` kept in a record, as parallel lists over rounds.
 STEP_FIELDS = ("accepted", "tree_nodes", "depth", "contemplate_slots", "verify_tokens", "draft_s", "verify_s",
                "nodes_by_source", "accepted_sources")
-MATCH = "match"  # a method's suffix (and, alone, a method): draft candidates matched in the text so far
 
 
 # -- methods and questions -----------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ MATCH = "match"  # a method's suffix (and, alone, a method): draft candidates ma
 
 @dataclass(frozen=True)
 class MethodSpec:
-    kind: str  # ar | hf | eagle3 | confu | match | eagle3+match | confu+match
+    kind: str  # ar | hf | match | a head method (`HEAD_METHODS`), alone or +match
     label: str
     draft_dir: str | None = None
 
@@ -75,9 +75,9 @@ def parse_methods(text: str) -> list[MethodSpec]:
             continue
         kind, sep, rest = item.partition(":")
         head_kind = kind.removesuffix("+" + MATCH)
-        if not sep or head_kind not in ("eagle3", "confu") or not rest:
-            raise InputError(f"--methods: {item!r} is not ar, hf, match, eagle3[+match]:DIR[=label] or "
-                             "confu[+match]:DIR[=label]")
+        if not sep or head_kind not in HEAD_METHODS or not rest:
+            heads = " or ".join(f"{name}[+match]:DIR[=label]" for name in HEAD_METHODS)
+            raise InputError(f"--methods: {item!r} is not ar, hf, match, {heads}")
         path, eq, label = rest.rpartition("=")
         if not eq or "/" in label or not label:  # no '=label' (a path may itself contain '=')
             path, label = rest, Path(rest.rstrip("/")).name + kind[len(head_kind):]

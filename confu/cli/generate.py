@@ -9,6 +9,7 @@ from typing import Any
 
 from confu.chat import encode_prompt, read_prompts_file
 from confu.cli.common import add_decoding_args, add_numerics_arg, add_target_args, parse_tree_nodes
+from confu.engine.registry import HEAD_METHODS
 
 
 def load_decoder(target_spec: str, draft: str, numerics: str = "auto", match: bool = False,
@@ -135,7 +136,7 @@ def add_parser(subparsers: Any) -> None:
 
     i = subparsers.add_parser("init-draft", help="write an untrained EAGLE-3 or ConFu head for a target")
     add_target_args(i)
-    i.add_argument("--method", choices=["eagle3", "confu"], default="eagle3")
+    i.add_argument("--method", choices=HEAD_METHODS, default="eagle3")
     i.add_argument("--out", required=True)
     i.add_argument("--draft-vocab-size", type=int, default=8192)
     i.add_argument("--soft-prompt-len", type=int, default=16)

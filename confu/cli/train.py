@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from confu.cli.common import comma_list
+from confu.engine.registry import HEAD_METHODS
 
 if TYPE_CHECKING:
     from confu.training.train import TrainConfig
@@ -99,7 +100,7 @@ def add_parser(subparsers: Any) -> None:
     """Add `confu train` (also runs under `torchrun --nproc_per_node N -m confu.cli train ...`)."""
     p = subparsers.add_parser("train", help="train an EAGLE-3 or ConFu draft head")
     _add_run_args(p)
-    p.add_argument("--method", choices=["eagle3", "confu"], default="eagle3")
+    p.add_argument("--method", choices=HEAD_METHODS, default="eagle3")
     p.add_argument("--init", default=None,
                    help="draft directory to start from (ConFu: a trained EAGLE-3 head; EAGLE-3: continue it)")
     p.add_argument("--out", required=True, help="output directory (final draft, checkpoint, train_log.jsonl)")

@@ -13,7 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from confu.engine.draft import DraftConfig, Eagle3Head, build_head, init_weights_like_eagle
+from confu.engine.draft import DraftConfig, Eagle3Head, init_weights_like_eagle
+from confu.engine.registry import build_head, head_method
 from confu.errors import CheckpointError, DraftMismatchError
 
 CONFIG_NAME = "config.json"
@@ -43,7 +44,9 @@ def read_config(draft_dir: str | Path) -> DraftConfig:
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path} is missing: not a confu draft directory")
     try:
-        return DraftConfig(**json.loads(cfg_path.read_text()))
+        cfg = DraftConfig(**json.loads(cfg_path.read_text()))
+        head_method(cfg.method)
+        return cfg
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise CheckpointError(f"{cfg_path} is not a valid draft config: {err}") from err
 
@@ -58,7 +61,7 @@ def check_compatible(cfg: DraftConfig, target) -> None:
     problems = [f"{name}: draft {a}, target {b}" for name, (a, b) in want.items() if a != b]
     if not (len(cfg.feature_layers) == 3 and all(0 <= i <= target.num_layers for i in cfg.feature_layers)):
         problems.append(f"feature layers: draft reads {list(cfg.feature_layers)}, target has {target.num_layers} layers")
-    if cfg.method == "confu":
+    if head_method(cfg.method).holds_target_kv:
         if (cfg.target_num_kv_heads, cfg.target_head_dim) != (target.num_kv_heads, target.head_dim):
             problems.append(
                 f"KV shape: draft {cfg.target_num_kv_heads}x{cfg.target_head_dim}, "
@@ -123,6 +126,5 @@ def new_draft(target, method: str, d2t: torch.Tensor | None = None, t2d: torch.T
         d2t = torch.zeros(cfg.draft_vocab_size, dtype=torch.long)
     head.set_vocab(d2t, t2d)
     attach_target_embedding(head, target)
-    if head.is_confu:
-        head.init_from_target(target)
+    head.init_from_target(target)
     return head.eval()

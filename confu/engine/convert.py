@@ -38,7 +38,8 @@ from confu.engine.checkpoint import (
     check_compatible,
     read_config,
 )
-from confu.engine.draft import DraftConfig, Eagle3Head, build_head
+from confu.engine.draft import DraftConfig, Eagle3Head
+from confu.engine.registry import build_head, head_method
 from confu.errors import CheckpointError, DraftMismatchError, InputError
 
 LAYOUTS = ("confu", "eagle3", "speculators")
@@ -286,7 +287,7 @@ def _draft_config(c: dict[str, Any], layers: list[int] | None, target: TargetInf
     heads = _int_field(c, "num_attention_heads", source)
     vocab = _int_field(c, "vocab_size", source)
     return DraftConfig(
-        method="eagle3",
+        method="eagle3",  # every foreign layout holds an EAGLE-3 head
         hidden_size=hidden,
         num_attention_heads=heads,
         num_key_value_heads=_int_field(c, "num_key_value_heads", source, heads),
@@ -531,7 +532,7 @@ def write_checkpoint(ckpt: DraftCheckpoint, to: str, out: str | Path, target: Ta
     config = (eagle3_config(ckpt.cfg, target, dtype) if to == "eagle3"
               else speculators_config(ckpt.cfg, target, dtype, options))
     _write(out, config, tensors)
-    return [CONFU_ONLY_NOTE] if ckpt.cfg.method == "confu" else []
+    return [CONFU_ONLY_NOTE] if head_method(ckpt.cfg.method).reads_future else []
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,12 @@ from torch import Tensor, nn
 
 from confu.engine.attention import attention
 
-METHODS = ("eagle3", "confu")
 FUTURE_GATE_DEPTHS = 8  # draft depths with a gate of their own under `DraftConfig.future_logits`
 
 
 @dataclass
 class DraftConfig:
-    method: str
+    method: str  # a `confu.engine.registry.HEAD_METHODS` name, checked where a head is built
     hidden_size: int
     num_attention_heads: int
     num_key_value_heads: int
@@ -59,8 +58,6 @@ class DraftConfig:
     extra: dict = field(default_factory=dict)  # training provenance, free-form
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown draft method {self.method!r}; expected one of {METHODS}")
         self.top_k_expert = min(self.top_k_expert, self.n_expert)
 
     @classmethod
@@ -217,9 +214,8 @@ class Eagle3Head(nn.Module):
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
 
-    @property
-    def is_confu(self) -> bool:
-        return False
+    def init_from_target(self, target) -> None:
+        """Start the parts that live in the target's space at its scale: an EAGLE-3 head has none."""
 
     def set_vocab(self, d2t: Tensor, t2d: Tensor) -> None:
         self.d2t.copy_(d2t)
@@ -269,10 +265,6 @@ class ConFuHead(Eagle3Head):
             nn.init.zeros_(self.future_proj.weight)  # starts as the paper's head; learns how much f to add
         # one gate per draft depth; depths beyond the last use the last (zero: the paper's head)
         self.future_gate = nn.Parameter(torch.zeros(FUTURE_GATE_DEPTHS)) if cfg.future_logits else None
-
-    @property
-    def is_confu(self) -> bool:
-        return True
 
     def init_from_target(self, target) -> None:
         """Start the soft prompt and the expert embeddings at the scale of the target's own.
@@ -328,10 +320,6 @@ class ConFuHead(Eagle3Head):
         scores = torch.zeros(b, len(self.future_bias), n, k, dtype=self.fc.weight.dtype, device=mask.device)
         scores[..., future_cols] = self.future_bias.to(scores.dtype).view(1, -1, 1, 1)
         return scores.masked_fill(~mask, float("-inf"))
-
-
-def build_head(cfg: DraftConfig) -> Eagle3Head:
-    return ConFuHead(cfg) if cfg.method == "confu" else Eagle3Head(cfg)
 
 
 def init_weights_like_eagle(head: Eagle3Head) -> None:

@@ -67,7 +67,7 @@ class Drafter:
         self.values[:, :, start : start + m] = v
         self.length += m
         self.future = self.future_shift = self.future_read = None
-        if f is not None and head.is_confu:
+        if f is not None:  # only a verify extension for a head that reads f makes one
             f_token = head.future_embedding(hidden_in[:, -1:])
             _, fk, fv = layer.qkv(f_token, f.view(1, 1, -1), torch.tensor([[self.length]], device=self.device))
             self.keys[:, :, self.length : self.length + 1] = fk

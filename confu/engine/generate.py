@@ -17,7 +17,8 @@ from torch import Tensor
 
 from confu.engine.draft import Eagle3Head
 from confu.engine.matcher import MatchConfig
-from confu.engine.methods import PlainVerify, Proposer, asks_for_tree, method_for_head
+from confu.engine.methods import PlainVerify, Proposer, VerifyExtension, asks_for_tree
+from confu.engine.registry import method_for_head
 from confu.engine.sampling import SamplingConfig, logits_to_probs, sample_token
 from confu.engine.sizing import AutoSizer, VerifyCosts, load_verify_costs
 from confu.engine.target import RowLogits, Target, TargetCache, TargetOutput, check_feature_layers
@@ -159,7 +160,7 @@ class Decoder:
     for (`confu.engine.methods`).
     """
 
-    def __init__(self, target: Target, proposer: Proposer | None = None, extension: PlainVerify | None = None):
+    def __init__(self, target: Target, proposer: Proposer | None = None, extension: VerifyExtension | None = None):
         self.target = target
         self.proposer = proposer
         self.extension = extension or PlainVerify()

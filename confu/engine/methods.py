@@ -8,8 +8,9 @@ A method is a pair:
 
 Plain decoding is no proposer and `PlainVerify`; EAGLE-3 is a `DraftHeadProposer` and `PlainVerify`; ConFu is a
 `DraftHeadProposer` (whose head reads `f`) and `ContemplateSlots`. Matches in the text so far are a
-`MatchProposer` (`confu.engine.matcher`), alone or joined to a head's proposer by `MergedProposer`. Tests hand
-the loop oracle proposers.
+`MatchProposer` (`confu.engine.matcher`), alone or joined to a head's proposer by `MergedProposer`. Which head
+method takes which extension is `confu.engine.registry`'s business (`method_for_head`). Tests hand the loop
+oracle proposers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from confu.engine.contemplate import ContemplatePlan, plan_contemplate_slots
 from confu.engine.draft import ConFuHead, Eagle3Head
 from confu.engine.draft_kernel import fuse_draft_layer
 from confu.engine.drafter import Drafter
-from confu.engine.matcher import MatchConfig, MatchProposer
 from confu.engine.quant import pack_model
 from confu.engine.tree import DraftTree, merge_trees
 
@@ -146,10 +146,37 @@ class ExtraRows:
     mask: Tensor  # (c, rows + c) over the verify rows and the extra rows
 
 
+class VerifyExtension(Protocol):
+    """What a method adds to the target's verify pass (`PlainVerify`: nothing; `ContemplateSlots`: ConFu's)."""
+
+    # Whether the last prompt token goes through a draftless first round of its own instead of the prompt's pass.
+    root_round_in_prefill: bool
+
+    def begin(self, cfg: GenerationConfig) -> None:
+        """A new sequence."""
+
+    def soft_prompt(self) -> list[tuple[Tensor, Tensor]] | None:
+        """Per target layer (keys, values) at the head of the cache, or None."""
+
+    def extra_rows(self, tree: DraftTree | None, positions: Tensor, mask: Tensor, route: Tensor) -> ExtraRows | None:
+        """Rows to append to a verify pass over (positions, mask); `route` is the features of the latest token
+        the target has processed."""
+
+    def future(self, last_hidden: Tensor, accepted: list[int]) -> Tensor | None:
+        """The prediction for the next round from the pass's extra rows, given the accepted path."""
+
+    def extra_row_count(self, nodes: int) -> int:
+        """Rows `extra_rows` adds to a pass over `nodes` tree nodes (what tree sizing must pay for)."""
+
+
 class PlainVerify:
     """Verification with nothing added: the target's pass over the root and the tree nodes."""
 
     root_round_in_prefill = False  # the whole prompt goes in one pass
+
+    @classmethod
+    def for_head(cls, head: Eagle3Head) -> PlainVerify:
+        return cls()
 
     def begin(self, cfg: GenerationConfig) -> None:
         pass
@@ -158,15 +185,12 @@ class PlainVerify:
         return None
 
     def extra_rows(self, tree: DraftTree | None, positions: Tensor, mask: Tensor, route: Tensor) -> ExtraRows | None:
-        """Rows to append to a verify pass over (positions, mask); `route` is the features of the latest token
-        the target has processed."""
         return None
 
     def future(self, last_hidden: Tensor, accepted: list[int]) -> Tensor | None:
         return None
 
     def extra_row_count(self, nodes: int) -> int:
-        """Rows `extra_rows` adds to a pass over `nodes` tree nodes (what tree sizing must pay for)."""
         return 0
 
 
@@ -183,6 +207,10 @@ class ContemplateSlots(PlainVerify):
         self.budget: int | None = None
         self.zero_future = False
         self.plan: ContemplatePlan | None = None
+
+    @classmethod
+    def for_head(cls, head: ConFuHead) -> ContemplateSlots:
+        return cls(head)
 
     def begin(self, cfg: GenerationConfig) -> None:
         self.budget = cfg.contemplate
@@ -203,14 +231,3 @@ class ContemplateSlots(PlainVerify):
     def extra_row_count(self, nodes: int) -> int:
         return 1 + (nodes if self.budget is None else min(self.budget, nodes))
 
-
-def method_for_head(head: Eagle3Head | None, match: MatchConfig | None = None) -> tuple[Proposer | None, PlainVerify]:
-    """The (proposer, verify extension) pair a draft head stands for, with matches in the text so far joined to
-    its trees when `match` is given; no head and no `match` is plain decoding."""
-    matcher = None if match is None else MatchProposer(match)
-    if head is None:
-        return matcher, PlainVerify()
-    proposer = DraftHeadProposer(head)
-    if matcher is not None:
-        proposer = MergedProposer(proposer, matcher)
-    return proposer, ContemplateSlots(head) if isinstance(head, ConFuHead) else PlainVerify()

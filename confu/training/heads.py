@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from confu.engine.draft import ConFuHead
+from confu.engine.registry import build_head as build_draft_head
+from confu.engine.registry import head_method
 from confu.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:  # annotations only: confu.training.train imports this module
@@ -47,23 +49,23 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
         else:
             note = {}
         if src.cfg.method == cfg.method:
-            if src.cfg.method == "confu":
+            if head_method(src.cfg.method).reads_future:
                 src, added = with_deviations(src, target, cfg)
                 note |= {"added_deviations": added} if added else {}
             return src.train(), {"init": str(cfg.init)} | note
-        if cfg.method == "confu" and src.cfg.method == "eagle3":
-            head = new_draft(target, "confu", src.d2t.clone(), src.t2d.clone(), seed=cfg.seed,
+        if head_method(cfg.method).extends == src.cfg.method:
+            head = new_draft(target, cfg.method, src.d2t.clone(), src.t2d.clone(), seed=cfg.seed,
                              **_confu_overrides(cfg))
             result = head.load_state_dict(src.state_dict(), strict=False)
             new_parts = {k.split(".")[0] for k in result.missing_keys}
-            if result.unexpected_keys or not new_parts <= set(ConFuHead.NEW_PARTS):
-                raise CheckpointError(f"{cfg.init}: cannot start a ConFu head from it (missing "
+            if result.unexpected_keys or not new_parts <= set(type(head).NEW_PARTS):
+                raise CheckpointError(f"{cfg.init}: cannot start a {cfg.method} head from it (missing "
                                       f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
-            return head.train(), {"init": str(cfg.init), "init_method": "eagle3"} | note
+            return head.train(), {"init": str(cfg.init), "init_method": src.cfg.method} | note
         raise InputError(f"--init {cfg.init} is a {src.cfg.method} head; "
                          f"--method {cfg.method} cannot start from it")
     vocab = _data_vocab(target, train_seqs, cfg.draft_vocab_size)
-    overrides = _confu_overrides(cfg) if cfg.method == "confu" else {}
+    overrides = _confu_overrides(cfg) if head_method(cfg.method).reads_future else {}
     head = new_draft(target, cfg.method, vocab.d2t, vocab.t2d, seed=cfg.seed, **overrides)
     if cfg.head_init == "target":
         init_output_from_target(head, target)
@@ -79,7 +81,6 @@ def with_deviations(src, target, cfg: TrainConfig) -> tuple[Any, list[str]]:
     a copy whose new parts start as the paper's head (zero gate, zero residual map), every other weight `src`'s.
     A deviation `src` has stays (its weights are trained)."""
     from confu.engine.checkpoint import attach_target_embedding
-    from confu.engine.draft import build_head as build_draft_head
 
     wanted = {k: v for k, v in _confu_overrides(cfg).items() if k in ConFuHead.DEVIATIONS and v not in (None, False)}
     added = sorted(k for k, v in wanted.items() if getattr(src.cfg, k) in (None, False))
@@ -113,7 +114,7 @@ def widen_vocab(src, target, train_seqs: Sequence[Seq], size: int) -> tuple[Any,
     row copied unmapped would be scored on another scale.
     """
     from confu.engine.checkpoint import attach_target_embedding
-    from confu.engine.draft import build_head as build_draft_head
+
     old_ids = src.to_target_ids(torch.arange(len(src.d2t)))
     if size < len(old_ids):
         raise InputError(f"--widen-vocab: --draft-vocab-size {size} is smaller than the --init head's "

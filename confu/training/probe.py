@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from confu.engine.registry import method_of
 from confu.errors import InputError
 
 AHEAD = (1, 2, 3)
@@ -134,7 +135,7 @@ def probe_future(source, head, indices: list[int], cfg, seed: int = 0) -> dict[s
         ttt_forward,
     )
 
-    if not head.is_confu:
+    if not method_of(head).reads_future:
         raise InputError("probe-future needs a ConFu draft (an EAGLE-3 head has no future prediction)")
     if len(indices) < 2:
         raise InputError("probe-future needs at least two held-out sequences (half fit the probes, half score)")

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from confu.engine.draft import ConFuHead
+from confu.engine.registry import HEAD_METHODS, head_method, method_of
 from confu.errors import InputError
 from confu.training.heads import FC_RMS_SEQS, HEAD_INITS, build_head, scale_fc_to_rms
 
@@ -58,7 +59,7 @@ class TrainConfig:
     data: list[str]  # prepared files read as one data set, in this order (a single path is accepted)
     out: str
     target: str = "smollm2-135m"
-    method: str = "eagle3"  # eagle3 | confu
+    method: str = "eagle3"  # a `confu.engine.registry.HEAD_METHODS` name
     init: str | None = None  # draft directory to start from (ConFu: a trained EAGLE-3 head)
     steps: int | None = None  # optimizer steps; None = `epochs` passes over the training split
     epochs: float = 1.0
@@ -126,9 +127,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.data = [str(p) for p in _as_list(self.data)]
         self.future_ahead = [int(k) for k in self.future_ahead]
-        if self.method not in ("eagle3", "confu"):
-            raise InputError(f"--method must be eagle3 or confu, got {self.method!r}")
-        if self.stage == "future" and (self.method != "confu" or not self.future_loss or self.oracle_future):
+        if self.method not in HEAD_METHODS:
+            raise InputError(f"--method must be one of {', '.join(HEAD_METHODS)}, got {self.method!r}")
+        reads_future = head_method(self.method).reads_future
+        if self.stage == "future" and (not reads_future or not self.future_loss or self.oracle_future):
             raise InputError("--stage future trains a ConFu head's f on the future loss: it needs --method confu, "
                              "--future-loss > 0 and no --oracle-future")
         checks = {
@@ -334,7 +336,7 @@ class TargetSource:
 
 def _needs_kv(head, cfg: TrainConfig) -> bool:
     """The contemplate pass needs the sequence's KV cache (it runs unless the oracle replaces f)."""
-    return head.is_confu and not cfg.oracle_future
+    return method_of(head).reads_future and not cfg.oracle_future
 
 
 def open_source(target, head, parts: Sequence[Sequence[Seq]], cfg: TrainConfig, d: _Dist) -> TargetSource:
@@ -380,7 +382,7 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
     depth = depth or cfg.ttt_steps
     tb = source.batch(head, indices, _needs_kv(head, cfg))
     valid = step_validity(tb, depth)
-    if not head.is_confu:
+    if not method_of(head).reads_future:
         rows, row_ok = eagle3_rows(valid)
         return ttt_forward(head, tb, valid, rows, row_ok, depth, label_temperature=cfg.label_temperature)
     per_seq = []
@@ -734,7 +736,7 @@ def evaluate_draft(draft_dir: str, cfg: TrainConfig, whole: bool = False) -> dic
         raise InputError(f"--eval-fraction {cfg.eval_fraction} holds out no sequence of {' '.join(cfg.data)}")
     target = Target.load(cfg.target)
     head = load_draft(draft_dir, target).float()
-    if (cfg.zero_future or cfg.oracle_future) and not head.is_confu:
+    if (cfg.zero_future or cfg.oracle_future) and not method_of(head).reads_future:
         raise InputError("--zero-future and --oracle-future need a ConFu draft")
     target.model.to(d.device)
     head.to(d.device)
