@@ -15,15 +15,10 @@ import torch
 from confu.cli.train import add_parser
 from confu.engine.checkpoint import load_draft, new_draft
 from confu.engine.target import Target
-from confu.training.train import (
-    TargetSource,
-    TrainConfig,
-    batch_forward,
-    evaluate,
-    load_sequences,
-    split_indices,
-    train,
-)
+from confu.errors import CheckpointError
+from confu.training.batching import load_sequences, split_indices
+from confu.training.forward import TargetSource, batch_forward, evaluate
+from confu.training.train import TrainConfig, train
 from confu.training.ttt import assign_anchor_rows, collate, contemplate_futures, loss_rows, run_target, sample_anchors
 
 N_SEQ, SEQ_LEN, PROMPT_LEN = 40, 48, 6
@@ -219,6 +214,30 @@ def test_label_temperature_reaches_the_loss_and_fixes_the_run(tiny_data: Path, t
     assert (old / "model.safetensors").is_file()
     with pytest.raises(InputError):
         TrainConfig(data="d", out="o", label_temperature=0)
+
+
+class _RunsCodeWhenUnpickled:
+    """What a tampered trainer state could hold: an object whose unpickling calls a function of its choice."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "ran")
+
+
+def test_resume_reads_the_trainer_state_as_plain_data(tiny_data: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The trainer state loads with weights_only: a state holding an object that runs code when unpickled is
+    refused by name, and the code never runs."""
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    train(_cfg(tiny_data, tiny_llama_dir, out, steps=4, stop_after=2))
+    state_path = out / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["provenance"] = _RunsCodeWhenUnpickled(marker)
+    torch.save(state, state_path)
+    with pytest.raises(CheckpointError, match="trainer_state.pt holds more than tensors and plain data"):
+        train(_cfg(tiny_data, tiny_llama_dir, out, steps=4, resume=True))
+    assert not marker.exists()
 
 
 def test_anchor_assignment() -> None:

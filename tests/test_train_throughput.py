@@ -17,6 +17,7 @@ from confu.engine.checkpoint import new_draft
 from confu.engine.target import Target
 from confu.errors import InputError
 from confu.training import features
+from confu.training.batching import LengthBatches
 from confu.training.features import (
     DraftLabels,
     FeatureStore,
@@ -26,7 +27,7 @@ from confu.training.features import (
     store_key,
 )
 from confu.training.heads import build_head, init_layer_from_target, init_output_from_target, widen_vocab
-from confu.training.train import LengthBatches, TrainConfig, train
+from confu.training.train import TrainConfig, train
 from confu.training.ttt import collate, run_target, stored_target_batch
 
 
@@ -269,7 +270,7 @@ def test_two_data_files_train_as_their_concatenation_and_resume_old_checkpoints(
 
 def test_oracle_future_reads_the_target_ahead_and_needs_no_kv(target, seqs, cache):
     """The plumbing probe: f is the target's final hidden state K rows after each anchor, from the store."""
-    from confu.training.train import TargetSource, batch_forward
+    from confu.training.forward import TargetSource, batch_forward
     from confu.training.ttt import oracle_futures
 
     head = new_draft(target, "confu", draft_vocab_size=256)
@@ -322,13 +323,14 @@ def test_draft_labels_are_the_targets_logits_over_the_draft_vocabulary(target, m
 
 def test_fresh_fc_starts_at_the_asked_output_rms(target, seqs):
     """--fc-rms: the draft layer's residual stream starts at a set scale, whatever the target's feature scale."""
+    from confu.training.batching import Dist
+    from confu.training.forward import TargetSource
     from confu.training.heads import scale_fc_to_rms
-    from confu.training.train import TargetSource, _Dist
 
     head = new_draft(target, "eagle3", draft_vocab_size=256)
     source = TargetSource(target, seqs)
     before = head.fc.weight.clone()
-    factor = scale_fc_to_rms(head, source, [0, 3, 5], 2.0, _Dist())
+    factor = scale_fc_to_rms(head, source, [0, 3, 5], 2.0, Dist())
     torch.testing.assert_close(head.fc.weight, before * factor)
     tb = source.batch(head, [0, 3, 5], keep_kv=False)
     real = torch.arange(tb.shape[1])[None] < tb.lengths[:, None]

@@ -47,7 +47,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from confu.training.train import TrainConfig, evaluate_draft
+    from confu.training.forward import evaluate_draft
+    from confu.training.train import TrainConfig
 
     cfg = TrainConfig(data=args.data, out="", target=args.target, batch_tokens=args.batch_tokens,
                       max_len=args.max_len, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, seed=args.seed,

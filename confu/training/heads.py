@@ -18,10 +18,11 @@ from confu.engine.registry import build_head as build_draft_head
 from confu.engine.registry import head_method
 from confu.errors import CheckpointError, InputError
 
-if TYPE_CHECKING:  # annotations only: confu.training.train imports this module
-    from confu.training.train import Seq, TargetSource, TrainConfig, _Dist
+if TYPE_CHECKING:
+    from confu.training.batching import Dist, Seq
+    from confu.training.forward import TargetSource
+    from confu.training.train_config import TrainConfig
 
-HEAD_INITS = ("target", "random")
 FC_RMS_SEQS = 8  # training sequences on which a fresh head's fc output RMS is measured (--fc-rms)
 
 
@@ -139,7 +140,7 @@ def widen_vocab(src, target, train_seqs: Sequence[Seq], size: int) -> tuple[Any,
 
 
 @torch.no_grad()
-def scale_fc_to_rms(head, source: TargetSource, indices: Sequence[int], rms: float, d: _Dist) -> float:
+def scale_fc_to_rms(head, source: TargetSource, indices: Sequence[int], rms: float, d: Dist) -> float:
     """Scale the head's fc so that its output over the real rows of sequences `indices` has RMS `rms`
     (rank 0's measurement, so data-parallel ranks keep identical weights). Returns the factor applied."""
     tb = source.batch(head, indices, keep_kv=False)

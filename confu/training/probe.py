@@ -124,7 +124,7 @@ def future_attention_share(view) -> tuple[Tensor, Tensor]:
 def probe_future(source, head, indices: list[int], cfg, seed: int = 0) -> dict[str, Any]:
     """The report of the module docstring for the held-out dataset `indices` of `source` (a `TargetSource` with
     KV); `cfg` a `TrainConfig` for batching and the TTT depth."""
-    from confu.training.train import LengthBatches
+    from confu.training.batching import LengthBatches
     from confu.training.ttt import (
         assign_anchor_rows,
         contemplate_futures,
@@ -254,9 +254,10 @@ def probe_draft(draft_dir: str, cfg, whole: bool = False, max_seqs: int | None =
     `whole`), at most `max_seqs` sequences of it."""
     from confu.engine.checkpoint import load_draft
     from confu.engine.target import Target
-    from confu.training.train import _setup, load_parts, open_source, split_indices
+    from confu.training.batching import load_parts, setup_distributed, split_indices
+    from confu.training.forward import open_source
 
-    d = _setup(cfg.device)
+    d = setup_distributed(cfg.device)
     parts = load_parts(cfg.data, cfg.max_len)
     n = sum(len(p) for p in parts)
     indices = list(range(n)) if whole else split_indices(n, cfg.eval_fraction, cfg.seed)[1]
