@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from confu.chat import encode_prompt
-from confu.engine.checkpoint import load_draft, new_draft
+from confu.engine.checkpoint import new_draft
+from confu.engine.convert import load_draft
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.matcher import MATCH_SOURCE, MatchConfig
 from confu.engine.sizing import load_verify_costs

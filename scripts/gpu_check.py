@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from confu.chat import encode_prompt, read_prompts_file
-from confu.engine.checkpoint import load_draft
-from confu.engine.generate import Decoder, GenerationConfig, tree_setting
+from confu.engine.convert import load_draft
+from confu.engine.generate import Decoder
+from confu.engine.generation_config import GenerationConfig, tree_setting
 from confu.engine.target import Target
 from confu.hub import load_target_model
 

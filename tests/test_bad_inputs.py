@@ -6,7 +6,8 @@ import pytest
 
 from confu.chat import encode_prompt
 from confu.cli import main
-from confu.engine.checkpoint import WEIGHTS_NAME, load_draft, new_draft, save_draft
+from confu.engine.checkpoint import WEIGHTS_NAME, new_draft, save_draft
+from confu.engine.convert import load_draft
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.errors import CheckpointError, DraftMismatchError, InputError
 from tests.helpers import load_target

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from confu.cli import main
-from confu.engine.checkpoint import load_draft, new_draft, save_draft
-from confu.engine.convert import CONFU_TO_EAGLE3, TargetInfo, convert, detect_layout, public_name
+from confu.engine.checkpoint import new_draft, save_draft
+from confu.engine.convert import CONFU_TO_EAGLE3, TargetInfo, convert, detect_layout, load_draft, public_name
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.tree import TreeConfig
 from confu.errors import CheckpointError, DraftMismatchError, InputError

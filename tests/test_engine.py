@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from confu.engine.checkpoint import load_draft, new_draft, save_draft
+from confu.engine.checkpoint import new_draft, save_draft
+from confu.engine.convert import load_draft
 from confu.engine.generate import Decoder, GenerationConfig
 from confu.engine.target import RowLogits
 from confu.engine.tree import TreeConfig

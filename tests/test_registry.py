@@ -10,7 +10,8 @@ import torch
 
 from confu.bench.specbench import parse_methods
 from confu.cli import build_parser
-from confu.engine.checkpoint import load_draft, new_draft, save_draft
+from confu.engine.checkpoint import new_draft, save_draft
+from confu.engine.convert import load_draft
 from confu.engine.draft import Eagle3Head
 from confu.engine.methods import ContemplateSlots, DraftHeadProposer, PlainVerify, VerifyExtension
 from confu.engine.registry import HEAD_METHODS, HeadMethod, head_method, method_for_head

@@ -24,7 +24,8 @@ from confu.bench.serve_load import LoadConfig, percentile, run_load, scrape_metr
 from confu.cli import main
 from confu.cli.generate import load_decoder
 from confu.cli.serve import served_method
-from confu.engine.checkpoint import load_draft, new_draft, save_draft
+from confu.engine.checkpoint import new_draft, save_draft
+from confu.engine.convert import load_draft
 from confu.engine.generate import Decoder, GenerationConfig, GenerationResult
 from confu.engine.target import Target
 from confu.engine.tree import DraftTree, TreeConfig

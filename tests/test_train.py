@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from confu.cli.train import add_parser
-from confu.engine.checkpoint import load_draft, new_draft
+from confu.engine.checkpoint import new_draft
+from confu.engine.convert import load_draft
 from confu.engine.target import Target
 from confu.errors import CheckpointError
 from confu.training.batching import load_sequences, split_indices

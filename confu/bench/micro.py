@@ -146,8 +146,9 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
     """
     import torch
 
-    from confu.engine.checkpoint import load_draft, new_draft
+    from confu.engine.checkpoint import new_draft
     from confu.engine.contemplate import plan_contemplate_slots
+    from confu.engine.convert import load_draft
     from confu.engine.generate import Decoder, GenerationConfig, RoundState
 
     target = _load_target(target, numerics)

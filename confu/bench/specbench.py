@@ -216,7 +216,8 @@ class LoadedMethod:
 
 
 def load_methods(target: Target, specs: Sequence[MethodSpec]) -> list[LoadedMethod]:
-    from confu.engine.checkpoint import load_draft, read_config
+    from confu.engine.checkpoint import read_config
+    from confu.engine.convert import load_draft
     from confu.engine.generate import Decoder
     from confu.engine.matcher import MatchConfig
 
@@ -350,7 +351,7 @@ class BenchRunner:
         self.cfg = cfg
 
     def generation_config(self, temperature: float, tree_nodes: int | str | None, seed: int) -> GenerationConfig:
-        from confu.engine.generate import GenerationConfig, tree_setting
+        from confu.engine.generation_config import GenerationConfig, tree_setting
         from confu.engine.sampling import SamplingConfig
 
         c = self.cfg

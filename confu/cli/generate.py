@@ -16,7 +16,7 @@ def load_decoder(target_spec: str, draft: str, numerics: str = "auto", match: bo
                  match_history: int = 0):
     """The decoder for `--draft` (a directory or 'none'), with match candidates under `--match` (kept across
     sequences up to `match_history` tokens)."""
-    from confu.engine.checkpoint import load_draft
+    from confu.engine.convert import load_draft
     from confu.engine.generate import Decoder
     from confu.engine.matcher import MatchConfig
     from confu.engine.target import Target
@@ -34,7 +34,7 @@ def add_match_arg(p) -> None:
 
 
 def generation_config(args, tree_nodes: int | str):
-    from confu.engine.generate import GenerationConfig, tree_setting
+    from confu.engine.generation_config import GenerationConfig, tree_setting
     from confu.engine.sampling import SamplingConfig
 
     tree, auto = tree_setting(tree_nodes, args.depth, args.topk)

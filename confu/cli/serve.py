@@ -37,7 +37,7 @@ def served_method(decoder) -> str:
 
 def serve_config(args, model_name: str, max_queue: int, method: str = "plain", api_key: str | None = None):
     """The server's settings from its flags (checked before anything loads)."""
-    from confu.engine.generate import tree_setting
+    from confu.engine.generation_config import tree_setting
     from confu.errors import InputError
     from confu.serve.generation import ServeConfig
     from confu.serve.protocol import Defaults

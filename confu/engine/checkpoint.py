@@ -73,15 +73,9 @@ def check_compatible(cfg: DraftConfig, target) -> None:
         )
 
 
-def load_draft(draft_dir: str | Path, target) -> Eagle3Head:
-    """Load a draft next to its target (the draft decides which target features it reads: `cfg.feature_layers`).
-
-    An official / SpecForge or speculators EAGLE-3 directory is imported in memory (`confu.engine.convert`).
-    """
-    from confu.engine.convert import foreign_layout, import_draft  # late: convert builds on this module
-
-    if foreign_layout(draft_dir):
-        return import_draft(draft_dir, target)
+def load_confu_draft(draft_dir: str | Path, target) -> Eagle3Head:
+    """Load a draft of confu's layout next to its target (the draft decides which target features it reads:
+    `cfg.feature_layers`). Any layout: `confu.engine.convert.load_draft`."""
     cfg = read_config(draft_dir)
     check_compatible(cfg, target)
     weights_path = Path(draft_dir) / WEIGHTS_NAME

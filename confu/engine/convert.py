@@ -36,6 +36,7 @@ from confu.engine.checkpoint import (
     WEIGHTS_NAME,
     attach_target_embedding,
     check_compatible,
+    load_confu_draft,
     read_config,
 )
 from confu.engine.draft import DraftConfig, Eagle3Head
@@ -426,6 +427,12 @@ def import_draft(src: str | Path, target) -> Eagle3Head:
     head.load_state_dict({k: v.to(own[k].dtype) for k, v in ckpt.tensors.items()}, strict=False)
     attach_target_embedding(head, target)
     return head.eval()
+
+
+def load_draft(draft_dir: str | Path, target) -> Eagle3Head:
+    """A draft directory of any layout next to its target: confu's own, or an official / SpecForge or speculators
+    EAGLE-3 directory imported in memory."""
+    return import_draft(draft_dir, target) if foreign_layout(draft_dir) else load_confu_draft(draft_dir, target)
 
 
 # -- writing ----------------------------------------------------------------------------------------------------

@@ -16,61 +16,21 @@ import torch
 from torch import Tensor
 
 from confu.engine.draft import Eagle3Head
+from confu.engine.generation_config import GenerationConfig
 from confu.engine.matcher import MatchConfig
 from confu.engine.methods import PlainVerify, Proposer, VerifyExtension, asks_for_tree
 from confu.engine.registry import method_for_head
-from confu.engine.sampling import SamplingConfig, logits_to_probs, sample_token
+from confu.engine.sampling import logits_to_probs, sample_token
 from confu.engine.sizing import AutoSizer, VerifyCosts, load_verify_costs
 from confu.engine.target import RowLogits, Target, TargetCache, TargetOutput, check_feature_layers
-from confu.engine.tree import DraftTree, TreeConfig
+from confu.engine.tree import DraftTree
 from confu.engine.verify import MappedRows, verify_greedy, verify_sampling
 from confu.errors import InputError
 
-BULK_PREFILL_TOKENS = 96  # measured crossover: kernels 185 ms vs dense 172 + 27 ms at 64 rows; dense wins at 128
 # Verification reads a target row per accepted node. Alone, a row of the embedded target's 49,152-token head
 # costs about 1.5 ms (its weights streamed once); in one call with the root's, about 0.3 ms more. So the rows of
 # the draft's likeliest path go with the root's while the draft gives them at least this chance of being read.
 PREFETCH_MIN_PROB = 0.25
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 128
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    tree: TreeConfig = field(default_factory=TreeConfig)
-    # auto: `tree` gives upper bounds and each round picks its depth and node count from measured costs and
-    # observed acceptance (`confu.engine.sizing`), drafting nothing where plain decoding is faster
-    auto_tree: bool = True
-    contemplate: int | None = None  # ConFu: None = a slot on every node, N = the N likeliest round ends
-    # ConFu probe: the draft gets f = 0 every round (the contemplate rows still run), so decoding measures what
-    # f adds to acceptance
-    zero_future: bool = False
-    # a decoder built with a matcher proposes matches in the text so far for this sequence (False: not, and its
-    # text is not kept for later sequences either)
-    match: bool = True
-    seed: int | None = None
-    stop_at_eos: bool = True
-    # prompts of at least this many tokens prefill their first n - 1 rows in one dense pass (0: never)
-    bulk_prefill: int = BULK_PREFILL_TOKENS
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError(f"max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.bulk_prefill < 0:
-            raise InputError(f"bulk_prefill must be >= 0 (got {self.bulk_prefill})")
-        if self.contemplate is not None and self.contemplate < 0:
-            raise InputError(f"--contemplate must be 'all' or a count >= 0 (got {self.contemplate})")
-
-
-AUTO_MAX_NODES = 60  # under auto sizing: the most nodes a round may verify (EAGLE-2's default tree)
-
-
-def tree_setting(nodes: int | str, depth: int, topk: int) -> tuple[TreeConfig, bool]:
-    """`--tree-nodes N|auto` -> (tree bounds, auto_tree): a fixed tree of N nodes, or per-round sizing under
-    AUTO_MAX_NODES nodes and `depth` levels."""
-    if nodes == "auto":
-        return TreeConfig(total_nodes=AUTO_MAX_NODES, depth=depth, topk=topk), True
-    return TreeConfig(total_nodes=int(nodes), depth=depth, topk=topk), False
 
 
 @dataclass

@@ -30,7 +30,7 @@ from confu.engine.tree import DraftTree, best_subtree
 from confu.errors import InputError
 
 if TYPE_CHECKING:
-    from confu.engine.generate import GenerationConfig
+    from confu.engine.generation_config import GenerationConfig
 
 MATCH_SOURCE = "match"
 RATE_DECAY = 0.98  # weight of the past in a band's hit rate: about the last fifty checked tokens count

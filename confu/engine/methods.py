@@ -30,7 +30,7 @@ from confu.engine.quant import pack_model
 from confu.engine.tree import DraftTree, merge_trees
 
 if TYPE_CHECKING:
-    from confu.engine.generate import GenerationConfig
+    from confu.engine.generation_config import GenerationConfig
 
 
 class Proposer(Protocol):

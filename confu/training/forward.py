@@ -192,7 +192,7 @@ def evaluate(source: TargetSource, head, indices: Sequence[int], cfg: TrainConfi
 def evaluate_draft(draft_dir: str, cfg: TrainConfig, whole: bool = False) -> dict[str, Any]:
     """Held-out metrics of a saved draft, on the split `confu train` holds out with the same data, max length,
     eval fraction and seed; with `whole`, on every sequence of the data (files no training run has read)."""
-    from confu.engine.checkpoint import load_draft
+    from confu.engine.convert import load_draft
     from confu.engine.target import Target
 
     d = setup_distributed(cfg.device)

@@ -38,7 +38,8 @@ def build_head(cfg: TrainConfig, target, train_seqs: Sequence[Seq]) -> tuple[Any
     --init with the same method continues that head; --init of an EAGLE-3 head with --method confu copies
     every shared weight (fc, layer, norm, lm_head, vocabulary) into a fresh ConFu head.
     """
-    from confu.engine.checkpoint import load_draft, new_draft
+    from confu.engine.checkpoint import new_draft
+    from confu.engine.convert import load_draft
 
     if cfg.widen_vocab and not cfg.init:
         raise InputError("--widen-vocab grows the vocabulary of an --init head; a fresh head takes "

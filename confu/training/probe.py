@@ -252,7 +252,7 @@ def _report(source, head, rows: _Rows, tau: dict, attention: dict[int, list[Tens
 def probe_draft(draft_dir: str, cfg, whole: bool = False, max_seqs: int | None = None) -> dict[str, Any]:
     """`probe_future` for a saved draft on the split `confu train` holds out of `cfg.data` (or all of it with
     `whole`), at most `max_seqs` sequences of it."""
-    from confu.engine.checkpoint import load_draft
+    from confu.engine.convert import load_draft
     from confu.engine.target import Target
     from confu.training.batching import load_parts, setup_distributed, split_indices
     from confu.training.forward import open_source

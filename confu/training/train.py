@@ -66,7 +66,8 @@ def make_optimizer(head, cfg: TrainConfig, total_steps: int):
 def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
     """Train a draft head; returns OUT (the final fp32 draft). `on_step(step, metrics)` runs after every
     optimizer step (tests raise from it to simulate a crash)."""
-    from confu.engine.checkpoint import load_draft, save_draft
+    from confu.engine.checkpoint import save_draft
+    from confu.engine.convert import load_draft
     from confu.engine.target import Target
 
     d = setup_distributed(cfg.device)
