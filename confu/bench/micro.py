@@ -7,6 +7,7 @@ Both interleave their variants per repeat (so machine drift hits all alike) and 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -147,9 +148,9 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
     import torch
 
     from confu.engine.checkpoint import new_draft
-    from confu.engine.contemplate import plan_contemplate_slots
     from confu.engine.convert import load_draft
-    from confu.engine.generate import Decoder, GenerationConfig, RoundState
+    from confu.engine.generate import Decoder, GenerationConfig
+    from confu.engine.methods import ContemplateSlots
 
     target = _load_target(target, numerics)
     vocab = min(8192, target.vocab_size)
@@ -165,22 +166,19 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
     with torch.no_grad():
         # The plain pass (EAGLE-3 column) and its trees, from the eagle3 head.
         plain = Decoder.for_head(target, eagle)
-        plain_cache = target.new_cache()
-        first, features, _ = plain.prefill(plain_cache, prompt_ids, gcfg, None)
-        plain.proposer.begin(gcfg, target.max_context + 1)
-        plain.proposer.observe(features, torch.cat([prompt_ids[1:], prompt_ids.new_tensor([first])]), None)
+        plain_cache, plain_state = plain.begin_sequence(prompt_ids, gcfg, None)
         trees = {n: plain.proposer.propose(max_nodes=n, depth=depth) for n in nodes}
-        plain_state = RoundState(first, features[-1])
-        # The ConFu side: its own cache with the soft prompt, and the [con] router's features.
-        con = Decoder.for_head(target, confu)
-        con.extension.begin(gcfg)
-        con_cache = target.new_cache(con.extension.soft_prompt())
-        con_first, con_features, _ = con.prefill(con_cache, prompt_ids, gcfg, None)
-        con_state = RoundState(con_first, con_features[-1])
+        # The ConFu side: the verify extension alone (the trees are the eagle3 head's), one per contemplate
+        # budget, each with its own cache holding the soft prompt.
+        confu_runs = {}
+        for budget in budgets:
+            con = Decoder(target, extension=ContemplateSlots(confu))
+            confu_runs[budget_name(budget)] = (con, *con.begin_sequence(prompt_ids, replace(gcfg, contemplate=budget),
+                                                                        None))
 
     def verification(decoder: Decoder, cache, tree, state) -> None:
         out = decoder.verify_pass(cache, tree, state)
-        decoder._accept(tree, out.logits, gcfg, None)
+        decoder.accept(tree, out.logits, gcfg, None)
 
     columns = ["ar (1 token)", "eagle3"] + [budget_name(b) for b in budgets]
     fns, rows_of, cache_of = {}, {}, {}
@@ -188,10 +186,10 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
         tree = trees[n]
         for col in columns:
             key = (n, col)
-            if col.startswith("confu"):
-                budget = budgets[[budget_name(b) for b in budgets].index(col)]
-                fns[key] = partial(_with_budget, con, budget, verification, con_cache, tree, con_state)
-                rows_of[key] = len(tree) + 1 + plan_contemplate_slots(tree, budget).num_slots
+            if col in confu_runs:
+                con, con_cache, con_state = confu_runs[col]
+                fns[key] = partial(verification, con, con_cache, tree, con_state)
+                rows_of[key] = len(tree) + 1 + con.extension.extra_row_count(len(tree))
                 cache_of[key] = con_cache
             else:
                 t = None if col.startswith("ar") else tree
@@ -211,10 +209,3 @@ def run_bench_verify(target: Target | str, nodes: Sequence[int] = (16, 32, 60),
     return {"prompt_tokens": len(prompt_ids), "repeats": repeats, "columns": columns, "rows": table,
             "numerics": target.numerics,
             "drafts": {"eagle3": eagle3_dir or "untrained", "confu": confu_dir or "untrained"}}
-
-
-def _with_budget(decoder, budget, fn, *args) -> None:
-    decoder.extension.budget = budget  # the columns share one ConFu decoder
-    fn(decoder, *args)
-
-

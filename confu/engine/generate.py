@@ -18,7 +18,7 @@ from torch import Tensor
 from confu.engine.draft import Eagle3Head
 from confu.engine.generation_config import GenerationConfig
 from confu.engine.matcher import MatchConfig
-from confu.engine.methods import PlainVerify, Proposer, VerifyExtension, asks_for_tree
+from confu.engine.methods import ExtraRows, PlainVerify, Proposer, VerifyExtension, asks_for_tree
 from confu.engine.registry import method_for_head
 from confu.engine.sampling import logits_to_probs, sample_token
 from confu.engine.sizing import AutoSizer, VerifyCosts, load_verify_costs
@@ -103,6 +103,16 @@ class RoundHooks(Protocol):
     def stage_done(self, stage: str) -> None: ...
 
     def round_done(self) -> None: ...
+
+
+@dataclass
+class VerifyRows:
+    """The rows of one verify pass: the root and the tree nodes, then the extension's (`extra`)."""
+
+    ids: Tensor  # (1 + nodes,)
+    positions: Tensor  # (1 + nodes,)
+    mask: Tensor  # (1 + nodes, 1 + nodes) bool: each row sees the root, its ancestors and itself
+    extra: ExtraRows | None
 
 
 @dataclass
@@ -207,10 +217,12 @@ class Decoder:
         if n - 1 > done:
             features.append(self._prompt_rows(cache, prompt, done, n - 1).features)
         route = features[-1][-1] if features else torch.zeros(3 * t.hidden_size, dtype=t.dtype, device=t.device)
-        out = self.verify_pass(cache, None, RoundState(int(prompt[-1]), route))
+        rows = self.verify_rows(None, RoundState(int(prompt[-1]), route), cache.num_tokens)
+        out = self.run_verify(cache, rows)
         cache.commit(torch.zeros(1, dtype=torch.long, device=prompt.device))
         features.append(out.features[:1])
-        return self._pick(out.logits[0], cfg, gen), torch.cat(features), self.extension.future(out.last_hidden, [])
+        return (self._pick(out.logits[0], cfg, gen), torch.cat(features),
+                self.extension.future(out.last_hidden, [], rows.extra))
 
     def _prompt_rows(self, cache: TargetCache, prompt: Tensor, start: int, stop: int) -> TargetOutput:
         """Forward prompt[start:stop] causally after the cache's committed rows, and commit them."""
@@ -220,14 +232,32 @@ class Decoder:
         cache.commit(None)
         return out
 
+    def begin_sequence(self, prompt: Tensor, cfg: GenerationConfig, gen) -> tuple[TargetCache, RoundState]:
+        """A new sequence: the extension begun and a cache holding its soft prompt, the prompt prefilled, and the
+        proposer told what the target saw. The first token is the state's root (under `torch.no_grad()`)."""
+        t = self.target
+        self.extension.begin(cfg)
+        cache = t.new_cache(self.extension.soft_prompt())
+        if self.hooks is not None:
+            self.hooks.sequence_start(cache)
+        first, features, future = self.prefill(cache, prompt, cfg, gen)
+        if self.proposer is not None:
+            self.proposer.begin(cfg, t.max_context + 1)
+            self.proposer.observe(features, torch.cat([prompt[1:], prompt.new_tensor([first])]), future)
+        return cache, RoundState(first, features[-1])
+
     def verify_pass(self, cache: TargetCache, tree: DraftTree | None, state: RoundState,
                     extend: bool = True) -> TargetOutput:
         """One target pass over the root and the tree nodes, plus the extension's rows after them (unless
         `extend` is False: tree sizing drafts nothing this round, so a future for the next one is unlikely
         to be used and not worth its rows)."""
-        t = self.target
-        device = t.device
-        pos0 = cache.num_tokens
+        return self.run_verify(cache, self.verify_rows(tree, state, cache.num_tokens, extend))
+
+    def verify_rows(self, tree: DraftTree | None, state: RoundState, pos0: int,
+                    extend: bool = True) -> VerifyRows:
+        """The rows of a verify pass after `pos0` committed tokens: the root, the tree nodes, and the
+        extension's rows (unless not `extend`)."""
+        device = self.target.device
         n_nodes = 0 if tree is None else len(tree)
         ids = torch.tensor([state.root], device=device)
         positions = torch.tensor([pos0], device=device)
@@ -239,6 +269,12 @@ class Decoder:
             mask[:, 0] = True  # every node sees the root
             mask[1:, 1:] = tree.ancestor_mask.to(device)  # its ancestors and itself
         extra = self.extension.extra_rows(tree, positions, mask, state.route) if extend else None
+        return VerifyRows(ids, positions, mask, extra)
+
+    def run_verify(self, cache: TargetCache, verify: VerifyRows) -> TargetOutput:
+        """The target's pass over `verify`'s rows; the extension's rows attend in their own call."""
+        t, device = self.target, self.target.device
+        ids, positions, mask, extra = verify.ids, verify.positions, verify.mask, verify.extra
         if extra is None:
             return t.forward(cache, positions, mask, input_ids=ids, feature_layers=self.feature_layers)
         rows, c = len(ids), len(extra.positions)
@@ -261,17 +297,9 @@ class Decoder:
         sizer = self.sizer(cfg)
         hooks = self.hooks
         with torch.no_grad():
-            extension.begin(cfg)
-            cache = t.new_cache(extension.soft_prompt())
-            if hooks is not None:
-                hooks.sequence_start(cache)
-            first, features, future = self.prefill(cache, prompt, cfg, gen)
-            if proposer is not None:
-                proposer.begin(cfg, t.max_context + 1)
-                proposer.observe(features, torch.cat([prompt[1:], prompt.new_tensor([first])]), future)
-            state = RoundState(first, features[-1])
+            cache, state = self.begin_sequence(prompt, cfg, gen)
             emitted = 0
-            new, reason = self._clip([first], emitted, cfg)
+            new, reason = self._clip([state.root], emitted, cfg)
             emitted += len(new)
             yield new, None, reason
             while not reason:
@@ -295,10 +323,11 @@ class Decoder:
                 if hooks is not None:
                     hooks.stage_done(STAGE_DRAFT)
                 extend = sizer is None or depth > 0
-                out = self.verify_pass(cache, tree, state, extend)
+                rows = self.verify_rows(tree, state, cache.num_tokens, extend)
+                out = self.run_verify(cache, rows)
                 if hooks is not None:
                     hooks.stage_done(STAGE_VERIFY)
-                accepted, bonus = self._accept(tree, out.logits, cfg, gen)
+                accepted, bonus = self.accept(tree, out.logits, cfg, gen)
                 if hooks is not None:
                     hooks.stage_done(STAGE_ACCEPT)
                 keep = torch.tensor([0] + [i + 1 for i in accepted], device=t.device)
@@ -306,7 +335,7 @@ class Decoder:
                 verified = time.perf_counter()
                 new_tokens = [int(tree.tokens[i]) for i in accepted] + [bonus]
                 if proposer is not None:
-                    future = extension.future(out.last_hidden, accepted) if extend else None
+                    future = extension.future(out.last_hidden, accepted, rows.extra) if extend else None
                     proposer.observe(out.features[keep], torch.tensor(new_tokens, device=t.device), future)
                 state = RoundState(bonus, out.features[keep[-1]])
                 draft_s = (toc - tic) + (time.perf_counter() - verified)
@@ -334,7 +363,8 @@ class Decoder:
                 emitted += len(new)
                 yield new, step, reason
 
-    def _accept(self, tree: DraftTree | None, logits: RowLogits, cfg: GenerationConfig, gen) -> tuple[list[int], int]:
+    def accept(self, tree: DraftTree | None, logits: RowLogits, cfg: GenerationConfig, gen) -> tuple[list[int], int]:
+        """The accepted nodes of `tree` (path order) and the token after them, from the verify pass's `logits`."""
         if tree is None or len(tree) == 0:
             return [], self._pick(logits[0], cfg, gen)
         logits.prefetch([0] + [node + 1 for node in tree.likely_path(PREFETCH_MIN_PROB)])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -144,6 +144,7 @@ class ExtraRows:
     embeds: Tensor  # (c, H)
     positions: Tensor  # (c,)
     mask: Tensor  # (c, rows + c) over the verify rows and the extra rows
+    plan: Any = None  # what the extension made these rows from, handed back to its `future`
 
 
 class VerifyExtension(Protocol):
@@ -162,8 +163,9 @@ class VerifyExtension(Protocol):
         """Rows to append to a verify pass over (positions, mask); `route` is the features of the latest token
         the target has processed."""
 
-    def future(self, last_hidden: Tensor, accepted: list[int]) -> Tensor | None:
-        """The prediction for the next round from the pass's extra rows, given the accepted path."""
+    def future(self, last_hidden: Tensor, accepted: list[int], extra: ExtraRows | None) -> Tensor | None:
+        """The prediction for the next round from the pass's `extra` rows (`extra_rows`' answer for that pass),
+        given the accepted path."""
 
     def extra_row_count(self, nodes: int) -> int:
         """Rows `extra_rows` adds to a pass over `nodes` tree nodes (what tree sizing must pay for)."""
@@ -187,7 +189,7 @@ class PlainVerify:
     def extra_rows(self, tree: DraftTree | None, positions: Tensor, mask: Tensor, route: Tensor) -> ExtraRows | None:
         return None
 
-    def future(self, last_hidden: Tensor, accepted: list[int]) -> Tensor | None:
+    def future(self, last_hidden: Tensor, accepted: list[int], extra: ExtraRows | None) -> Tensor | None:
         return None
 
     def extra_row_count(self, nodes: int) -> int:
@@ -206,7 +208,6 @@ class ContemplateSlots(PlainVerify):
         self.head = head
         self.budget: int | None = None
         self.zero_future = False
-        self.plan: ContemplatePlan | None = None
 
     @classmethod
     def for_head(cls, head: ConFuHead) -> ContemplateSlots:
@@ -215,17 +216,17 @@ class ContemplateSlots(PlainVerify):
     def begin(self, cfg: GenerationConfig) -> None:
         self.budget = cfg.contemplate
         self.zero_future = cfg.zero_future
-        self.plan = None
 
     def soft_prompt(self) -> list[tuple[Tensor, Tensor]]:
         return self.head.soft_prompt_kv()
 
     def extra_rows(self, tree: DraftTree | None, positions: Tensor, mask: Tensor, route: Tensor) -> ExtraRows:
-        self.plan = plan_contemplate_slots(tree, self.budget)
-        return ExtraRows(*self.plan.slot_inputs(positions, mask, self.head, route))
+        plan = plan_contemplate_slots(tree, self.budget)
+        return ExtraRows(*plan.slot_inputs(positions, mask, self.head, route), plan=plan)
 
-    def future(self, last_hidden: Tensor, accepted: list[int]) -> Tensor:
-        f = self.plan.future_of(last_hidden, accepted)
+    def future(self, last_hidden: Tensor, accepted: list[int], extra: ExtraRows) -> Tensor:
+        plan: ContemplatePlan = extra.plan
+        f = plan.future_of(last_hidden, accepted)
         return torch.zeros_like(f) if self.zero_future else f
 
     def extra_row_count(self, nodes: int) -> int:
