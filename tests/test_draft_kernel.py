@@ -124,6 +124,11 @@ def test_top_children_is_norm_lm_head_log_softmax_topk():
     assert torch.equal(ids, head.to_target_ids(reference.indices))
     torch.testing.assert_close(logps, reference.values, atol=1e-5, rtol=1e-5)
     assert top_children(head, out, 500)[0].shape == (6, 96), "k above the draft vocabulary: every entry"
+    bias = 4 * torch.randn(96, generator=torch.Generator().manual_seed(4))  # a ConFu head's future logits
+    ids, logps = top_children(head, out, 8, bias)
+    reference = torch.log_softmax(head.logits(out) + bias, -1).topk(8, -1)
+    assert torch.equal(ids, head.to_target_ids(reference.indices))
+    torch.testing.assert_close(logps, reference.values, atol=1e-5, rtol=1e-5)
     # a head without int8 weights (the drafter's float64 exactness tests) takes torch's own ops, as it always did
     plain = _tiny_head().double()
     expected = torch.log_softmax(plain.logits(out.double()).float(), -1).topk(3, -1)

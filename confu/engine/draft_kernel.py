@@ -49,7 +49,7 @@ DRAFT_LAYER = KernelFamily(
     draft_qkv=[_P, _P, _P, _P, _I, _P, _P, _P],
     draft_attend=[_P, _P, _P, _P, _P, _L, _L, _P, _I, _I, _P, _L, _P],
     top_log_probs=[_P, _I, _I, _I, _P, _P],
-    draft_top_children=[_P, _I, _I, _P, ctypes.c_float, _P, _P, _P, _I, _P, _I, _P, _P],
+    draft_top_children=[_P, _I, _I, _P, ctypes.c_float, _P, _P, _P, _I, _P, _P, _I, _P, _P],
 )
 
 
@@ -137,13 +137,13 @@ def fuse_draft_layer(head: Eagle3Head) -> bool:
 def top_children(head: Eagle3Head, out_hidden: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The k likeliest children of each row of out_hidden (n, H) under the head, best first: target-vocabulary
     ids and log-probs, (n, k) each. Final norm, lm_head, log_softmax, topk and the draft-to-target id map in one
-    kernel call where the head's lm_head is int8-packed (ties: the lower draft id first); torch's ops otherwise,
-    and always with `bias` (Vd,) added to the logits (a ConFu head's `future_logits`)."""
+    kernel call where the head's lm_head is int8-packed (ties: the lower draft id first); torch's ops otherwise.
+    `bias` (Vd,), when given, is added to every row's logits (a ConFu head's `future_logits`)."""
     lm_head, cfg = head.lm_head, head.cfg
     k = min(k, cfg.draft_vocab_size)
     lib = DRAFT_LAYER.library()
-    if bias is not None or not (lib is not None and isinstance(lm_head, PackedLinear) and lm_head.packed.kind == "i8"
-                                and kernels_take(out_hidden, head.norm.weight) and cfg.hidden_size % 16 == 0):
+    if not (lib is not None and isinstance(lm_head, PackedLinear) and lm_head.packed.kind == "i8"
+            and kernels_take(out_hidden, head.norm.weight) and cfg.hidden_size % 16 == 0):
         logits = head.logits(out_hidden).float()
         top = torch.log_softmax(logits if bias is None else logits + bias, dim=-1).topk(k, dim=-1)
         return head.to_target_ids(top.indices), top.values
@@ -152,7 +152,9 @@ def top_children(head: Eagle3Head, out_hidden: Tensor, k: int, bias: Tensor | No
     logps = torch.empty(n, k)
     ids = torch.empty(n, k, dtype=torch.int64)
     packed = lm_head.packed
+    bias = None if bias is None else bias.float().contiguous()
     lib.draft_top_children(x.data_ptr(), n, cfg.hidden_size, head.norm.weight.data_ptr(), head.norm.eps,
                            packed.q.data_ptr(), packed.d.data_ptr(), packed.m.data_ptr(), packed.out_features,
-                           head.d2t.data_ptr(), k, logps.data_ptr(), ids.data_ptr())
+                           None if bias is None else bias.data_ptr(), head.d2t.data_ptr(), k, logps.data_ptr(),
+                           ids.data_ptr())
     return ids, logps

@@ -622,11 +622,15 @@ void top_log_probs(const float* x, int n, int V, int k, float* vals, int64_t* id
 /* A draft level's children: the final norm of the layer outputs x (n x H), the int8 lm_head (V outputs), then
  * `top_log_probs`; each draft id i becomes the target id i + d2t[i]. */
 void draft_top_children(const float* x, int n, int H, const float* norm, float eps, const int8_t* w, const float* sw,
-                        const int32_t* wsum, int V, const int64_t* d2t, int k, float* vals, int64_t* ids) {
+                        const int32_t* wsum, int V, const float* bias, const int64_t* d2t, int k, float* vals,
+                        int64_t* ids) {
     float* normed = malloc(sizeof(float) * n * H);
     float* logits = malloc(sizeof(float) * n * V);
     for (int r = 0; r < n; r++) rms_norm_row(x + (long)r * H, norm, H, eps, normed + (long)r * H);
     i8_matmul(normed, n, H, w, sw, wsum, V, logits);
+    if (bias) /* a ConFu head's future logits (NULL: none) */
+        for (int r = 0; r < n; r++)
+            for (int i = 0; i < V; i++) logits[(long)r * V + i] += bias[i];
     top_log_probs(logits, n, V, k, vals, ids);
     for (long j = 0; j < (long)n * k; j++)
         if (ids[j] >= 0) ids[j] += d2t[ids[j]]; /* -1: fewer than k comparable logits (NaN) */
