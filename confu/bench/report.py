@@ -4,7 +4,9 @@ Metrics follow Spec-Bench and the ConFu paper exactly:
 
 - tau = mean over verification steps of (accepted draft tokens + 1), pooled over all steps of all questions
   of a group. Plain decoding scores exactly 1.0 (every step verifies the root alone); `hf` (transformers
-  `generate`) is plain autoregressive decoding too and exposes no steps, so its tau is 1.0 by definition.
+  `generate`) and `vllm` (vLLM's plain decoding) are plain autoregressive decoding too and expose no steps,
+  so their tau is 1.0 by definition. `vllm-eagle3` records hold the rounds vLLM's spec-decode counters tell
+  (`confu.bench.vllm_engine`): their tau is vLLM's mean acceptance length, 1 + accepted / drafts.
 - tokens/s of a question = new tokens / wall time of its generation, both turns together.
 - SR = mean over questions of method tokens/s / mean over the same questions of baseline tokens/s, the
   baseline (`ar` or `hf`) at the same temperature, in the same run. Only questions both have finished count,
@@ -15,9 +17,10 @@ Metrics follow Spec-Bench and the ConFu paper exactly:
   question's timed repeats for SR; `confu.bench.stats`). None where fewer than two questions.
 
 A record is one question x method x setting (see `confu.bench.specbench` for how it is produced):
-    question_id, category, method (label), kind (ar | hf | eagle3 | confu), temperature, tree_nodes (None for
-    ar / hf), new_tokens, wall_s, tokens_per_s, turns [...], steps {accepted, tree_nodes, contemplate_slots,
-    verify_tokens, draft_s, verify_s, stage_s {stage: [...]}} (parallel lists over rounds, None for hf),
+    question_id, category, method (label), kind (ar | hf | eagle3 | confu | vllm | vllm-eagle3), temperature,
+    tree_nodes (None for ar / hf / vLLM's), new_tokens, wall_s, tokens_per_s, turns [...], steps {accepted,
+    tree_nodes, contemplate_slots, verify_tokens, draft_s, verify_s, stage_s {stage: [...]}} (parallel lists
+    over rounds; None for hf and vllm; only accepted and depth for vllm-eagle3),
     timings [{new_tokens, wall_s}] (one per timed run), memory {KV bytes}, routing {router: tally}.
 Everything here is a function of the records (and the verify-cost curve handed in), so a test can
 hand-compute every number.
@@ -32,6 +35,7 @@ from statistics import fmean
 from typing import Any
 
 from confu.bench.stats import Interval, bootstrap_ratio, depth_counts, merge_tallies, utilisation
+from confu.bench.vllm_engine import VLLM, VLLM_EAGLE3
 
 # Spec-Bench category -> the paper's column name, in the paper's column order.
 PAPER_COLUMNS: dict[str, str] = {
@@ -48,6 +52,9 @@ PAPER_COLUMNS: dict[str, str] = {
     "math_reasoning": "M/R",
 }
 BASELINE_KINDS = ("ar", "hf")
+NO_ROUND_KINDS = ("hf", VLLM)  # plain decoding whose engine exposes no verification rounds: tau is 1 by definition
+# The plain decoding a method's T=0 tokens must equal: its own engine's.
+GREEDY_REFERENCE = {VLLM_EAGLE3: VLLM}
 AVG = "AVG"
 
 SettingKey = tuple[str, float, "int | None"]
@@ -86,8 +93,9 @@ def _accepted(records: Iterable[dict]) -> list[int]:
 
 
 def pooled_tau(records: Sequence[dict]) -> float | None:
-    """Mean of (accepted + 1) over every step of every record; 1.0 for `hf` (no steps, one token per pass)."""
-    if records and all(r["kind"] == "hf" for r in records):
+    """Mean of (accepted + 1) over every step of every record; 1.0 for `hf` and `vllm` (no steps, one token per
+    pass)."""
+    if records and all(r["kind"] in NO_ROUND_KINDS for r in records):
         return 1.0
     accepted = _accepted(records)
     if not accepted:
@@ -188,7 +196,7 @@ def timing_breakdown(records: Sequence[dict],
     wall = sum(r["wall_s"] for r in records)
     for rec in records:
         steps = rec.get("steps")
-        if not steps:
+        if not steps or "verify_s" not in steps:  # vLLM's rounds carry no clocks
             continue
         staged = staged and "stage_s" in steps
         for stage, laps in steps.get("stage_s", {}).items():
@@ -351,7 +359,7 @@ def summarize(records: Sequence[dict], max_depth: int | None = None,
 
     Returns {"categories": [...], "settings": [{method, kind, temperature, tree_nodes,
     per_category {cat: metrics}, avg (metrics over all questions), timing, acceptance, memory, routing,
-    greedy_identity_vs_ar (T=0 only)}]}.
+    greedy_identity_vs_ar (T=0 only; vs_vllm for vllm-eagle3)}]}.
     """
     groups: dict[SettingKey, list[dict]] = defaultdict(list)
     kinds: dict[str, str] = {}
@@ -362,10 +370,11 @@ def summarize(records: Sequence[dict], max_depth: int | None = None,
         method_order.setdefault(rec["method"], len(method_order))
     categories = order_categories(r["category"] for r in records)
 
-    # The baseline of every setting: the ar / hf records at the same temperature.
+    # The baseline of every setting: the ar / hf records at the same temperature (and vLLM's plain decoding,
+    # the greedy reference of vLLM's EAGLE-3).
     baselines: dict[tuple[str, float], list[dict]] = {}
     for (method, temp, _nodes), recs in groups.items():
-        if kinds[method] in BASELINE_KINDS:
+        if kinds[method] in (*BASELINE_KINDS, VLLM):
             if (kinds[method], temp) in baselines:
                 raise ValueError(f"two {kinds[method]} baselines at T={temp:g}")
             baselines[(kinds[method], temp)] = recs
@@ -391,13 +400,14 @@ def summarize(records: Sequence[dict], max_depth: int | None = None,
             "per_category": per_category,
             "avg": _group_metrics(recs, base_all),
             "timing": timing_breakdown(recs, verify_costs),
-            "acceptance": acceptance_profile(recs, max_depth) if kinds[method] != "hf" else None,
+            "acceptance": acceptance_profile(recs, max_depth) if kinds[method] not in NO_ROUND_KINDS else None,
             "memory": kv_memory(recs),
             "routing": routing_utilisation(recs),
             "sources": candidate_sources(recs),
         }
-        if temp == 0 and kinds[method] != "ar" and base_all["ar"]:
-            entry["greedy_identity_vs_ar"] = greedy_identity(recs, base_all["ar"])
+        reference = GREEDY_REFERENCE.get(kinds[method], "ar")
+        if temp == 0 and kinds[method] != reference and baselines.get((reference, temp)):
+            entry[f"greedy_identity_vs_{reference}"] = greedy_identity(recs, baselines[(reference, temp)])
         settings.append(entry)
     return {"categories": categories, "settings": settings}
 

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 from confu.bench.markdown import render_report
 from confu.bench.plots import write_plots
 from confu.bench.probes import RouterTap, StageClock, kv_footprint, peak_rss_bytes
-from confu.bench.report import summarize
+from confu.bench.report import NO_ROUND_KINDS, summarize
 from confu.bench.timing import timed
+from confu.bench.vllm_engine import VLLM, VLLM_EAGLE3, VllmEngine, VllmRound
 from confu.chat import encode_prompt, read_prompts_file
 from confu.engine.registry import HEAD_METHODS, MATCH
 from confu.errors import InputError
@@ -58,29 +59,31 @@ STEP_FIELDS = ("accepted", "tree_nodes", "depth", "contemplate_slots", "verify_t
 
 @dataclass(frozen=True)
 class MethodSpec:
-    kind: str  # ar | hf | match | a head method (`HEAD_METHODS`), alone or +match
+    kind: str  # ar | hf | match | a head method (`HEAD_METHODS`), alone or +match | vllm | vllm-eagle3
     label: str
     draft_dir: str | None = None
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
-    """`ar,hf,match,eagle3[+match]:DIR[=label],confu[+match]:DIR[=label]` -> specs; labels default to the
-    directory's name (+match)."""
+    """`ar,hf,match,eagle3[+match]:DIR[=label],confu[+match]:DIR[=label],vllm,vllm-eagle3:DIR[=label]` -> specs;
+    labels default to the directory's name (+match; vllm-NAME for vLLM's)."""
     specs: list[MethodSpec] = []
     for item in (p.strip() for p in text.split(",")):
         if not item:
             continue
-        if item in ("ar", "hf", MATCH):
+        if item in ("ar", "hf", MATCH, VLLM):
             specs.append(MethodSpec(item, item))
             continue
         kind, sep, rest = item.partition(":")
         head_kind = kind.removesuffix("+" + MATCH)
-        if not sep or head_kind not in HEAD_METHODS or not rest:
-            heads = " or ".join(f"{name}[+match]:DIR[=label]" for name in HEAD_METHODS)
-            raise InputError(f"--methods: {item!r} is not ar, hf, match, {heads}")
+        if not sep or not rest or (head_kind not in HEAD_METHODS and kind != VLLM_EAGLE3):
+            heads = ", ".join(f"{name}[+match]:DIR[=label]" for name in HEAD_METHODS)
+            raise InputError(f"--methods: {item!r} is not ar, hf, match, {heads}, {VLLM} or "
+                             f"{VLLM_EAGLE3}:DIR[=label]")
         path, eq, label = rest.rpartition("=")
         if not eq or "/" in label or not label:  # no '=label' (a path may itself contain '=')
-            path, label = rest, Path(rest.rstrip("/")).name + kind[len(head_kind):]
+            name = Path(rest.rstrip("/")).name
+            path, label = rest, (f"{VLLM}-{name}" if kind == VLLM_EAGLE3 else name + kind[len(head_kind):])
         specs.append(MethodSpec(kind, label, path))
     if not specs:
         raise InputError("--methods is empty")
@@ -203,9 +206,10 @@ def hf_generate(target: Target, prompt_ids: list[int], max_new_tokens: int, samp
 @dataclass
 class LoadedMethod:
     spec: MethodSpec
-    decoder: Decoder | None  # None for hf
+    decoder: Decoder | None  # None for hf and vLLM
     clock: StageClock | None = None  # the decoder's hooks
     tap: RouterTap | None = None  # a ConFu decoder's [con] / [f] routers
+    engine: VllmEngine | None = None  # vLLM's methods
 
     def __post_init__(self) -> None:
         if self.decoder is not None:
@@ -224,6 +228,9 @@ def load_methods(target: Target, specs: Sequence[MethodSpec]) -> list[LoadedMeth
     loaded = []
     for spec in specs:
         match = MatchConfig() if spec.kind.endswith(MATCH) else None
+        if spec.kind in (VLLM, VLLM_EAGLE3):
+            loaded.append(LoadedMethod(spec, None, engine=VllmEngine(target, spec.draft_dir)))
+            continue
         if spec.kind in ("ar", "hf", MATCH):
             dec = Decoder.for_head(target, None, match) if spec.kind != "hf" else None
             loaded.append(LoadedMethod(spec, dec))
@@ -234,6 +241,9 @@ def load_methods(target: Target, specs: Sequence[MethodSpec]) -> list[LoadedMeth
             raise InputError(f"--methods: {spec.kind}:{spec.draft_dir} holds a {method!r} draft, not {kind!r}")
         head = load_draft(spec.draft_dir, target)
         loaded.append(LoadedMethod(spec, Decoder.for_head(target, head, match)))
+    for lm in loaded:  # last: vLLM takes tens of seconds to start, and every draft has been checked by now
+        if lm.engine is not None:
+            lm.engine.start()
     return loaded
 
 
@@ -367,12 +377,15 @@ class BenchRunner:
         )
 
     def _generate(self, run: Run, ids: list[int], seed: int) -> tuple[list[int], float, str, Any]:
-        """One turn: (new tokens, wall seconds, stop reason, the decoder's result or None for hf)."""
+        """One turn: (new tokens, wall seconds, stop reason, the decoder's or vLLM's result, None for hf)."""
         from confu.engine.sampling import SamplingConfig
 
         lm = run.method
+        sampling = SamplingConfig(run.temperature, self.cfg.top_p, self.cfg.top_k)
+        if lm.engine is not None:
+            turn = lm.engine.generate(ids, self.cfg.max_new_tokens, sampling, seed)
+            return turn.tokens, turn.wall_s, turn.stop_reason, turn
         if lm.decoder is None:
-            sampling = SamplingConfig(run.temperature, self.cfg.top_p, self.cfg.top_k)
             tokens, wall = timed(partial(hf_generate, self.target, ids, self.cfg.max_new_tokens, sampling, seed))
             return tokens, wall, "eos" if tokens and tokens[-1] in self.target.eos_ids else "max_new_tokens", None
         gcfg = self.generation_config(run.temperature, run.tree_nodes, seed)
@@ -386,7 +399,8 @@ class BenchRunner:
         lm, tok = run.method, self.target.tokenizer
         history: list[tuple[str, str]] = []
         turns: list[dict] = []
-        steps: dict[str, Any] | None = None if lm.spec.kind == "hf" else {k: [] for k in STEP_FIELDS}
+        fields = STEP_FIELDS if lm.decoder is not None else VllmRound._fields  # vLLM's: what its counters tell
+        steps: dict[str, Any] | None = None if lm.spec.kind in NO_ROUND_KINDS else {k: [] for k in fields}
         memory: dict[str, int] = {}
         if lm.clock is not None:
             lm.clock.reset()
@@ -395,15 +409,16 @@ class BenchRunner:
             tokens, wall, stop, res = self._generate(run, ids, turn_seed(self.cfg.seed, q.question_id, i))
             if res is not None:
                 for s in res.steps:
-                    for k in STEP_FIELDS:
+                    for k in fields:
                         steps[k].append(getattr(s, k))
+            if lm.decoder is not None:
                 turn_memory = kv_footprint(lm.clock.cache, lm.decoder.proposer)
                 memory = {k: max(v, memory.get(k, 0)) for k, v in turn_memory.items()}
             answer = tok.decode(tokens, skip_special_tokens=True).strip()
             history.append((text, answer))
             turns.append({"prompt_tokens": len(ids), "new_tokens": len(tokens), "wall_s": wall,
                           "stop_reason": stop, "tokens": tokens, "text": answer})
-        if steps is not None:
+        if lm.clock is not None:
             steps["stage_s"] = lm.clock.by_stage(STAGES)
         new_tokens = sum(t["new_tokens"] for t in turns)
         wall_s = sum(t["wall_s"] for t in turns)
@@ -438,16 +453,27 @@ def _machine() -> str:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run (or resume) the benchmark; writes results.json, report.md, plots; returns results + summary."""
-    import torch
-    from tqdm import tqdm
-
-    from confu.engine.quant import draft_numerics
-    from confu.engine.sizing import load_verify_costs
     from confu.engine.target import Target
 
     questions = load_questions(cfg.questions, cfg.categories, cfg.limit_per_category)
     target = Target.load(cfg.target, numerics=cfg.numerics)
     methods = load_methods(target, cfg.methods)  # checks every draft before anything is written
+    try:
+        return _run_loaded(cfg, questions, target, methods)
+    finally:
+        for m in methods:
+            if m.engine is not None:
+                m.engine.close()
+
+
+def _run_loaded(cfg: BenchConfig, questions: list[Question], target: Target,
+                methods: list[LoadedMethod]) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from confu.engine.quant import draft_numerics
+    from confu.engine.sizing import load_verify_costs
+
     loaded_rss = peak_rss_bytes()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -455,7 +481,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     runs = []
     for t in cfg.temperatures:
         for m in methods:
-            sizes: list[int | None] = [None] if m.spec.kind in ("ar", "hf") else list(cfg.tree_nodes)
+            # vLLM drafts fixed chains: tree sizes are confu's alone
+            sizes: list[int | None] = [None] if m.spec.kind in ("ar", "hf", VLLM, VLLM_EAGLE3) else list(cfg.tree_nodes)
             runs += [Run(m, float(t), n) for n in sizes]
     store = ResultStore(out / RECORDS_NAME)
     todo = [(q, [r for r in runs if r.key(q.question_id) not in store.records]) for q in questions]
@@ -500,6 +527,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "draft_numerics": draft_numerics(runner.target.device), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "ran": n_todo, "resumed": len(questions) * len(runs) - n_todo,
+        "vllm": {m.spec.label: m.engine.describe() for m in methods if m.engine is not None} or None,
     }
     plots = write_plots(summary, out)
     (out / "report.md").write_text(render_report(summary, run_info, plots), encoding="utf-8")

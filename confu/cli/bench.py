@@ -45,7 +45,8 @@ def _add_bench(subparsers: Any) -> None:
     b.add_argument("--methods", required=True,
                    help="comma-separated: ar, hf, match (draft candidates matched in the text so far), "
                         "eagle3:DIR[=label], confu:DIR[=label], and eagle3+match:DIR / confu+match:DIR (a head's "
-                        "trees with matches)")
+                        "trees with matches); vllm and vllm-eagle3:DIR[=label] run vLLM's plain decoding and vLLM with "
+                        "an EAGLE-3 draft, in vLLM's own virtualenv (make anchors)")
     b.add_argument("--questions", required=True,
                    help="Spec-Bench question.jsonl, or a .txt prompt file (one prompt per line)")
     b.add_argument("--categories", nargs="+", help="only these categories (space or comma separated)")

@@ -16,7 +16,9 @@ response row (the inference setting with a slot on every node, `batch_forward(..
 - **tau** of the train-time test with the real f, with f = 0, and with an oracle f (the target's final hidden
   state at a+1, which holds x_{a+2}).
 - **ceiling**: with the draft frozen, `logits + norm(f) W` fitted on one half and scored on the other, for
-  draft steps 0 and 1: the accuracy f could add if the draft read all of it, for the real and the oracle f.
+  draft steps 0 and 1: the accuracy f could add if the draft read all of it, for the real and the oracle f,
+  and for a constant in place of f (what a learned logit bias alone adds: a real f's own share is its gain
+  above that).
 """
 
 from __future__ import annotations
@@ -243,8 +245,10 @@ def _report(source, head, rows: _Rows, tau: dict, attention: dict[int, list[Tens
         base, y, cfit = rows.get(f"c{step}_logits"), rows.get(f"c{step}_label"), rows.get(f"c{step}_fit")
         tr = cfit.nonzero()[:, 0][:CEILING_ROWS]
         te = (~cfit).nonzero()[:, 0][:CEILING_ROWS]
+        real = rows.get(f"c{step}_f")
         ceiling[step] = {name: ceiling_probe(x[tr], y[tr], x[te], y[te], base[tr], base[te])
-                         for name, x in (("real", rows.get(f"c{step}_f")), ("oracle", rows.get(f"c{step}_oracle")))}
+                         for name, x in (("real", real), ("oracle", rows.get(f"c{step}_oracle")),
+                                         ("constant", torch.ones_like(real)))}
     report["ceiling"] = ceiling
     return report
 
@@ -264,7 +268,7 @@ def probe_draft(draft_dir: str, cfg, whole: bool = False, max_seqs: int | None =
     indices = indices[:max_seqs] if max_seqs else indices
     target = Target.load(cfg.target)
     head = load_draft(draft_dir, target).float()
-    target.model.to(d.device)
+    target.to(d.device)
     head.to(d.device)
     report = probe_future(open_source(target, head, parts, cfg, d), head, indices, cfg, cfg.seed)
     return {"draft": draft_dir, "sequences": len(indices)} | report
