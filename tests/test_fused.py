@@ -1,5 +1,6 @@
 """The target's RMSNorms and gated MLPs in row kernels (`confu.engine.fused`): the modules' own function, row by
-row, swapped only where a probe says so, undone by `reference_numerics`, and autograd left to the originals."""
+row, swapped only where a probe says so, on the decoding path only (`Target.reference_model` keeps transformers'
+modules), and autograd left to the originals."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_a_module_the_kernels_do_not_reproduce_is_left_alone():
     assert isinstance(model["gemma_norm"], GemmaStyleNorm) and type(model["gelu_mlp"]) is Mlp
 
 
-def test_autograd_takes_the_original_and_reference_numerics_restores_it(tiny_llama_dir):
+def test_autograd_takes_the_original_and_the_reference_model_keeps_transformers_modules(tiny_llama_dir):
     require_row_kernels()
     target = quantized_tiny_target(tiny_llama_dir)
     norms, mlps = fused_modules(target)
@@ -120,16 +121,15 @@ def test_autograd_takes_the_original_and_reference_numerics_restores_it(tiny_lla
     norm.fallback(y).pow(2).sum().backward()
     assert torch.equal(grad, norm.weight.grad)
     norm.weight.requires_grad_(False)
-    layer = target.model.get_decoder().layers[0]
-    with target.reference_numerics():
-        assert not any(isinstance(m, FusedRMSNorm | FusedGatedMLP) for m in target.model.modules())
-        assert type(layer.mlp).__name__ == "LlamaMLP" and type(layer.input_layernorm).__name__ == "LlamaRMSNorm"
-        assert type(layer.mlp.gate_proj) is nn.Linear
-    assert fused_modules(target) == (norms, mlps), "the fused modules are back after the block"
-    assert isinstance(layer.mlp.gate_proj, PackedLinear)
+    reference_layer = target.reference_model.get_decoder().layers[0]
+    assert not any(isinstance(m, FusedRMSNorm | FusedGatedMLP) for m in target.reference_model.modules())
+    assert (type(reference_layer.mlp).__name__ == "LlamaMLP"
+            and type(reference_layer.input_layernorm).__name__ == "LlamaRMSNorm")
+    assert type(reference_layer.mlp.gate_proj) is nn.Linear
+    assert fused_modules(target) == (norms, mlps), "the decoding path keeps its fused modules"
+    assert isinstance(target.model.get_decoder().layers[0].mlp.gate_proj, PackedLinear)
     ids = torch.tensor([chat_ids(target, PROMPTS[0])])
     with torch.no_grad():
         fused = target.model(ids).logits
-        with target.reference_numerics():
-            reference = target.model(ids).logits
+        reference = target.reference_model(ids).logits
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)

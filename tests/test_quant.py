@@ -231,15 +231,13 @@ def test_q8_numerics_target_decodes_losslessly(tiny_llama_dir):
     require_int8("numerics 'q8' is refused there")
     target = quantized_tiny_target(tiny_llama_dir, numerics="q8")
     assert all(new.packed.kind.startswith("a8_") for *_, new in target._swaps) and "Q8 activation" in target.numerics
-    with target.bulk_numerics():
-        assert all(isinstance(m, PackedLinear) for m in target.model.modules() if isinstance(m, nn.Linear | PackedLinear))
-    with target.reference_numerics():  # the HF baseline and training still see transformers' own modules
-        assert not any(isinstance(m, PackedLinear) for m in target.model.modules())
+    assert all(isinstance(m, PackedLinear) for m in target.bulk_model.modules() if isinstance(m, nn.Linear | PackedLinear))
+    # the HF baseline and training still see transformers' own modules
+    assert not any(isinstance(m, PackedLinear) for m in target.reference_model.modules())
     ids = torch.tensor([chat_ids(target, PROMPTS[0])])
     with torch.no_grad():
         q8 = target.model(ids).logits
-        with target.reference_numerics():
-            reference = target.model(ids).logits
+        reference = target.reference_model(ids).logits
     assert (q8 - reference).norm() / reference.norm() < 0.1, "8-bit activations: 4% on this random model"
     assert not torch.equal(q8, reference)
     tree = TreeConfig(8, 4, 3)
@@ -287,10 +285,9 @@ def test_quantized_target_runs_kernels_and_decodes_losslessly(tiny_llama_dir):
     ids = torch.tensor([chat_ids(target, PROMPTS[0])])
     with torch.no_grad():
         fast = target.model(ids).logits
-        with target.reference_numerics():
-            assert not any(isinstance(m, PackedLinear) for m in target.model.modules())
-            reference = target.model(ids).logits
-    assert any(isinstance(m, PackedLinear) for m in target.model.modules()), "the kernels are back after the block"
+        assert not any(isinstance(m, PackedLinear) for m in target.reference_model.modules())
+        reference = target.reference_model(ids).logits
+    assert any(isinstance(m, PackedLinear) for m in target.model.modules()), "the decoding path keeps the kernels"
     torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
     assert not torch.equal(fast, reference), "the kernel path must really have run (its rounding differs from MKL's)"
     for method in ("none", "eagle3", "confu"):

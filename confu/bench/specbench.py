@@ -174,7 +174,7 @@ def hf_generate(target: Target, prompt_ids: list[int], max_new_tokens: int, samp
                 seed: int | None = None) -> list[int]:
     """transformers `generate` on the target's own model, counting new tokens up to and including EOS as ours.
 
-    It runs the model as transformers loads it (`Target.reference_numerics`: no quantized kernels), which is
+    It runs the model as transformers loads it (`Target.reference_model`: no quantized kernels), which is
     the baseline a user of `generate()` has.
 
     Every sampling option is passed explicitly: in transformers 5 only options left unset fall back to the
@@ -194,8 +194,8 @@ def hf_generate(target: Target, prompt_ids: list[int], max_new_tokens: int, samp
         if seed is not None:
             torch.manual_seed(seed)
     ids = torch.tensor([prompt_ids])
-    with torch.no_grad(), target.reference_numerics():
-        out = target.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    with torch.no_grad():
+        out = target.reference_model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     new = out[0, len(prompt_ids):].tolist()
     for i, tok in enumerate(new):
         if tok in target.eos_ids:

@@ -149,6 +149,9 @@ def row_invariant_attention(query: Tensor, key: Tensor, value: Tensor, mask: Ten
     return out
 
 
-AttentionInterface.register(SPLIT_ATTENTION, split_sdpa_attention)
-# HF builds the default (causal, padding) mask from the implementation's name: ours takes SDPA's.
-AttentionMaskInterface.register(SPLIT_ATTENTION, sdpa_mask)
+def register_split_attention() -> None:
+    """Make `SPLIT_ATTENTION` an attention implementation transformers knows. A `Target` calls it when it wires
+    its model, so importing confu changes nothing in transformers; registering again changes nothing."""
+    AttentionInterface.register(SPLIT_ATTENTION, split_sdpa_attention)
+    # HF builds the default (causal, padding) mask from the implementation's name: ours takes SDPA's.
+    AttentionMaskInterface.register(SPLIT_ATTENTION, sdpa_mask)

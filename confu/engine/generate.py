@@ -195,7 +195,7 @@ class Decoder:
         """Prompt forward. Returns (first token, features of every prompt row, the extension's future or None).
 
         A long prompt (at least `cfg.bulk_prefill` tokens) runs its first n - 1 rows in one pass through
-        `Target.bulk_numerics` (transformers' own dense linear layers, MKL's GEMM, which beats the fp32
+        `Target.bulk_model` (transformers' own dense linear layers, MKL's GEMM, which beats the fp32
         row-independent kernels from about 80 rows, 2.8x at 1,024), then its last row like a short prompt's.
         Every method makes that same bulk call on the same rows, so they all start from the same cache bits.
 
@@ -207,8 +207,7 @@ class Decoder:
         features = []
         done = 0
         if cfg.bulk_prefill and n >= max(2, cfg.bulk_prefill):
-            with t.bulk_numerics():
-                features.append(self._prompt_rows(cache, prompt, 0, n - 1).features)
+            features.append(self._prompt_rows(cache, prompt, 0, n - 1, bulk=True).features)
             done = n - 1
         if not self.extension.root_round_in_prefill:
             out = self._prompt_rows(cache, prompt, done, n)
@@ -224,11 +223,13 @@ class Decoder:
         return (self._pick(out.logits[0], cfg, gen), torch.cat(features),
                 self.extension.future(out.last_hidden, [], rows.extra))
 
-    def _prompt_rows(self, cache: TargetCache, prompt: Tensor, start: int, stop: int) -> TargetOutput:
-        """Forward prompt[start:stop] causally after the cache's committed rows, and commit them."""
+    def _prompt_rows(self, cache: TargetCache, prompt: Tensor, start: int, stop: int,
+                     bulk: bool = False) -> TargetOutput:
+        """Forward prompt[start:stop] causally after the cache's committed rows (`bulk`: as a long prompt's bulk
+        rows, `Target.forward`), and commit them."""
         rows = stop - start
         out = self.target.forward(cache, torch.arange(start, stop, device=prompt.device), _causal(rows, prompt),
-                                  input_ids=prompt[start:stop], feature_layers=self.feature_layers)
+                                  input_ids=prompt[start:stop], feature_layers=self.feature_layers, bulk=bulk)
         cache.commit(None)
         return out
 

@@ -6,18 +6,20 @@ and full layers mix: `AttentionLayout`), a `Cache` whose layers are ours
 (`PositionalLayer`: buffers written by position, gpt-fast style, so a round costs no concatenation and a
 commit moves only the accepted entries), `output_hidden_states` (for the EAGLE-3 features and the
 contemplate state `f`). It runs the decoder without its lm_head and applies the head lazily, row by row
-(`RowLogits`): verification reads only the rows on the accepted path. It switches the model's attention
-implementation to a registered function (below) that keeps ordinary rows and contemplate rows in separate
-attention calls, and, on the CPU, swaps linear layers whose weights are exactly GGUF blocks for the
-quantized kernels of `confu.engine.quant` (`numerics="auto"`). Architectures it cannot run are refused by
+(`RowLogits`): verification reads only the rows on the accepted path. On a model of its own (a copy of the
+given model's modules sharing its weights, `owned_copy`), it switches the attention implementation to a function
+it registers (`confu.engine.attention`) that keeps ordinary rows and contemplate rows in separate attention calls,
+and, on the CPU, swaps linear layers whose weights are exactly GGUF blocks for the quantized kernels of
+`confu.engine.quant` (`numerics="auto"`) in a second copy, `model`, once; `reference_model` keeps transformers'
+modules. Architectures it cannot run are refused by
 name (`check_supported`, and a load-time probe against transformers' own logits).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 
 from confu.chat import end_of_turn_ids
 from confu.engine import TARGET_NUMERICS
-from confu.engine.attention import SPLIT_ATTENTION, row_invariant_attention_built
+from confu.engine.attention import SPLIT_ATTENTION, register_split_attention, row_invariant_attention_built
 from confu.engine.fused import FusedRMSNorm, fuse_norms_and_mlps
 from confu.engine.quant import kernel_status, pack_model
 from confu.errors import InputError, UnsupportedModelError
@@ -311,8 +313,10 @@ class Target:
             raise InputError(f"numerics must be one of {TARGET_NUMERICS} (got {numerics!r})")
         self.layout = check_supported(model)
         self._cache_keyword = cache_keyword(model.get_decoder())
-        self.model = model.eval().requires_grad_(False)
+        model = owned_copy(model)
+        self.model = model
         probe = _probe_reference(model)  # transformers' own attention, before the switch
+        register_split_attention()
         self.model.set_attn_implementation(SPLIT_ATTENTION)
         if model.config._attn_implementation != SPLIT_ATTENTION:
             raise UnsupportedModelError(
@@ -331,8 +335,8 @@ class Target:
         check_feature_layers(self.feature_layers, self.num_layers)
         # EOS ids: the generation config's, the tokenizer's, and the chat template's turn end.
         self.eos_ids: set[int] = set(end_of_turn_ids(tokenizer, getattr(model, "generation_config", None)))
-        # Ordinary rows attend through the row-invariant kernel where it runs (off inside `bulk_numerics` and
-        # `reference_numerics`): a node's bits are then the one-token step's, whatever the tree around it.
+        # Ordinary rows attend through the row-invariant kernel where it runs (not in a bulk prefill, nor through
+        # `reference_model`): a node's bits are then the one-token step's, whatever the tree around it.
         self._row_invariant = (numerics != "reference" and self.device.type == "cpu" and self.dtype == torch.float32
                                and row_invariant_attention_built())
         self._check_probe(probe)
@@ -340,13 +344,20 @@ class Target:
             raise InputError("numerics 'q8' runs the AVX512-VNNI int8 kernels, which need a CPU target on a CPU that "
                              f"has them (device {self.device}; kernels: {kernel_status().reason})")
         packs = numerics != "reference" and self.device.type == "cpu"
+        # `reference_model` keeps transformers' own modules for the HF baseline, training's target passes and the
+        # bulk prefill; the decoding path (`model`) is a copy of its modules, sharing its weights, into which the
+        # kernels are swapped here, once. Neither is ever switched back and forth.
+        self.reference_model = model
+        self.model = _copy_modules(model, lambda p: p) if packs else model
         self._swaps = pack_model(self.model, q8_activations=numerics == "q8") if packs else []
         if numerics == "q8" and not self._swaps:
             raise InputError("numerics 'q8' needs GGUF block weights (a .gguf target or the embedded one); "
                              f"no linear layer of {name or type(model).__name__} is one")
         # after the linear layers: a gated MLP is fused where its gate and up projections are packed alike
         self._fused = fuse_norms_and_mlps(self.model) if packs else []
-        self.numerics_mode = numerics
+        # A long prompt's bulk prefill (`Decoder.prefill`): transformers' dense layers, where MKL's GEMM beats the
+        # kernels that reproduce them, or the kernels themselves where they are the numerics (q8).
+        self.bulk_model = self.model if numerics == "q8" else self.reference_model
         self.numerics = self._describe_numerics(numerics)
 
     @classmethod
@@ -383,36 +394,11 @@ class Target:
             notes.append(" and ".join(fused) + " in row kernels")
         return "".join(f"; {note}" for note in notes)
 
-    @contextmanager
-    def bulk_numerics(self) -> Iterator[None]:
-        """The layers a long prompt's bulk prefill runs (`Decoder.prefill`): transformers' own linear layers where
-        the kernels reproduce them (MKL's GEMM is faster there), the kernels themselves where they are the
-        numerics; SDPA for attention (every method makes the same bulk call, so it needs no row invariance)."""
-        with self._sdpa_attention() if self.numerics_mode == "q8" else self.reference_numerics():
-            yield
-
-    @contextmanager
-    def _sdpa_attention(self) -> Iterator[None]:
-        """Ordinary rows attend through SDPA inside the block, not the row-invariant kernel."""
-        invariant, self._row_invariant = self._row_invariant, False
-        try:
-            yield
-        finally:
-            self._row_invariant = invariant
-
-    @contextmanager
-    def reference_numerics(self) -> Iterator[None]:
-        """Run transformers' own modules (linear layers, norms, MLPs) and SDPA inside the block: the HF `generate`
-        baseline, training's target passes, and the bulk prefill of long prompts (`Decoder.prefill`), where MKL's
-        GEMM beats the kernels."""
-        for parent, name, original, _ in self._swaps + self._fused:
-            setattr(parent, name, original)
-        try:
-            with self._sdpa_attention():
-                yield
-        finally:
-            for parent, name, _, new in self._swaps + self._fused:
-                setattr(parent, name, new)
+    def to(self, device: torch.device | str) -> Target:
+        """Both module trees on `device` (they share parameters, each holds its own buffers)."""
+        self.reference_model.to(device)
+        self.model.to(device)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -453,9 +439,11 @@ class Target:
         with torch.no_grad():
             return sum(self.embed(part).sum(0) for part in ids.split(chunk)) / self.vocab_size
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Next-token logits of final-norm hidden states (n, H) -> (n, V), as the model's own forward gives them."""
-        return self.finish_logits(self.model.get_output_embeddings()(hidden))
+    def logits(self, hidden: Tensor, reference: bool = False) -> Tensor:
+        """Next-token logits of final-norm hidden states (n, H) -> (n, V), as the model's own forward gives them
+        (with `reference`, through transformers' own output layer)."""
+        model = self.reference_model if reference else self.model
+        return self.finish_logits(model.get_output_embeddings()(hidden))
 
     def finish_logits(self, logits: Tensor) -> Tensor:
         """The model's post-processing of its output projection: Cohere's `logit_scale`, Granite's
@@ -483,6 +471,7 @@ class Target:
         inputs_embeds: Tensor | None = None,
         contemplate_rows: int = 0,
         feature_layers: tuple[int, ...] | None = None,
+        bulk: bool = False,
     ) -> TargetOutput:
         """Forward `n` new rows after the cache's committed entries.
 
@@ -491,12 +480,14 @@ class Target:
         contemplate_rows: how many of the new rows, at the end, are contemplate tokens (they alone see the
             soft prompt, and attend in their own attention call).
         feature_layers: the hidden-state indices concatenated into `features` (default: the target's).
+        bulk: a long prompt's bulk rows, through `bulk_model` and SDPA (every method makes the same bulk call, so
+            it needs no row invariance).
         """
         if cache.pending:
             raise RuntimeError("the previous forward was not committed")
         n = len(positions)
         committed = torch.arange(cache.committed, device=positions.device) - cache.prefix  # soft prompt: < 0, unused
-        out = self.model.get_decoder()(
+        out = (self.bulk_model if bulk else self.model).get_decoder()(
             input_ids=None if input_ids is None else input_ids[None],
             inputs_embeds=None if inputs_embeds is None else inputs_embeds[None],
             position_ids=positions[None],
@@ -506,7 +497,7 @@ class Target:
             use_cache=True,
             output_hidden_states=True,
             contemplate_split=(cache.prefix, n - contemplate_rows),
-            row_invariant=self._row_invariant,
+            row_invariant=self._row_invariant and not bulk,
         )
         hidden = out.hidden_states
         features = torch.cat([hidden[i][0] for i in feature_layers or self.feature_layers], dim=-1)
@@ -516,6 +507,22 @@ class Target:
 
 
 PROBE_IDS = (1, 2, 3, 4, 5)  # the load-time probe: prefill 1 2, then root 3 with sibling nodes 4 and 5
+
+
+def owned_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The model a `Target` rewires (attention implementation, kernel modules), frozen and in eval mode: a copy of
+    `model`'s modules and configuration whose parameters and buffers share `model`'s memory, so the caller's
+    model keeps its own modules, mode, attention and `requires_grad` flags, at no cost in weights."""
+    return _copy_modules(model, lambda p: torch.nn.Parameter(p.detach(), requires_grad=False)).eval()
+
+
+def _copy_modules(model: PreTrainedModel, parameter: Callable[[torch.nn.Parameter], torch.nn.Parameter]
+                  ) -> PreTrainedModel:
+    """A copy of `model`'s modules and configuration holding `parameter(p)` for each parameter and the very same
+    buffers (no tensor is copied)."""
+    memo: dict[int, object] = {id(b): b for b in model.buffers()}
+    memo |= {id(p): parameter(p) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
 
 
 def _probe_reference(model: PreTrainedModel) -> Tensor:

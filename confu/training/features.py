@@ -172,7 +172,7 @@ def build_feature_store(target, seqs: Sequence[tuple[list[int], list[int]]], fea
     mine = list(range(rank, len(chunks), world))
     marker = root / f"world{world}-rank{rank}"  # a resumed build with another world size starts over
     done = _progress(marker)
-    decoder = target.model.get_decoder()
+    decoder = target.reference_model.get_decoder()
     tic = time.perf_counter()
     bar = tqdm(total=len(mine), initial=done, desc="target features", disable=not progress, dynamic_ncols=True)
     for step in range(done, len(mine)):
@@ -184,10 +184,9 @@ def build_feature_store(target, seqs: Sequence[tuple[list[int], list[int]]], fea
         # Right padding needs no mask: no real token sees a pad under causal attention. transformers' own
         # linear layers, the output layer included: the quantized kernels are built for the few rows of a
         # decoding step, and on thousands of rows the output layer alone took 86% of the build.
-        with target.reference_numerics():
-            out = decoder(input_ids=ids.to(target.device), use_cache=False, output_hidden_states=True)
-            last = out.last_hidden_state
-            argmax = target.logits(last).argmax(-1)
+        out = decoder(input_ids=ids.to(target.device), use_cache=False, output_hidden_states=True)
+        last = out.last_hidden_state
+        argmax = target.logits(last, reference=True).argmax(-1)
         features = torch.cat([out.hidden_states[j] for j in feature_layers], dim=-1)
         if features.abs().max() > FP16_MAX:
             raise CheckpointError("target features exceed the fp16 range; this target needs an fp32 store")

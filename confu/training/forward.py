@@ -40,9 +40,8 @@ class TargetSource:
             return stored_target_batch(self.store, self.labels, head, self.seqs, indices, device)
         input_ids, lengths, loss_mask = collate([self.seqs[i] for i in indices], device)
         # transformers' own linear layers: the quantized kernels are built for a decoding step's few rows
-        with self.target.reference_numerics():
-            return run_target(self.target.model, head.cfg.feature_layers, head, input_ids, lengths, loss_mask,
-                              keep_kv)
+        return run_target(self.target.reference_model, head.cfg.feature_layers, head, input_ids, lengths, loss_mask,
+                          keep_kv)
 
 
 def needs_kv(head, cfg: TrainConfig) -> bool:
@@ -205,6 +204,6 @@ def evaluate_draft(draft_dir: str, cfg: TrainConfig, whole: bool = False) -> dic
     head = load_draft(draft_dir, target).float()
     if (cfg.zero_future or cfg.oracle_future) and not method_of(head).reads_future:
         raise InputError("--zero-future and --oracle-future need a ConFu draft")
-    target.model.to(d.device)
+    target.to(d.device)
     head.to(d.device)
     return evaluate(open_source(target, head, parts, cfg, d), head, eval_idx, cfg, d)

@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         if "vocab_coverage" in provenance and d.main:
             print(f"draft vocabulary: {provenance['draft_vocab_size']} tokens, "
                   f"{provenance['vocab_coverage']:.2%} of response tokens")
-    target.model.to(d.device)
+    target.to(d.device)
     head.to(d.device)
     if d.world > 1:  # every rank starts from rank 0's weights, whatever its own init did
         import torch.distributed as dist
