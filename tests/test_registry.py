@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from confu.bench.specbench import parse_methods
 from confu.cli import build_parser
@@ -15,8 +14,8 @@ from confu.engine.convert import load_draft
 from confu.engine.draft import Eagle3Head
 from confu.engine.methods import ContemplateSlots, DraftHeadProposer, PlainVerify, VerifyExtension
 from confu.engine.registry import HEAD_METHODS, HeadMethod, head_method, method_for_head
-from confu.engine.target import Target
 from confu.training.train import TrainConfig
+from tests.helpers import load_target
 
 
 class EchoHead(Eagle3Head):
@@ -33,10 +32,7 @@ def echo_method(monkeypatch: pytest.MonkeyPatch) -> HeadMethod:
 
 def test_a_new_head_method_is_one_registry_entry(echo_method: HeadMethod, tiny_llama_dir: Path,
                                                  tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    target = Target(model, AutoTokenizer.from_pretrained(tiny_llama_dir), name=str(tiny_llama_dir))
+    target = load_target(tiny_llama_dir)
     head = new_draft(target, "echo", draft_vocab_size=64)
     assert type(head) is EchoHead
     loaded = load_draft(save_draft(head, tmp_path / "echo"), target)
