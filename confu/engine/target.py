@@ -18,6 +18,7 @@ name (`check_supported`, and a load-time probe against transformers' own logits)
 from __future__ import annotations
 
 import copy
+import ctypes
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -519,9 +520,11 @@ def owned_copy(model: PreTrainedModel) -> PreTrainedModel:
 def _copy_modules(model: PreTrainedModel, parameter: Callable[[torch.nn.Parameter], torch.nn.Parameter]
                   ) -> PreTrainedModel:
     """A copy of `model`'s modules and configuration holding `parameter(p)` for each parameter and the very same
-    buffers (no tensor is copied)."""
+    buffers (no parameter or buffer is copied), and the same kernel libraries where `model` already runs some
+    (a loaded library cannot be copied)."""
     memo: dict[int, object] = {id(b): b for b in model.buffers()}
     memo |= {id(p): parameter(p) for p in model.parameters()}
+    memo |= {id(v): v for m in model.modules() for v in vars(m).values() if isinstance(v, ctypes.CDLL)}
     return copy.deepcopy(model, memo)
 
 
