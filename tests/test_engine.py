@@ -123,6 +123,20 @@ def test_stops_at_eos_and_budget(tiny_llama_dir):
     assert res.tau == 1.0  # plain decoding accepts exactly one token per step
 
 
+def test_a_round_that_accepts_past_the_budget_emits_what_plain_decoding_does(tiny_llama_dir):
+    """A drafted round can accept tokens beyond max_new_tokens; an EOS among them past the budget is one plain
+    decoding never reaches, so it must not be emitted (it was: 49 tokens, "eos", on a 48-token budget)."""
+    target = load_target(tiny_llama_dir)
+    decoder = Decoder(target)
+    eos = min(target.eos_ids)
+    cfg = GenerationConfig(max_new_tokens=48)
+    assert decoder._clip([5, 6, eos], 46, cfg) == ([5, 6], "max_new_tokens")
+    assert decoder._clip([5, eos, 6], 46, cfg) == ([5, eos], "eos")
+    assert decoder._clip([5, 6], 40, cfg) == ([5, 6], "")
+    assert decoder._clip([5, 6], 46, cfg) == ([5, 6], "max_new_tokens")
+    assert decoder._clip([5, eos], 40, GenerationConfig(max_new_tokens=48, stop_at_eos=False)) == ([5, eos], "")
+
+
 def test_stops_at_context_limit(tiny_llama_dir):
     target = load_target(tiny_llama_dir)
     head = new_draft(target, "eagle3", draft_vocab_size=256)

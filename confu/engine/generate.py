@@ -374,15 +374,15 @@ class Decoder:
         return verify_sampling(tree, MappedRows(logits, lambda row: logits_to_probs(row, cfg.sampling)), gen)
 
     def _clip(self, new_tokens: list[int], emitted: int, cfg: GenerationConfig) -> tuple[list[int], str]:
-        """Cut the round's tokens at EOS or the token budget; returns (tokens to emit, stop reason or '')."""
-        if cfg.stop_at_eos:
-            for i, tok in enumerate(new_tokens):
-                if tok in self.target.eos_ids:
-                    return new_tokens[: i + 1], "eos"
+        """Cut the round's tokens at the token budget, then at EOS within it; returns (tokens to emit, stop reason
+        or ''). The budget first: an EOS a round accepts beyond it is one plain decoding never emits."""
         room = cfg.max_new_tokens - emitted
-        if len(new_tokens) >= room:
-            return new_tokens[:room], "max_new_tokens"
-        return new_tokens, ""
+        kept = new_tokens[:room]
+        if cfg.stop_at_eos:
+            for i, tok in enumerate(kept):
+                if tok in self.target.eos_ids:
+                    return kept[: i + 1], "eos"
+        return kept, "max_new_tokens" if len(new_tokens) >= room else ""
 
 
 def _causal(n: int, like: Tensor) -> Tensor:
