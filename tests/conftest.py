@@ -220,3 +220,16 @@ def embedded_dir() -> Path:
     from confu.hub import resolve_target
 
     return resolve_target("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_drafts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An untrained EAGLE-3 and ConFu draft of the tiny Llama (e3, cf), saved once."""
+    from confu.engine.checkpoint import new_draft, save_draft
+    from confu.engine.target import Target
+
+    target = Target.load(str(tiny_llama_dir))
+    out = tmp_path_factory.mktemp("drafts")
+    save_draft(new_draft(target, "eagle3", draft_vocab_size=256, seed=1), out / "e3")
+    save_draft(new_draft(target, "confu", draft_vocab_size=256, seed=2, soft_prompt_len=4), out / "cf")
+    return out / "e3", out / "cf"

@@ -38,18 +38,6 @@ def tick_clock(monkeypatch):
     monkeypatch.setattr(timing, "perf_counter", lambda: next(ticks) / 1000)
 
 
-@pytest.fixture(scope="module")
-def drafts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from confu.engine.checkpoint import new_draft, save_draft
-    from confu.engine.target import Target
-
-    target = Target.load(str(tiny_llama_dir))
-    out = tmp_path_factory.mktemp("drafts")
-    save_draft(new_draft(target, "eagle3", draft_vocab_size=256, seed=1), out / "e3")
-    save_draft(new_draft(target, "confu", draft_vocab_size=256, seed=2, soft_prompt_len=4), out / "cf")
-    return out / "e3", out / "cf"
-
-
 def _last_json(capsys) -> dict:
     out = capsys.readouterr().out.strip().splitlines()
     return json.loads(out[-1])
@@ -65,11 +53,11 @@ def _bench_argv(model: Path, drafts: tuple[Path, Path], questions: Path, out: Pa
     ]
 
 
-def test_bench_end_to_end_and_resume(tiny_llama_dir, drafts, tmp_path, capsys, tick_clock):
+def test_bench_end_to_end_and_resume(tiny_llama_dir, tiny_drafts, tmp_path, capsys, tick_clock):
     qfile = tmp_path / "questions.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     out = tmp_path / "run"
-    argv = _bench_argv(tiny_llama_dir, drafts, qfile, out)
+    argv = _bench_argv(tiny_llama_dir, tiny_drafts, qfile, out)
     assert main(argv) == 0
     last = _last_json(capsys)
     n_settings = 2 * SETTINGS_PER_T
@@ -167,10 +155,10 @@ def test_bench_end_to_end_and_resume(tiny_llama_dir, drafts, tmp_path, capsys, t
     assert main(argv[:-1] + ["--top-k", "5", "--no-progress"]) == 2
 
 
-def test_bench_method_tag_must_match_checkpoint(tiny_llama_dir, drafts, tmp_path, capsys):
+def test_bench_method_tag_must_match_checkpoint(tiny_llama_dir, tiny_drafts, tmp_path, capsys):
     qfile = tmp_path / "q.jsonl"
     qfile.write_text(json.dumps(QUESTIONS[3]) + "\n")
-    _, cf = drafts
+    _, cf = tiny_drafts
     argv = ["bench", "--target", str(tiny_llama_dir), "--methods", f"ar,eagle3:{cf}",
             "--questions", str(qfile), "--out", str(tmp_path / "o"), "--max-new-tokens", "4", "--no-progress"]
     assert main(argv) == 2

@@ -117,18 +117,6 @@ def stub_vllm(monkeypatch, tmp_path) -> None:
                                                                   os.environ.get("PYTHONPATH")])))
 
 
-@pytest.fixture(scope="module")
-def tiny_drafts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from confu.engine.checkpoint import new_draft, save_draft
-    from confu.engine.target import Target
-
-    target = Target.load(str(tiny_llama_dir))
-    out = tmp_path_factory.mktemp("drafts")
-    save_draft(new_draft(target, "eagle3", draft_vocab_size=256, seed=1), out / "e3")
-    save_draft(new_draft(target, "confu", draft_vocab_size=256, seed=2, soft_prompt_len=4), out / "cf")
-    return out / "e3", out / "cf"
-
-
 def test_bench_runs_vllm_methods_through_the_worker(stub_vllm, tiny_llama_dir, tiny_drafts, tmp_path):
     e3, _ = tiny_drafts
     prompts = tmp_path / "prompts.txt"
