@@ -303,11 +303,11 @@ def future_prediction_ce(f: Tensor, tb: TargetBatch, anchors: Tensor, anchor_ok:
     for k in ahead:
         rows = anchors + (k - 1)
         ok = anchor_ok & (rows < tb.lengths[:, None])
-        rows = rows.clamp(max=n - 1)
-        ce = soft_cross_entropy(logits, _gather_rows(tb.logits, rows))  # (B, K)
+        target_logits = _gather_rows(tb.logits, rows.clamp(max=n - 1))  # (B, K, Vd): they predict x_{a+k}
+        ce = soft_cross_entropy(logits, target_logits)  # (B, K)
         ce_sum = ce_sum + torch.where(ok, ce, torch.zeros_like(ce)).sum()
         count.append(ok.sum())
-        correct.append((ok & (guess == _gather_rows(tb.logits, rows).argmax(-1))).sum())
+        correct.append((ok & (guess == target_logits.argmax(-1))).sum())
     return ce_sum, torch.stack(count).float(), torch.stack(correct).float()
 
 
