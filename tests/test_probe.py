@@ -66,3 +66,29 @@ def test_future_attention_share_uniform_and_focused() -> None:
     focused = future_keys.repeat_interleave(heads // kv_heads, 1) * 50
     share, _ = future_attention_share(StepView(0, focused, keys, mask, torch.zeros(b, m, 4), valid, torch.zeros(b, m)))
     assert (share > 0.99).all()
+
+
+def test_probe_future_reports_every_section_on_a_tiny_confu_draft(tiny_llama_dir) -> None:
+    """The whole probe on the tiny target: each section present, accuracies in [0, 1], the zero-f tau that of a
+    draft given f = 0, the oracle read through the target's output layer naming x_{a+2} at step 0's rows."""
+    from confu.engine.checkpoint import new_draft
+    from confu.engine.target import Target
+    from confu.training.features import DraftLabels
+    from confu.training.forward import TargetSource
+    from confu.training.probe import probe_future
+    from confu.training.train_config import TrainConfig
+
+    target = Target.load(str(tiny_llama_dir))
+    head = new_draft(target, "confu", draft_vocab_size=512, seed=1)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [(torch.randint(3, 500, (40,), generator=gen).tolist(), [0] * 8 + [1] * 32) for _ in range(4)]
+    source = TargetSource(target, seqs, labels=DraftLabels(target, torch.arange(512) + head.d2t))
+    cfg = TrainConfig(data=["x"], out="", method="confu", batch_tokens=128, max_len=64, ttt_steps=2)
+    report = probe_future(source, head, list(range(4)), cfg)
+    assert set(report) == {"rows", "diversity", "lm_head_accuracy", "linear_probe", "attention_share", "tau",
+                           "ceiling"}
+    assert report["rows"] == 4 * 32  # every row a whose x_{a+2} is a response token (a = 6..37) is an anchor
+    assert all(0 <= a <= 1 for a in report["lm_head_accuracy"].values())
+    assert set(report["attention_share"]) == {0, 1} and set(report["ceiling"]) == {0, 1}
+    assert set(report["ceiling"][0]) == {"real", "oracle", "constant"}
+    assert all(t >= 1 for t in report["tau"].values())

@@ -80,6 +80,7 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
         assign_anchor_rows,
         contemplate_futures,
         eagle3_rows,
+        every_anchor,
         future_prediction_ce,
         loss_rows,
         oracle_futures,
@@ -100,8 +101,7 @@ def batch_forward(source: TargetSource, head, indices: Sequence[int], keys: Sequ
         ids, mask = source.seqs[i]
         with_loss = loss_rows(len(ids), mask)
         if evaluation:
-            anchors = [i for i, ok in enumerate(with_loss) if ok]
-            per_seq.append((anchors, assign_anchor_rows(with_loss, anchors, 0)))
+            per_seq.append(every_anchor(with_loss))
         else:
             anchors = sample_anchors(with_loss, cfg.anchors, random.Random(key))
             per_seq.append((anchors, assign_anchor_rows(with_loss, anchors, cfg.replicate)))

@@ -128,8 +128,9 @@ def probe_future(source, head, indices: list[int], cfg, seed: int = 0) -> dict[s
     KV); `cfg` a `TrainConfig` for batching and the TTT depth."""
     from confu.training.batching import LengthBatches
     from confu.training.ttt import (
-        assign_anchor_rows,
         contemplate_futures,
+        every_anchor,
+        gather_rows,
         loss_rows,
         oracle_futures,
         plan_anchors,
@@ -151,52 +152,42 @@ def probe_future(source, head, indices: list[int], cfg, seed: int = 0) -> dict[s
         chunk = [indices[j] for j in batch]
         with torch.no_grad():
             tb = source.batch(head, chunk, keep_kv=True)
-            per_seq = []
-            for i in chunk:
-                ids, mask = source.seqs[i]
-                with_loss = loss_rows(len(ids), mask)
-                anchors = [r for r, ok in enumerate(with_loss) if ok]
-                per_seq.append((anchors, assign_anchor_rows(with_loss, anchors, 0)))
+            per_seq = [every_anchor(loss_rows(len(source.seqs[i][0]), source.seqs[i][1])) for i in chunk]
             plan = plan_anchors(per_seq, tb.input_ids.device)
             f = contemplate_futures(source.target.model, head, tb, plan.anchors)
             oracle = oracle_futures(tb, plan.anchors, 1)
             valid = step_validity(tb, cfg.ttt_steps)
         ok = plan.anchor_ok
-        seq_fit = torch.tensor([i in fit_half for i in chunk])[:, None].expand_as(ok)
+        in_fit_half = torch.tensor([i in fit_half for i in chunk])[:, None]
         rows.add("f", f[ok])
-        rows.add("own", _gather(tb.last_hidden, plan.anchors)[ok])
-        rows.add("fit", seq_fit[ok])
+        rows.add("own", gather_rows(tb.last_hidden, plan.anchors)[ok])
+        rows.add("fit", in_fit_half.expand_as(ok)[ok])
         for k in AHEAD:
             at = plan.anchors + (k - 1)
-            rows.add(f"label{k}", torch.where(at < tb.lengths[:, None], _gather(tb.argmax, at.clamp(max=tb.shape[1] - 1)),
-                                              torch.full_like(at, -1))[ok])
+            label = gather_rows(tb.argmax, at.clamp(max=tb.shape[1] - 1))
+            rows.add(f"label{k}", torch.where(at < tb.lengths[:, None], label, torch.full_like(at, -1))[ok])
         bidx = torch.arange(len(chunk))[:, None]
-        for name, fut in (("real", f), ("zero", torch.zeros_like(f)), ("oracle", oracle)):
+        row_f, row_oracle = f[bidx, plan.row_slot], oracle[bidx, plan.row_slot]
+        for name, fut in (("real", row_f), ("zero", torch.zeros_like(row_f)), ("oracle", row_oracle)):
             views = []
             with torch.no_grad():
-                res = ttt_forward(head, tb, valid, plan.rows, plan.row_ok, cfg.ttt_steps, fut[bidx, plan.row_slot],
-                                  observe=views.append)
+                res = ttt_forward(head, tb, valid, plan.rows, plan.row_ok, cfg.ttt_steps, fut, observe=views.append)
             tau[name][0] += float(res.tau_sum)
             tau[name][1] += float(res.tau_rows)
-            row_fit = torch.tensor([i in fit_half for i in chunk])[:, None].expand_as(plan.row_ok)
+            if name != "real":
+                continue
             for view in views:
-                if name == "real":
-                    share, ratio = future_attention_share(view)
-                    attention.setdefault(view.step, []).append(torch.stack([share, ratio], -1))
-                if name == "real" and view.step in CEILING_STEPS:
-                    label = head.t2d[_gather(tb.argmax, view.label_rows)]
-                    keep = view.valid & label
-                    draft_label = _target_to_draft(head, _gather(tb.argmax, view.label_rows))
+                share, ratio = future_attention_share(view)
+                attention.setdefault(view.step, []).append(torch.stack([share, ratio], -1))
+                if view.step in CEILING_STEPS:
+                    label = gather_rows(tb.argmax, view.label_rows)
+                    keep = view.valid & head.t2d[label]
                     rows.add(f"c{view.step}_logits", view.logits[keep])
-                    rows.add(f"c{view.step}_label", draft_label[keep])
-                    rows.add(f"c{view.step}_fit", row_fit[keep])
-                    rows.add(f"c{view.step}_f", fut[bidx, plan.row_slot][keep])
-                    rows.add(f"c{view.step}_oracle", oracle[bidx, plan.row_slot][keep])
+                    rows.add(f"c{view.step}_label", _target_to_draft(head, label)[keep])
+                    rows.add(f"c{view.step}_fit", in_fit_half.expand_as(keep)[keep])
+                    rows.add(f"c{view.step}_f", row_f[keep])
+                    rows.add(f"c{view.step}_oracle", row_oracle[keep])
     return _report(source, head, rows, tau, attention)
-
-
-def _gather(x: Tensor, rows: Tensor) -> Tensor:
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], rows]
 
 
 def _target_to_draft(head, target_ids: Tensor) -> Tensor:

@@ -172,6 +172,13 @@ def loss_rows(lengths: int, loss_mask: Sequence[int] | Tensor) -> list[bool]:
     return [i + 2 < lengths and mask[i + 2] for i in range(lengths)]
 
 
+def every_anchor(rows_with_loss: Sequence[bool]) -> tuple[list[int], list[int]]:
+    """Evaluation's anchors: every row with loss, each using its own f (no replication), the setting of
+    inference with a contemplate slot on every node. Returns (anchors, anchor of each row)."""
+    anchors = [i for i, ok in enumerate(rows_with_loss) if ok]
+    return anchors, assign_anchor_rows(rows_with_loss, anchors, 0)
+
+
 def sample_anchors(rows_with_loss: Sequence[bool], k: int, rng: random.Random) -> list[int]:
     """Up to k distinct anchor rows among the rows with loss, ascending."""
     candidates = [i for i, ok in enumerate(rows_with_loss) if ok]
@@ -274,7 +281,7 @@ def oracle_futures(tb: TargetBatch, anchors: Tensor, ahead: int) -> Tensor:
     """A future prediction that certainly holds the future, for probing the path from f to the loss: the
     target's own final-norm hidden state `ahead` positions after each anchor (clamped to the sequence)."""
     pos = torch.minimum(anchors + ahead, tb.lengths[:, None] - 1)
-    return _gather_rows(tb.last_hidden, pos)
+    return gather_rows(tb.last_hidden, pos)
 
 
 def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
@@ -303,7 +310,7 @@ def future_prediction_ce(f: Tensor, tb: TargetBatch, anchors: Tensor, anchor_ok:
     for k in ahead:
         rows = anchors + (k - 1)
         ok = anchor_ok & (rows < tb.lengths[:, None])
-        target_logits = _gather_rows(tb.logits, rows.clamp(max=n - 1))  # (B, K, Vd): they predict x_{a+k}
+        target_logits = gather_rows(tb.logits, rows.clamp(max=n - 1))  # (B, K, Vd): they predict x_{a+k}
         ce = soft_cross_entropy(logits, target_logits)  # (B, K)
         ce_sum = ce_sum + torch.where(ok, ce, torch.zeros_like(ce)).sum()
         count.append(ok.sum())
@@ -311,14 +318,14 @@ def future_prediction_ce(f: Tensor, tb: TargetBatch, anchors: Tensor, anchor_ok:
     return ce_sum, torch.stack(count).float(), torch.stack(correct).float()
 
 
-def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
+def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
     """x (B, N, ...) at rows (B, M) -> (B, M, ...)."""
     return x[torch.arange(x.shape[0], device=x.device)[:, None], rows]
 
 
 def _gather_heads(x: Tensor, rows: Tensor) -> Tensor:
     """x (B, heads, N, d) at rows (B, M) -> (B, heads, M, d)."""
-    return _gather_rows(x.transpose(1, 2), rows).transpose(1, 2)
+    return gather_rows(x.transpose(1, 2), rows).transpose(1, 2)
 
 
 def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, row_ok: Tensor,
@@ -341,7 +348,7 @@ def ttt_forward(head: Eagle3Head, tb: TargetBatch, valid: Tensor, rows: Tensor, 
     h = head.project_features(tb.features.to(head.fc.weight.dtype))  # (B, N, H)
     q0, k0, v0 = layer.qkv(head.embed(next_ids), h, positions)
     q = _gather_heads(q0, rows)
-    hidden = _gather_rows(h, rows)
+    hidden = gather_rows(h, rows)
     causal = rows[..., None] >= torch.arange(n, device=dev)  # (B, M, N): step-0 keys of rows <= i
     eye = torch.eye(m, dtype=torch.bool, device=dev).expand(b, m, m)
     keys, values, blocks = [k0], [v0], [causal]
